@@ -1,0 +1,260 @@
+"""Configuration: a YAML file (or nothing: the embedded models) → frozen :class:`Settings`.
+
+Every validation error is a :class:`~server.errors.ConfigError` whose message starts with the field
+path, e.g. ``models[1].aliases[0]: must be a non-empty string``. Environment variables are read by the
+CLI alone (``cli.py``, through click's ``envvar``), never here.
+
+Example::
+
+    host: 127.0.0.1
+    port: 8000
+    models:
+      - name: qwen2.5-7b-instruct          # the served model name clients send as "model"
+        path: Qwen/Qwen2.5-7B-Instruct     # a local folder or a Hugging Face id
+        aliases: [qwen, default]
+        engine_args: {max-model-len: 8192, enable-auto-tool-choice: true, tool-call-parser: hermes}
+      - name: bge-small
+        path: /models/bge-small-en-v1.5
+        task: embed                        # served for /v1/embeddings (vLLM --runner pooling)
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from server.errors import ConfigError
+
+DEFAULT_ENGINE_MODULE = "vllm.entrypoints.openai.api_server"
+TASKS = ("generate", "embed")
+DEVICES = ("auto", "cpu", "cuda")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/+-]*$")
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """One servable model.
+
+    ``name`` is the served model name (what clients send and what the engine is told);
+    ``aliases`` resolve to the same engine. ``task`` is ``generate`` (chat and completions) or
+    ``embed`` (embeddings, vLLM ``--runner pooling``). ``engine_args`` are extra vLLM command-line
+    arguments, passed through verbatim after ours. ``kv_cache_bytes`` fixes vLLM's KV cache
+    (``--kv-cache-memory-bytes``); ``None`` lets vramgate size it. ``startup_timeout`` is in seconds.
+    """
+
+    name: str
+    path: str
+    aliases: tuple[str, ...] = ()
+    task: str = "generate"
+    device: str = "auto"
+    engine_args: tuple[str, ...] = ()
+    kv_cache_bytes: int | None = None
+    max_model_len: int | None = None
+    startup_timeout: float = 600.0
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The whole server configuration. Times are seconds; ``data_dir`` holds models and engine logs."""
+
+    models: tuple[ModelConfig, ...]
+    host: str = "127.0.0.1"
+    port: int = 8000
+    data_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "vramgate")
+    engine_module: str = DEFAULT_ENGINE_MODULE
+    engine_python: str | None = None
+    shutdown_timeout: float = 30.0
+    engine_stop_grace: float = 15.0
+    load_wait_timeout: float = 900.0
+
+    @property
+    def log_dir(self) -> Path:
+        """Where each engine's output goes: ``<data_dir>/logs/<model>.log``."""
+        return self.data_dir / "logs"
+
+    def resolve(self, name: str) -> ModelConfig | None:
+        """The model whose name or alias is ``name`` (exact match), or ``None``."""
+        for model in self.models:
+            if name == model.name or name in model.aliases:
+                return model
+        return None
+
+
+def parse_bytes(value: Any, where: str) -> int:
+    """Parse a byte count: an int, or a string such as ``"512MiB"``, ``"2GiB"``, ``"1.5GB"``.
+
+    Raises :class:`ConfigError` naming ``where`` for anything else or a negative number.
+    """
+    if isinstance(value, bool):
+        raise ConfigError(f"{where}: must be a byte count such as 4GiB, got {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ConfigError(f"{where}: must not be negative")
+        return value
+    if isinstance(value, str):
+        m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", value)
+        if m and m.group(2).lower() in _UNITS:
+            return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    raise ConfigError(f"{where}: must be a byte count such as 4GiB, got {value!r}")
+
+
+def _str(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{where}: must be a non-empty string")
+    return value
+
+
+def _name(value: Any, where: str) -> str:
+    value = _str(value, where)
+    if not _NAME_RE.match(value):
+        raise ConfigError(f"{where}: {value!r} may use letters, digits and . _ : / + - only")
+    return value
+
+
+def _number(value: Any, where: str, *, integer: bool = False, positive: bool = True) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+            integer and not isinstance(value, int)):
+        raise ConfigError(f"{where}: must be {'an integer' if integer else 'a number'}, got {value!r}")
+    if positive and value <= 0:
+        raise ConfigError(f"{where}: must be greater than 0")
+    return value
+
+
+def _engine_args(value: Any, where: str) -> tuple[str, ...]:
+    """``engine_args`` as a list of strings or a mapping ``{flag: value}`` → argv tokens.
+
+    In a mapping, ``true`` gives a bare ``--flag``, ``false``/``null`` omits it, lists repeat it.
+    """
+    if value is None:
+        return ()
+    if isinstance(value, list):
+        return tuple(_str(v if not isinstance(v, (int, float)) else str(v), f"{where}[{i}]")
+                     for i, v in enumerate(value))
+    if isinstance(value, dict):
+        out: list[str] = []
+        for key, val in value.items():
+            flag = "--" + _str(key, f"{where}.{key}").lstrip("-")
+            if val is True:
+                out.append(flag)
+            elif val is False or val is None:
+                continue
+            elif isinstance(val, list):
+                for v in val:
+                    out += [flag, str(v)]
+            elif isinstance(val, (dict,)):
+                import json
+                out += [flag, json.dumps(val)]
+            else:
+                out += [flag, str(val)]
+        return tuple(out)
+    raise ConfigError(f"{where}: must be a list of strings or a mapping of flag to value")
+
+
+_MODEL_KEYS = {"name", "path", "aliases", "task", "device", "engine_args", "kv_cache_bytes",
+               "max_model_len", "startup_timeout"}
+_TOP_KEYS = {"host", "port", "data_dir", "models", "engine_module", "engine_python",
+             "shutdown_timeout", "engine_stop_grace", "load_wait_timeout"}
+
+
+def parse_model(raw: Any, where: str) -> ModelConfig:
+    """Validate one entry of ``models`` (a mapping) into a :class:`ModelConfig`."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: must be a mapping with at least name and path")
+    unknown = sorted(set(raw) - _MODEL_KEYS)
+    if unknown:
+        raise ConfigError(f"{where}.{unknown[0]}: unknown field (known: {', '.join(sorted(_MODEL_KEYS))})")
+    name = _name(raw.get("name"), f"{where}.name")
+    path = _str(raw.get("path"), f"{where}.path")
+    aliases_raw = raw.get("aliases") or []
+    if not isinstance(aliases_raw, list):
+        raise ConfigError(f"{where}.aliases: must be a list of names")
+    aliases = tuple(_name(a, f"{where}.aliases[{i}]") for i, a in enumerate(aliases_raw))
+    task = raw.get("task", "generate")
+    if task not in TASKS:
+        raise ConfigError(f"{where}.task: must be one of {', '.join(TASKS)}, got {task!r}")
+    device = raw.get("device", "auto")
+    if device not in DEVICES:
+        raise ConfigError(f"{where}.device: must be one of {', '.join(DEVICES)}, got {device!r}")
+    kv = raw.get("kv_cache_bytes")
+    mml = raw.get("max_model_len")
+    return ModelConfig(
+        name=name, path=path, aliases=aliases, task=task, device=device,
+        engine_args=_engine_args(raw.get("engine_args"), f"{where}.engine_args"),
+        kv_cache_bytes=None if kv is None else parse_bytes(kv, f"{where}.kv_cache_bytes"),
+        max_model_len=None if mml is None else int(_number(mml, f"{where}.max_model_len", integer=True)),
+        startup_timeout=float(_number(raw.get("startup_timeout", 600.0), f"{where}.startup_timeout")),
+    )
+
+
+def parse_settings(raw: Any, *,
+                   default_models: Callable[[Path], tuple[ModelConfig, ...]] | None = None,
+                   **overrides: Any) -> Settings:
+    """Validate a parsed YAML document into :class:`Settings`.
+
+    ``default_models(data_dir)`` gives the models when the document has none; ``overrides`` (host, port,
+    data_dir, …) win over the document, ``None`` values are ignored. Raises :class:`ConfigError`.
+    """
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError("(top level): must be a mapping")
+    unknown = sorted(set(raw) - _TOP_KEYS)
+    if unknown:
+        raise ConfigError(f"{unknown[0]}: unknown field (known: {', '.join(sorted(_TOP_KEYS))})")
+    kw: dict[str, Any] = {}
+    if "host" in raw:
+        kw["host"] = _str(raw["host"], "host")
+    if "port" in raw:
+        port = int(_number(raw["port"], "port", integer=True))
+        if not 0 < port < 65536:
+            raise ConfigError("port: must be between 1 and 65535")
+        kw["port"] = port
+    if "data_dir" in raw:
+        kw["data_dir"] = Path(_str(raw["data_dir"], "data_dir")).expanduser()
+    for key in ("engine_module", "engine_python"):
+        if key in raw:
+            kw[key] = _str(raw[key], key)
+    for key in ("shutdown_timeout", "engine_stop_grace", "load_wait_timeout"):
+        if key in raw:
+            kw[key] = float(_number(raw[key], key))
+    if "models" in raw:
+        if not isinstance(raw["models"], list) or not raw["models"]:
+            raise ConfigError("models: must be a non-empty list")
+        models = tuple(parse_model(m, f"models[{i}]") for i, m in enumerate(raw["models"]))
+    else:
+        data_dir = overrides.get("data_dir") or kw.get("data_dir") or Settings.__dataclass_fields__[
+            "data_dir"].default_factory()
+        models = default_models(Path(data_dir)) if default_models else ()
+    if not models:
+        raise ConfigError("models: no models configured")
+    seen: dict[str, str] = {}
+    for i, model in enumerate(models):
+        for j, key in enumerate((model.name, *model.aliases)):
+            where = f"models[{i}].name" if j == 0 else f"models[{i}].aliases[{j - 1}]"
+            if key in seen:
+                raise ConfigError(f"{where}: {key!r} is already used by {seen[key]}")
+            seen[key] = where
+    kw["models"] = models
+    kw.update({k: v for k, v in overrides.items() if v is not None})
+    return Settings(**kw)
+
+
+def load_settings(path: Path | None, *,
+                  default_models: Callable[[Path], tuple[ModelConfig, ...]] | None = None,
+                  **overrides: Any) -> Settings:
+    """Read ``path`` (YAML) if given and validate it; see :func:`parse_settings`."""
+    raw: Any = None
+    if path is not None:
+        try:
+            raw = yaml.safe_load(Path(path).read_text())
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    return parse_settings(raw, default_models=default_models, **overrides)

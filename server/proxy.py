@@ -1,0 +1,105 @@
+"""The data path: forward one request to an engine and relay its answer byte for byte.
+
+aiohttp's client carries the data path (measured on loopback: +0.3 ms a request against +1.0 ms for
+httpx's default transport); httpx serves the control plane (health checks). Engine connection errors
+are translated into the error tree here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import AsyncIterator, Awaitable, Callable
+
+import aiohttp
+
+from server.errors import ModelUnavailable, normalize_upstream_error
+from server.sse import DONE, EventSplitter, error_event, with_null_usage
+
+# Engines answer slowly (a long generation); only the connection attempt is bounded.
+TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10)
+
+
+def new_session() -> aiohttp.ClientSession:
+    """One pooled client for every engine: keep-alive connections, no total connection limit."""
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30, enable_cleanup_closed=True),
+        timeout=TIMEOUT, auto_decompress=False, skip_auto_headers=("User-Agent",))
+
+
+async def open_upstream(session: aiohttp.ClientSession, url: str, body: bytes,
+                        headers: dict[str, str]) -> aiohttp.ClientResponse:
+    """POST ``body`` to ``url``; returns the response once its headers arrived.
+
+    Raises :class:`ModelUnavailable` (503) when the engine cannot be reached. An engine error status
+    is returned as is, for :func:`read_error` to turn into an OpenAI error.
+    """
+    try:
+        return await session.post(url, data=body, headers=headers)
+    except (aiohttp.ClientError, OSError) as exc:
+        raise ModelUnavailable(f"the engine did not answer: {exc.__class__.__name__}: {exc}",
+                               retry_after=5) from exc
+
+
+async def read_body(resp: aiohttp.ClientResponse) -> bytes:
+    """The whole body of a non-streaming answer; :class:`ModelUnavailable` if the engine drops it."""
+    try:
+        data = await resp.read()
+    except (aiohttp.ClientError, OSError) as exc:
+        resp.close()
+        raise ModelUnavailable(f"the engine dropped the connection: {exc}", retry_after=5) from exc
+    except BaseException:  # cancelled (client gone): drop the connection so vLLM aborts the request
+        resp.close()
+        raise
+    resp.release()
+    return data
+
+
+async def read_error(resp: aiohttp.ClientResponse):
+    """The engine's error answer as an :class:`~server.errors.UpstreamError` (status kept)."""
+    return normalize_upstream_error(resp.status, await read_body(resp))
+
+
+async def relay_stream(resp: aiohttp.ClientResponse, *, null_usage: bool,
+                       on_first: Callable[[], None] | None = None,
+                       on_end: Callable[[bool], Awaitable[None] | None] | None = None
+                       ) -> AsyncIterator[bytes]:
+    """Yield the engine's SSE bytes as they arrive.
+
+    With ``null_usage`` (the client asked ``stream_options.include_usage``) events are cut at
+    ``\\n\\n`` and given ``"usage":null`` where vLLM omits it (:func:`server.sse.with_null_usage`);
+    otherwise bytes pass untouched. If the engine fails or ends the stream without ``[DONE]``, one
+    OpenAI error event is sent and the body ends. The upstream connection is closed in ``finally``
+    (so vLLM aborts the request when the client goes away), then ``on_end(ok)`` runs.
+    """
+    splitter = EventSplitter() if null_usage else None
+    tail = b""
+    ok = False
+    try:
+        async for chunk in resp.content.iter_any():
+            if on_first is not None:
+                on_first()
+                on_first = None
+            if splitter is not None:
+                events = splitter.feed(chunk)
+                if not events:
+                    continue
+                chunk = b"".join(with_null_usage(e) for e in events)
+            tail = (tail + chunk)[-len(DONE):]
+            yield chunk
+        if tail == DONE:
+            ok = True
+        else:
+            yield error_event("the engine ended the stream before it was complete",
+                              code="engine_stream_incomplete")
+    except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+        yield error_event(f"the engine connection failed mid-stream: {exc.__class__.__name__}",
+                          code="engine_stream_failed")
+    finally:
+        resp.close()
+        if on_end is not None:
+            res = on_end(ok)
+            if res is not None:
+                await res
+
+

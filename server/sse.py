@@ -1,0 +1,56 @@
+"""Server-sent events at the byte level (pure). The gateway never re-chunks or re-decodes text.
+
+vLLM frames each event as ``data: <one-line JSON>\\n\\n`` and ends with ``data: [DONE]\\n\\n``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+DONE = b"data: [DONE]\n\n"
+_USAGE_KEY = b'"usage":'
+_NULL_USAGE = b',"usage":null'
+
+
+class EventSplitter:
+    """Cut a byte stream into whole SSE events (each ending in ``\\n\\n``), keeping the bytes as they are."""
+
+    def __init__(self) -> None:
+        self._buf = b""
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        """Add ``chunk``; return the events it completed (possibly none), separators included."""
+        self._buf += chunk
+        out = []
+        while True:
+            cut = self._buf.find(b"\n\n")
+            if cut < 0:
+                return out
+            out.append(self._buf[:cut + 2])
+            self._buf = self._buf[cut + 2:]
+
+    def rest(self) -> bytes:
+        """Bytes of an event not yet ended (at the end of the stream: a truncated event)."""
+        return self._buf
+
+
+def with_null_usage(event: bytes) -> bytes:
+    """Add ``"usage":null`` to a ``data: {...}`` chunk that has no ``usage`` key.
+
+    The OpenAI API documents that, with ``stream_options.include_usage``, every chunk but the last
+    carries ``usage: null``; vLLM omits the key. Other events (``[DONE]``, comments) are returned as
+    they are.
+    """
+    if not event.startswith(b"data: {") or _USAGE_KEY in event:
+        return event
+    end = event.rstrip(b"\r\n")
+    if not end.endswith(b"}"):
+        return event
+    return end[:-1] + _NULL_USAGE + b"}" + event[len(end):]
+
+
+def error_event(message: str, type_: str = "server_error", code: str | None = None) -> bytes:
+    """One SSE event carrying an OpenAI error object (the ``openai`` client raises on it)."""
+    body: dict[str, Any] = {"error": {"message": message, "type": type_, "param": None, "code": code}}
+    return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"

@@ -1,0 +1,119 @@
+"""Request validation before any engine work (pure): what the gateway itself must read and check.
+
+The gateway reads only ``model``, ``stream``, ``stream_options`` and the field that makes a request
+non-empty (``messages``, ``prompt``, ``input``); everything else passes through to vLLM untouched.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from server.errors import InvalidRequest
+
+# route → (the field that must be present and non-empty, the model task it needs)
+ROUTES = {
+    "/v1/chat/completions": ("messages", "generate"),
+    "/v1/completions": ("prompt", "generate"),
+    "/v1/embeddings": ("input", "embed"),
+}
+
+
+def routes_for_task(task: str) -> tuple[str, ...]:
+    """The inference routes a model of ``task`` (``generate`` or ``embed``) answers."""
+    return tuple(route for route, (_, needed) in ROUTES.items() if needed == task)
+
+
+@dataclass(frozen=True)
+class ParsedRequest:
+    """What the gateway needs from a body: the ``model`` asked for, ``stream``, and whether the
+    client asked for a usage chunk (``stream_options.include_usage``)."""
+
+    body: dict[str, Any]
+    model: str
+    stream: bool
+    include_usage: bool
+
+
+def parse_body(raw: bytes) -> dict[str, Any]:
+    """Decode a JSON object; :class:`InvalidRequest` (400) for anything else."""
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidRequest(f"The request body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
+    return data
+
+
+def _check_messages(messages: Any) -> None:
+    if messages is None:
+        raise InvalidRequest("Missing required parameter: 'messages'.", param="messages",
+                             code="missing_required_parameter")
+    if not isinstance(messages, list):
+        raise InvalidRequest("'messages' must be an array of message objects.", param="messages",
+                             code="invalid_type")
+    if not messages:
+        raise InvalidRequest("'messages' must contain at least one message.", param="messages",
+                             code="empty_array")
+    for i, msg in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(msg, dict):
+            raise InvalidRequest(f"'{where}' must be an object.", param=where, code="invalid_type")
+        role = msg.get("role")
+        if not isinstance(role, str) or not role:
+            raise InvalidRequest(f"Missing required parameter: '{where}.role'.", param=f"{where}.role",
+                                 code="missing_required_parameter")
+        content = msg.get("content")
+        calls = msg.get("tool_calls") or msg.get("function_call")
+        if content is None and not (role == "assistant" and calls):
+            raise InvalidRequest(f"Missing required parameter: '{where}.content'.",
+                                 param=f"{where}.content", code="missing_required_parameter")
+        if content is not None and not isinstance(content, (str, list)):
+            raise InvalidRequest(f"'{where}.content' must be a string or an array of content parts.",
+                                 param=f"{where}.content", code="invalid_type")
+
+
+def _check_nonempty(field: str, value: Any) -> None:
+    if value is None:
+        raise InvalidRequest(f"Missing required parameter: '{field}'.", param=field,
+                             code="missing_required_parameter")
+    if isinstance(value, (list, str)) and len(value) == 0:
+        raise InvalidRequest(f"'{field}' must not be empty.", param=field, code="empty_array"
+                             if isinstance(value, list) else "empty_string")
+    if not isinstance(value, (list, str)):
+        raise InvalidRequest(f"'{field}' must be a string or an array.", param=field,
+                             code="invalid_type")
+
+
+def validate(route: str, body: dict[str, Any]) -> ParsedRequest:
+    """Check ``body`` for ``route`` (a key of :data:`ROUTES`); raises :class:`InvalidRequest` (400)
+    naming the offending field in ``param``."""
+    model = body.get("model")
+    if model is None:
+        raise InvalidRequest("Missing required parameter: 'model'.", param="model",
+                             code="missing_required_parameter")
+    if not isinstance(model, str) or not model:
+        raise InvalidRequest("'model' must be a non-empty string.", param="model", code="invalid_type")
+    field, _ = ROUTES[route]
+    if field == "messages":
+        _check_messages(body.get("messages"))
+    else:
+        _check_nonempty(field, body.get(field))
+    stream = body.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise InvalidRequest("'stream' must be a boolean.", param="stream", code="invalid_type")
+    options = body.get("stream_options")
+    include_usage = False
+    if options is not None:
+        if not isinstance(options, dict):
+            raise InvalidRequest("'stream_options' must be an object.", param="stream_options",
+                                 code="invalid_type")
+        if not stream:
+            raise InvalidRequest("'stream_options' is only allowed when 'stream' is true.",
+                                 param="stream_options", code="invalid_value")
+        include_usage = options.get("include_usage") is True
+    return ParsedRequest(body=body, model=model, stream=stream, include_usage=include_usage)
