@@ -1,0 +1,120 @@
+"""Test helpers: run a real ``vramgate serve`` process on a free loopback port and watch processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def alive(pid: int) -> bool:
+    """True while ``pid`` is a running (not zombie) process."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def wait_gone(pids: list[int], timeout: float) -> list[int]:
+    """Wait up to ``timeout`` seconds for all ``pids`` to end; returns those still alive."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        left = [p for p in pids if alive(p)]
+        if not left:
+            return []
+        time.sleep(0.1)
+    return [p for p in pids if alive(p)]
+
+
+class Gateway:
+    """A ``python -m server serve`` child process. ``config`` is a dict written as YAML, or None for
+    the embedded models. Use as a context manager; ``stop()`` sends SIGTERM and waits."""
+
+    def __init__(self, tmp: Path, config: dict[str, Any] | None = None, *,
+                 data_dir: Path | None = None, env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.tmp = tmp
+        self.log_path = tmp / "gateway.log"
+        args = [sys.executable, "-m", "server", "serve", "--port", str(self.port),
+                "--data-dir", str(data_dir or tmp / "data")]
+        if config is not None:
+            cfg_path = tmp / "config.yaml"
+            cfg_path.write_text(yaml.safe_dump(config))
+            args += ["--config", str(cfg_path)]
+        self.log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(args, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **(env or {})})
+        self.client = httpx.Client(base_url=self.url, timeout=30)
+
+    def __enter__(self) -> "Gateway":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def wait_up(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gateway exited: {self.log_text()[-3000:]}")
+            try:
+                if self.client.get("/health").status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"gateway not up after {timeout}s: {self.log_text()[-3000:]}")
+
+    def states(self) -> dict[str, str]:
+        return self.client.get("/health").json()["models"]
+
+    def wait_states(self, timeout: float, done: tuple[str, ...] = ("ready", "failed")) -> dict[str, str]:
+        """Wait until no model is loading; returns the states."""
+        self.wait_up()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            states = self.states()
+            if all(s in done for s in states.values()):
+                return states
+            time.sleep(0.25)
+        raise TimeoutError(f"models still loading after {timeout}s: {self.states()}\n"
+                           f"{self.log_text()[-3000:]}")
+
+    def descendants(self) -> list[int]:
+        try:
+            return [p.pid for p in psutil.Process(self.proc.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.client.close()
+        self.log.close()
+        return self.proc.returncode

@@ -1,0 +1,270 @@
+"""The gateway as a real process on loopback, in front of stand-in engines that misbehave on demand."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.gateway import Gateway, alive, wait_gone
+
+
+def standin(name: str, mode: str = "ok", **extra) -> dict:
+    return {"name": name, "path": f"standin:{mode}", **extra}
+
+
+CONFIG = {
+    "engine_module": "tests.standin_engine",
+    "engine_stop_grace": 2,
+    "models": [
+        standin("echo", aliases=["small"]),
+        standin("emb", task="embed"),
+        standin("slow", "delay=0.2"),
+        standin("crashy", "crash-mid-stream"),
+        standin("broken", "fail-start"),
+        standin("stuck", "hang-start", startup_timeout=3),
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("gw")
+    (tmp / "standin").mkdir()
+    with Gateway(tmp, CONFIG, env={"STANDIN_DIR": str(tmp / "standin")}) as gateway:
+        gateway.wait_states(60)
+        yield gateway
+
+
+def stats(gw: Gateway, name: str) -> dict:
+    return json.loads((gw.tmp / "standin" / f"{name}.json").read_text())
+
+
+def chat(model: str, **kw) -> dict:
+    return {"model": model, "messages": [{"role": "user", "content": "hi"}], **kw}
+
+
+def sse_events(raw: bytes) -> list[bytes]:
+    assert raw.endswith(b"\n\n"), raw[-100:]
+    return raw[:-2].split(b"\n\n")
+
+
+def series_count(gw: Gateway) -> int:
+    text = gw.client.get("/metrics").text
+    return sum(1 for line in text.splitlines() if line and not line.startswith("#"))
+
+
+def test_states_after_start(gw):
+    states = gw.states()
+    assert states == {"echo": "ready", "emb": "ready", "slow": "ready", "crashy": "ready",
+                      "broken": "failed", "stuck": "failed"}
+
+
+def test_failed_start_answers_503_with_cause_and_leaves_no_process(gw):
+    for model, needle in (("broken", "CUDA out of memory, simulated"), ("stuck", "not ready after 3")):
+        r = gw.client.post("/v1/chat/completions", json=chat(model))
+        assert r.status_code == 503
+        err = r.json()["error"]
+        assert err["code"] == "engine_start_failed" and needle in err["message"]
+        assert int(r.headers["retry-after"]) >= 1
+        assert not alive(stats(gw, model)["pid"])
+    listed = {m["id"]: m for m in gw.client.get("/v1/models").json()["data"]}
+    assert listed["broken"]["state"] == "failed" and "simulated" in listed["broken"]["error"]
+
+
+def test_stream_is_relayed_byte_for_byte(gw):
+    body = chat("echo", stream=True, max_tokens=5)
+    direct = httpx.post(f"http://127.0.0.1:{stats(gw, 'echo')['port']}/v1/chat/completions", json=body)
+    with gw.client.stream("POST", "/v1/chat/completions", json=body) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"] == "text/event-stream"
+        assert r.headers["cache-control"] == "no-cache"
+        assert r.headers["x-accel-buffering"] == "no"
+        relayed = b"".join(r.iter_raw())
+    assert relayed == direct.content
+    events = sse_events(relayed)
+    assert events.count(b"data: [DONE]") == 1 and events[-1] == b"data: [DONE]"
+    assert all(e.startswith(b"data: ") and b"\r" not in e for e in events)
+
+
+def test_include_usage_gives_null_usage_then_one_usage_chunk(gw):
+    body = chat("echo", stream=True, max_tokens=4, stream_options={"include_usage": True})
+    events = sse_events(gw.client.post("/v1/chat/completions", json=body).content)
+    assert events[-1] == b"data: [DONE]"
+    chunks = [json.loads(e[6:]) for e in events[:-1]]
+    assert all("usage" in c and c["usage"] is None for c in chunks[:-1])
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 4
+
+
+def test_alias_reaches_the_engine_as_its_served_name(gw):
+    r = gw.client.post("/v1/chat/completions", json=chat("small", max_tokens=2))
+    assert r.status_code == 200, r.text
+    assert r.json()["model"] == "echo"
+    assert gw.client.get("/v1/models/small").json()["id"] == "echo"
+
+
+def test_engine_error_is_relayed_in_the_envelope(gw):
+    r = gw.client.post("/v1/completions", json={"model": "echo", "prompt": "x", "max_tokens": 5000})
+    assert r.status_code == 400
+    assert r.json() == {"error": {"message": "max_tokens too large", "type": "invalid_request_error",
+                                  "param": "max_tokens", "code": None}}
+
+
+def test_crash_mid_stream_ends_with_one_error_event(gw):
+    with gw.client.stream("POST", "/v1/chat/completions", json=chat("crashy", stream=True)) as r:
+        raw = b"".join(r.iter_raw())
+    events = sse_events(raw)
+    assert b"data: [DONE]" not in events
+    errors = [json.loads(e[6:]) for e in events if b'"error"' in e]
+    assert len(errors) == 1 and events[-1] == b"data: " + json.dumps(
+        errors[0], separators=(",", ":")).encode()
+    assert errors[0]["error"]["code"] in ("engine_stream_failed", "engine_stream_incomplete")
+    deadline = time.monotonic() + 10
+    while gw.states()["crashy"] != "failed" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert gw.states()["crashy"] == "failed"
+    r = gw.client.post("/v1/chat/completions", json=chat("crashy"))
+    assert r.status_code == 503 and r.json()["error"]["code"] == "model_unavailable"
+
+
+@pytest.mark.parametrize("route,body", [
+    ("/v1/chat/completions", chat("no-such-model")),
+    ("/v1/completions", {"model": "no-such-model", "prompt": "hi"}),
+    ("/v1/embeddings", {"model": "no-such-model", "input": "hi"}),
+])
+@pytest.mark.parametrize("stream", [False, True])
+def test_unknown_model_is_404_and_adds_no_series(gw, route, body, stream):
+    before = series_count(gw)
+    r = gw.client.post(route, json={**body, "stream": stream} if route != "/v1/embeddings" else body)
+    assert r.status_code == 404
+    assert r.headers["content-type"] == "application/json"
+    err = r.json()["error"]
+    assert err["code"] == "model_not_found" and err["type"] == "invalid_request_error"
+    assert err["param"] == "model"
+    assert series_count(gw) == before
+
+
+@pytest.mark.parametrize("messages", ["missing", None, [], [{"role": "user"}], "text"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_bad_messages_are_400_before_any_engine_work(gw, messages, stream):
+    started = stats(gw, "echo")["started"]
+    body = {"model": "echo", "stream": stream}
+    if messages != "missing":
+        body["messages"] = messages
+    r = gw.client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 400
+    assert r.json()["error"]["param"].startswith("messages")
+    assert stats(gw, "echo")["started"] == started
+
+
+def test_malformed_and_missing_model_are_400(gw):
+    r = gw.client.post("/v1/chat/completions", content=b"{not json")
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+    r = gw.client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "model"
+    r = gw.client.post("/v1/embeddings", json={"model": "echo", "input": "x"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "model_not_supported"
+
+
+@pytest.mark.parametrize("path", ["/v1//chat/completions", "/v1/chat/completions/",
+                                  "/V1/chat/completions", "/invocations", "/tokenize", "/sleep",
+                                  "/v1/chat/completions/../../tokenize", "/pooling"])
+def test_only_defined_routes_exist(gw, path):
+    started = stats(gw, "echo")["started"]
+    r = gw.client.post(path, json=chat("echo"))
+    assert r.status_code == 404
+    assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+    assert stats(gw, "echo")["started"] == started
+
+
+def test_models_list_shape(gw):
+    data = gw.client.get("/v1/models").json()
+    assert data["object"] == "list"
+    for m in data["data"]:
+        assert {"id", "object", "created", "owned_by", "state"} <= set(m) and m["object"] == "model"
+    r = gw.client.get("/v1/models/nope")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+def _wait_stats(gw, name, key, value, timeout=3.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if stats(gw, name)[key] == value:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_client_disconnect_aborts_the_engine_request(gw, stream):
+    aborted = stats(gw, "slow")["aborted"]
+    body = chat("slow", max_tokens=50, stream=stream)
+    if stream:  # read the first event, then hang up
+        with httpx.stream("POST", gw.url + "/v1/chat/completions", json=body, timeout=10) as r:
+            assert next(r.iter_raw()).startswith(b"data: ")
+    else:  # give up waiting for the answer (50 × 0.2 s)
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(gw.url + "/v1/chat/completions", json=body, timeout=httpx.Timeout(10, read=0.5))
+    assert _wait_stats(gw, "slow", "aborted", aborted + 1), stats(gw, "slow")
+    assert _wait_stats(gw, "slow", "running", 0)
+    text = gw.client.get("/metrics").text
+    assert 'vramgate_requests_in_flight{model="slow"} 0.0' in text
+
+
+def test_concurrent_streams_each_end_once(gw):
+    results: list[bytes] = []
+
+    def one() -> None:
+        with httpx.stream("POST", gw.url + "/v1/chat/completions", timeout=30,
+                          json=chat("echo", stream=True, max_tokens=20)) as r:
+            results.append(b"".join(r.iter_raw()))
+
+    threads = [threading.Thread(target=one) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 16
+    for raw in results:
+        events = sse_events(raw)
+        assert events.count(b"data: [DONE]") == 1 and events[-1] == b"data: [DONE]"
+        assert b'"finish_reason":"length"' in events[-2]
+
+
+def _engine_pids(gw: Gateway) -> list[int]:
+    pids = gw.descendants()
+    assert len(pids) >= 4, pids  # a guard and an engine per model at least
+    return pids
+
+
+def test_sigterm_stops_every_engine_even_one_ignoring_sigterm(tmp_path):
+    config = {"engine_module": "tests.standin_engine", "engine_stop_grace": 2,
+              "models": [standin("a"), standin("deaf", "ignore-sigterm")]}
+    (tmp_path / "standin").mkdir()
+    gw = Gateway(tmp_path, config, env={"STANDIN_DIR": str(tmp_path / "standin")})
+    try:
+        assert gw.wait_states(60) == {"a": "ready", "deaf": "ready"}
+        pids = _engine_pids(gw)
+    finally:
+        rc = gw.stop(signal.SIGTERM)
+    assert rc in (0, -signal.SIGTERM)  # uvicorn re-raises the signal it handled, after shutdown
+    assert "Application shutdown complete" in gw.log_text()
+    assert wait_gone(pids, 5) == []
+
+
+def test_sigkill_of_the_gateway_leaves_no_orphan(tmp_path):
+    config = {"engine_module": "tests.standin_engine", "engine_stop_grace": 2,
+              "models": [standin("a"), standin("b", task="embed")]}
+    (tmp_path / "standin").mkdir()
+    gw = Gateway(tmp_path, config, env={"STANDIN_DIR": str(tmp_path / "standin")})
+    try:
+        gw.wait_states(60)
+        pids = _engine_pids(gw)
+    finally:
+        gw.stop(signal.SIGKILL)
+    assert wait_gone(pids, 15) == []

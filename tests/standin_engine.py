@@ -1,0 +1,152 @@
+"""A stand-in for a vLLM OpenAI server, for fault injection only (never used by the e2e suite).
+
+Started by the gateway exactly as it starts vLLM (``python -m tests.standin_engine --model PATH
+--served-model-name NAME --port P ...``; set ``engine_module: tests.standin_engine`` in the config).
+Its behaviour comes from the model path, ``standin:MODE[,MODE...]``:
+
+- ``ok``                  answer like vLLM (chunks of one word, ``[DONE]``, usage chunk on request)
+- ``slow-start=S``        become healthy after S seconds
+- ``hang-start``          never become healthy
+- ``fail-start``          exit with status 3 at once, after printing an error
+- ``crash-mid-stream``    send two chunks, then exit hard (``os._exit``)
+- ``ignore-sigterm``      ignore SIGTERM (only SIGKILL ends it)
+- ``delay=S``             seconds between chunks (and before a non-streamed answer: S × max_tokens)
+
+It writes ``$STANDIN_DIR/<served name>.json`` after every change: pid, port, argv, and counters
+(``started``, ``completed``, ``aborted``, ``running``), so tests can see what reached the engine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from aiohttp import web
+
+
+def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", required=True)
+    p.add_argument("--served-model-name", required=True)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, required=True)
+    return p.parse_known_args(argv)
+
+
+class Standin:
+    def __init__(self, args: argparse.Namespace, argv: list[str]) -> None:
+        self.name = args.served_model_name
+        self.modes = dict((m.split("=", 1) + [""])[:2] for m in args.model.split(":", 1)[1].split(","))
+        self.delay = float(self.modes.get("delay") or 0.01)
+        self.healthy_at = time.monotonic() + float(self.modes.get("slow-start") or 0)
+        self.stats = {"pid": os.getpid(), "port": args.port, "argv": argv, "started": 0,
+                      "completed": 0, "aborted": 0, "running": 0}
+        self.out = Path(os.environ.get("STANDIN_DIR", ".")) / f"{self.name.replace('/', '_')}.json"
+        self.save()
+
+    def save(self) -> None:
+        tmp = self.out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.stats))
+        os.replace(tmp, self.out)
+
+    def count(self, key: str, delta: int = 1) -> None:
+        self.stats[key] += delta
+        self.save()
+
+    async def health(self, request: web.Request) -> web.Response:
+        if "hang-start" in self.modes or time.monotonic() < self.healthy_at:
+            return web.Response(status=503)
+        return web.Response(status=200)
+
+    def words(self, body: dict) -> list[str]:
+        n = int(body.get("max_tokens") or 8)
+        return [f" w{i}" for i in range(n)]
+
+    def chunk(self, body: dict, obj: str, **fields) -> bytes:
+        data = {"id": "standin-1", "object": obj, "created": 1, "model": self.name, **fields}
+        return b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
+
+    async def generate(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        if body.get("model") != self.name:
+            return web.json_response({"error": {"message": f"The model `{body.get('model')}` does not "
+                                                "exist.", "type": "NotFoundError", "param": "model",
+                                                "code": 404}}, status=404)
+        if int(body.get("max_tokens") or 8) > 1000:
+            return web.json_response({"error": {"message": "max_tokens too large", "type":
+                                                "BadRequestError", "param": "max_tokens", "code": 400}},
+                                     status=400)
+        chat = request.path.endswith("chat/completions")
+        obj = "chat.completion" if chat else "text_completion"
+        words = self.words(body)
+        usage = {"prompt_tokens": 3, "completion_tokens": len(words), "total_tokens": 3 + len(words)}
+        self.count("started")
+        self.count("running")
+        try:
+            if not body.get("stream"):
+                await asyncio.sleep(self.delay * len(words))
+                text = "".join(words)
+                choice = ({"index": 0, "message": {"role": "assistant", "content": text},
+                           "finish_reason": "length"} if chat else
+                          {"index": 0, "text": text, "finish_reason": "length"})
+                self.count("completed")
+                return web.json_response({"id": "standin-1", "object": obj, "created": 1,
+                                          "model": self.name, "choices": [choice], "usage": usage})
+            resp = web.StreamResponse(headers={"content-type": "text/event-stream; charset=utf-8"})
+            await resp.prepare(request)
+            for i, word in enumerate(words):
+                if i == 2 and "crash-mid-stream" in self.modes:
+                    os._exit(9)
+                last = i == len(words) - 1
+                delta = {"content": word} if chat else None
+                choice = ({"index": 0, "delta": delta, "finish_reason": "length" if last else None}
+                          if chat else {"index": 0, "text": word,
+                                        "finish_reason": "length" if last else None})
+                await resp.write(self.chunk(body, obj + (".chunk" if chat else ""), choices=[choice]))
+                await asyncio.sleep(self.delay)
+            if (body.get("stream_options") or {}).get("include_usage"):
+                await resp.write(self.chunk(body, obj + (".chunk" if chat else ""), choices=[],
+                                            usage=usage))
+            await resp.write(b"data: [DONE]\n\n")
+            self.count("completed")
+            return resp
+        except (asyncio.CancelledError, ConnectionResetError):
+            self.count("aborted")
+            raise
+        finally:
+            self.count("running", -1)
+
+    async def embeddings(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
+        data = [{"index": i, "object": "embedding", "embedding": [0.1] * 8} for i in range(len(inputs))]
+        return web.json_response({"object": "list", "model": self.name, "data": data,
+                                  "usage": {"prompt_tokens": 1, "total_tokens": 1}})
+
+
+def main(argv: list[str]) -> None:
+    args, _ = parse(argv)
+    standin = Standin(args, argv)
+    if "fail-start" in standin.modes:
+        print("standin: failing at start as asked (CUDA out of memory, simulated)", flush=True)
+        sys.exit(3)
+    if "ignore-sigterm" in standin.modes:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    app = web.Application()
+    app.router.add_get("/health", standin.health)
+    app.router.add_post("/v1/chat/completions", standin.generate)
+    app.router.add_post("/v1/completions", standin.generate)
+    app.router.add_post("/v1/embeddings", standin.embeddings)
+    print(f"standin: {standin.name} listening on {args.host}:{args.port}", flush=True)
+    web.run_app(app, host=args.host, port=args.port, print=None, handler_cancellation=True,
+                handle_signals="ignore-sigterm" not in standin.modes)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
