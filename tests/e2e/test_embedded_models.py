@@ -1,0 +1,146 @@
+"""End to end: the gateway on the embedded models, real vLLM CPU engines, the official openai client.
+
+Slow (about two minutes, most of it the two engines starting). The embedded models are prepared in
+``$VRAMGATE_DATA_DIR`` (default ``~/.cache/vramgate``, shared with ``vramgate serve``).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import struct
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.gateway import Gateway, wait_gone
+
+pytestmark = pytest.mark.e2e
+CHAT = "SmolLM2-135M-Instruct"
+EMBED = "all-MiniLM-L6-v2"
+HELLO = [{"role": "user", "content": "Say hello"}]
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_path_factory):
+    data_dir = Path(os.environ.get("VRAMGATE_DATA_DIR", Path.home() / ".cache" / "vramgate"))
+    gateway = Gateway(tmp_path_factory.mktemp("e2e"), None, data_dir=data_dir)
+    try:
+        gateway.wait_up(timeout=300)  # includes preparing the embedded models on a fresh machine
+        states = gateway.wait_states(timeout=400)
+        assert states == {CHAT: "ready", EMBED: "ready"}, gateway.log_text()[-3000:]
+        yield gateway
+    finally:
+        gateway.stop()
+
+
+@pytest.fixture(scope="module")
+def client(gw):
+    return openai.OpenAI(base_url=gw.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def test_chat_completion(client):
+    r = client.chat.completions.create(model=CHAT, messages=HELLO, max_tokens=16, temperature=0)
+    assert r.model == CHAT
+    assert r.choices[0].message.content.strip()
+    assert r.usage.completion_tokens > 0 and r.usage.prompt_tokens > 0
+
+
+def test_stream_with_usage_matches_the_non_streamed_usage(client):
+    kw = dict(model=CHAT, messages=HELLO, max_tokens=16, temperature=0)
+    plain = client.chat.completions.create(**kw)
+    chunks = list(client.chat.completions.create(**kw, stream=True,
+                                                 stream_options={"include_usage": True}))
+    finish = [i for i, c in enumerate(chunks) if c.choices and c.choices[0].finish_reason]
+    assert len(finish) == 1
+    assert all(c.usage is None for c in chunks[:-1])
+    last = chunks[-1]
+    assert finish[0] == len(chunks) - 2 and last.choices == []
+    assert last.usage.model_dump() == plain.usage.model_dump()
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == plain.choices[0].message.content
+
+
+def test_stream_without_usage_has_no_usage_chunk(client):
+    chunks = list(client.chat.completions.create(model="smollm2", messages=HELLO, max_tokens=8,
+                                                 stream=True))
+    assert chunks and all(c.choices for c in chunks) and all(c.usage is None for c in chunks)
+    assert chunks[-1].choices[0].finish_reason in ("length", "stop")
+    assert all(c.model == CHAT for c in chunks)  # aliases answer with the canonical name
+
+
+def test_completions_stop_string_never_leaks(client):
+    kw = dict(model=CHAT, prompt="Here is the English alphabet: ABC", stop=["DEFGHIJ"],
+              temperature=0, max_tokens=20)
+    plain = client.completions.create(**kw).choices[0].text
+    streamed = "".join(c.choices[0].text for c in client.completions.create(**kw, stream=True)
+                       if c.choices)
+    assert streamed == plain
+    assert "DEFGHIJ" not in plain
+
+
+def test_exact_sse_framing(gw):
+    body = {"model": CHAT, "messages": HELLO, "max_tokens": 24, "stream": True}
+    with httpx.stream("POST", gw.url + "/v1/chat/completions", json=body, timeout=120) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"] == "text/event-stream"
+        assert r.headers["cache-control"] == "no-cache"
+        assert "content-encoding" not in r.headers
+        raw = b"".join(r.iter_raw())
+    assert b"\r" not in raw and b"event:" not in raw
+    assert raw.endswith(b"\n\ndata: [DONE]\n\n") and raw.count(b"data: [DONE]") == 1
+    for event in raw[:-2].split(b"\n\n")[:-1]:
+        assert event.startswith(b"data: {") and b"\n" not in event
+        json.loads(event[6:])
+
+
+def test_embeddings(client):
+    r = client.embeddings.create(model=EMBED, input=["hello world", "goodbye"])
+    assert [d.index for d in r.data] == [0, 1]
+    assert len(r.data[0].embedding) == 384
+    assert r.data[0].embedding != r.data[1].embedding
+    raw = httpx.post(str(client.base_url) + "embeddings", timeout=60, json={
+        "model": "minilm", "input": "hello world", "encoding_format": "base64"}).json()
+    vec = struct.unpack("<384f", base64.b64decode(raw["data"][0]["embedding"]))
+    assert abs(vec[0] - r.data[0].embedding[0]) < 1e-4
+
+
+def test_models_list_and_retrieve(client):
+    models = {m.id: m for m in client.models.list()}
+    assert set(models) == {CHAT, EMBED}
+    assert models[CHAT].model_extra["state"] == "ready"
+    assert client.models.retrieve("smollm2").id == CHAT
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("no-such-model")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_unknown_model(client, stream):
+    with pytest.raises(openai.NotFoundError) as info:
+        client.chat.completions.create(model="no-such-model", messages=HELLO, stream=stream)
+    assert info.value.code == "model_not_found" and info.value.status_code == 404
+    assert info.value.type == "invalid_request_error"
+
+
+def test_bad_requests(gw, client):
+    r = httpx.post(gw.url + "/v1/chat/completions", content=b'{"model": ', timeout=10)
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=CHAT, messages=[])
+    assert info.value.param == "messages"
+    with pytest.raises(openai.BadRequestError) as info:  # decided by vLLM, relayed in the envelope
+        client.chat.completions.create(model=CHAT, messages=HELLO, max_tokens=100_000_000)
+    assert info.value.param == "max_tokens" and info.value.type == "invalid_request_error"
+    assert "max_tokens" in info.value.message
+
+
+def test_zz_sigterm_leaves_no_engine(gw):
+    """Last in the module: stop the gateway and check that every engine process is gone."""
+    pids = gw.descendants()
+    assert len(pids) >= 6  # per model: guard, API server, engine core, worker
+    gw.stop(signal.SIGTERM)
+    assert wait_gone(pids, 30) == []

@@ -1,0 +1,68 @@
+from pathlib import Path
+
+import pytest
+
+from server.config import ModelConfig, load_settings, parse_bytes, parse_settings
+from server.errors import ConfigError
+
+
+def defaults(data_dir: Path):
+    return (ModelConfig(name="d", path=str(data_dir / "d")),)
+
+
+def test_no_config_serves_the_defaults_under_the_data_dir(tmp_path):
+    s = parse_settings(None, default_models=defaults, data_dir=tmp_path)
+    assert [m.name for m in s.models] == ["d"] and s.models[0].path == str(tmp_path / "d")
+    assert (s.host, s.port) == ("127.0.0.1", 8000)
+
+
+def test_full_model_entry():
+    s = parse_settings({"port": 9000, "models": [{
+        "name": "qwen", "path": "Qwen/Qwen2.5-7B-Instruct", "aliases": ["q"], "task": "generate",
+        "kv_cache_bytes": "2GiB", "max_model_len": 4096,
+        "engine_args": {"enable-auto-tool-choice": True, "tool-call-parser": "hermes",
+                        "enforce-eager": False, "max-num-seqs": 8}}]})
+    m = s.models[0]
+    assert m.kv_cache_bytes == 2 * 2**30 and m.max_model_len == 4096
+    assert m.engine_args == ("--enable-auto-tool-choice", "--tool-call-parser", "hermes",
+                             "--max-num-seqs", "8")
+    assert s.resolve("q") is m and s.resolve("qwen") is m and s.resolve("Q") is None
+    assert s.port == 9000
+
+
+@pytest.mark.parametrize("raw,where", [
+    ({"models": [{"name": "a"}]}, "models[0].path: must be a non-empty string"),
+    ({"models": [{"name": "a", "path": "p"}, {"name": "", "path": "p"}]}, "models[1].name"),
+    ({"models": [{"name": "a", "path": "p", "aliases": ["ok", 3]}]}, "models[0].aliases[1]"),
+    ({"models": [{"name": "a", "path": "p", "task": "rerank"}]}, "models[0].task"),
+    ({"models": [{"name": "a", "path": "p", "kv_cache_bytes": "lots"}]}, "models[0].kv_cache_bytes"),
+    ({"models": [{"name": "a", "path": "p", "colour": "red"}]}, "models[0].colour: unknown field"),
+    ({"models": [{"name": "a", "path": "p"}, {"name": "b", "path": "p", "aliases": ["a"]}]},
+     "models[1].aliases[0]: 'a' is already used by models[0].name"),
+    ({"port": 70000, "models": [{"name": "a", "path": "p"}]}, "port: must be between"),
+    ({"models": []}, "models: must be a non-empty list"),
+    ({"mdoels": []}, "mdoels: unknown field"),
+    ([1, 2], "(top level)"),
+])
+def test_errors_name_the_field_path(raw, where):
+    with pytest.raises(ConfigError) as info:
+        parse_settings(raw)
+    assert str(info.value).startswith(where), str(info.value)
+
+
+def test_bytes():
+    assert parse_bytes("512MiB", "x") == 512 * 2**20
+    assert parse_bytes("1.5GB", "x") == 1_500_000_000
+    assert parse_bytes(1024, "x") == 1024
+    for bad in (-1, True, "12 parsecs", 1.5):
+        with pytest.raises(ConfigError):
+            parse_bytes(bad, "x")
+
+
+def test_yaml_file_errors(tmp_path):
+    bad = tmp_path / "c.yaml"
+    bad.write_text("models: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_settings(bad)
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_settings(tmp_path / "missing.yaml")

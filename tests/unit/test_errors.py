@@ -1,0 +1,36 @@
+import json
+
+from server.errors import (EngineStartError, InvalidRequest, ModelNotFound, ModelUnavailable,
+                           normalize_upstream_error)
+
+
+def test_envelope_and_headers():
+    err = ModelNotFound("x")
+    assert err.status == 404
+    assert err.envelope()["error"]["code"] == "model_not_found"
+    assert set(err.envelope()["error"]) == {"message", "type", "param", "code"}
+    assert err.headers() == {"x-should-retry": "false"}
+    assert ModelUnavailable("busy", retry_after=2.4).headers() == {"retry-after": "2"}
+    assert InvalidRequest("bad", param="messages").envelope()["error"]["param"] == "messages"
+
+
+def test_engine_start_error_carries_log_tail():
+    err = EngineStartError("engine exited", log_tail="line1\nOOM")
+    assert err.status == 503 and "OOM" in err.message and err.log_tail.endswith("OOM")
+
+
+def test_vllm_error_is_normalised():
+    body = json.dumps({"error": {"message": "max_tokens too big", "type": "BadRequestError",
+                                 "param": "max_tokens", "code": 400}}).encode()
+    err = normalize_upstream_error(400, body)
+    assert err.status == 400
+    assert err.envelope() == {"error": {"message": "max_tokens too big", "type": "invalid_request_error",
+                                        "param": "max_tokens", "code": None}}
+
+
+def test_non_json_and_detail_bodies():
+    assert normalize_upstream_error(500, b"Internal Server Error").envelope()["error"] == {
+        "message": "Internal Server Error", "type": "server_error", "param": None, "code": None}
+    err = normalize_upstream_error(422, json.dumps({"detail": "field required"}).encode())
+    assert err.message == "field required" and err.type == "invalid_request_error"
+    assert normalize_upstream_error(502, b"").message == "engine answered HTTP 502"

@@ -1,0 +1,75 @@
+import json
+import struct
+
+import pytest
+
+from server.config import ModelConfig
+from server.engines import engine_launch
+from server.estimate import MiB, cpu_kv_cache_bytes, kv_bytes_per_token, max_model_len
+from server.models import safetensors_tensor_count, verify_folder
+from server.pool import plan_cpu_kv_cache
+
+LLAMA3_8B = {"num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+             "hidden_size": 4096, "torch_dtype": "bfloat16", "max_position_embeddings": 8192}
+SMOLLM2_135M = {"num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
+                "head_dim": 64, "hidden_size": 576, "dtype": "bfloat16",
+                "max_position_embeddings": 8192}
+
+
+def test_kv_bytes_per_token_known_models():
+    assert kv_bytes_per_token(LLAMA3_8B) == 128 * 1024  # 2 × 32 × 8 × 128 × 2
+    assert kv_bytes_per_token(SMOLLM2_135M) == 23040  # 2 × 30 × 3 × 64 × 2
+    assert kv_bytes_per_token({"text_config": LLAMA3_8B}) == 128 * 1024
+    assert kv_bytes_per_token({**LLAMA3_8B, "torch_dtype": "float32"}) == 256 * 1024
+    assert max_model_len(LLAMA3_8B) == 8192
+
+
+def test_cpu_kv_cache_is_bounded_by_ram_and_floor():
+    assert cpu_kv_cache_bytes(23040, 8192, 20 * 2**30, 2) == 23040 * 8192 * 4 // MiB * MiB
+    assert cpu_kv_cache_bytes(23040, 8192, 200 * MiB, 2) == 64 * MiB  # floor
+    assert cpu_kv_cache_bytes(128 * 1024, 8192, 4 * 2**30, 2) == 1024 * MiB  # half of RAM, split
+
+
+def test_plan_reads_model_folders(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(SMOLLM2_135M))
+    models = (ModelConfig("a", str(tmp_path)), ModelConfig("hub", "org/not-local"))
+    assert plan_cpu_kv_cache(models, 16 * 2**30) == {"a": 23040 * 8192 * 4 // MiB * MiB}
+
+
+def test_engine_launch_cpu_and_gpu():
+    m = ModelConfig("m", "/models/m", engine_args=("--max-num-seqs", "4"))
+    cpu = engine_launch(m, port=1234, device="cpu", python="py", module="vllm.x", kv_cache_bytes=2**30)
+    assert cpu.argv[:3] == ("py", "-m", "vllm.x")
+    a = list(cpu.argv)
+    assert a[a.index("--served-model-name") + 1] == "m" and a[a.index("--host") + 1] == "127.0.0.1"
+    assert "--enforce-eager" in a and a[a.index("--kv-cache-memory-bytes") + 1] == str(2**30)
+    assert a[-2:] == ["--max-num-seqs", "4"]  # the user's own arguments come last and win
+    gpu = engine_launch(m, port=1, device="cuda", python="py", module="vllm.x")
+    assert "--enforce-eager" not in gpu.argv and "--kv-cache-memory-bytes" not in gpu.argv
+    emb = engine_launch(ModelConfig("e", "/e", task="embed", kv_cache_bytes=5), port=1, device="cpu",
+                        python="py", module="v", kv_cache_bytes=7)
+    assert ("--runner", "pooling") == tuple(emb.argv[emb.argv.index("--runner"):][:2])
+    assert emb.argv[emb.argv.index("--kv-cache-memory-bytes") + 1] == "5"  # the config wins
+    assert cpu.base_url == "http://127.0.0.1:1234"
+
+
+def _safetensors(path, names):
+    header = json.dumps({n: {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]} for n in names})
+    path.write_bytes(struct.pack("<Q", len(header)) + header.encode() + b"\0" * 4)
+
+
+def test_verify_folder(tmp_path):
+    with pytest.raises(ValueError, match="config.json is missing"):
+        verify_folder(tmp_path, chat=True)
+    (tmp_path / "config.json").write_text("{}")
+    _safetensors(tmp_path / "model.safetensors", ["w", "b"])
+    assert safetensors_tensor_count(tmp_path / "model.safetensors") == 2
+    with pytest.raises(ValueError, match="no tokenizer"):
+        verify_folder(tmp_path, chat=True)
+    (tmp_path / "tokenizer.json").write_text("{}")
+    (tmp_path / "tokenizer_config.json").write_text("{}")
+    with pytest.raises(ValueError, match="no chat template"):
+        verify_folder(tmp_path, chat=True)
+    verify_folder(tmp_path, chat=False)
+    (tmp_path / "chat_template.jinja").write_text("{{ messages }}")
+    verify_folder(tmp_path, chat=True)

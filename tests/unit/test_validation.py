@@ -1,0 +1,56 @@
+import pytest
+
+from server.errors import InvalidRequest
+from server.validation import parse_body, routes_for_task, validate
+
+MSG = [{"role": "user", "content": "hi"}]
+
+
+def bad(route, body):
+    with pytest.raises(InvalidRequest) as info:
+        validate(route, body)
+    return info.value
+
+
+def test_valid_requests():
+    p = validate("/v1/chat/completions", {"model": "m", "messages": MSG, "stream": True,
+                                          "stream_options": {"include_usage": True}})
+    assert (p.model, p.stream, p.include_usage) == ("m", True, True)
+    assert not validate("/v1/completions", {"model": "m", "prompt": [1, 2]}).stream
+    assert validate("/v1/embeddings", {"model": "m", "input": ["a"]}).model == "m"
+    tool_reply = [{"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]}]
+    validate("/v1/chat/completions", {"model": "m", "messages": MSG + tool_reply})
+
+
+@pytest.mark.parametrize("messages,param", [
+    (None, "messages"), ([], "messages"), ("hi", "messages"), ([1], "messages[0]"),
+    ([{"content": "x"}], "messages[0].role"), ([{"role": "user"}], "messages[0].content"),
+    ([{"role": "user", "content": None}], "messages[0].content"),
+    ([{"role": "user", "content": 5}], "messages[0].content"),
+])
+def test_bad_messages(messages, param):
+    err = bad("/v1/chat/completions", {"model": "m", "messages": messages})
+    assert err.param == param and err.status == 400
+
+
+def test_model_and_other_fields():
+    assert bad("/v1/chat/completions", {"messages": MSG}).param == "model"
+    assert bad("/v1/chat/completions", {"model": 3, "messages": MSG}).param == "model"
+    assert bad("/v1/completions", {"model": "m", "prompt": ""}).param == "prompt"
+    assert bad("/v1/embeddings", {"model": "m", "input": []}).param == "input"
+    assert bad("/v1/embeddings", {"model": "m"}).param == "input"
+    assert bad("/v1/chat/completions", {"model": "m", "messages": MSG, "stream": "yes"}).param == "stream"
+    assert bad("/v1/chat/completions", {"model": "m", "messages": MSG,
+                                        "stream_options": {"include_usage": True}}).param == "stream_options"
+
+
+def test_parse_body():
+    assert parse_body(b'{"a": 1}') == {"a": 1}
+    for raw in (b"{", b"[1]", b"\xff", b""):
+        with pytest.raises(InvalidRequest):
+            parse_body(raw)
+
+
+def test_routes_for_task():
+    assert routes_for_task("embed") == ("/v1/embeddings",)
+    assert routes_for_task("generate") == ("/v1/chat/completions", "/v1/completions")
