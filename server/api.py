@@ -155,6 +155,12 @@ def model_object(entry: Any, created: int) -> dict[str, Any]:
     out = {"id": cfg.name, "object": "model", "created": created, "owned_by": "vramgate",
            "state": entry.state.value, "aliases": list(cfg.aliases), "task": cfg.task,
            "device": entry.device}
+    if entry.plan is not None:
+        out["placement"] = {"devices": list(entry.plan.devices),
+                            "tensor_parallel_size": entry.plan.tensor_parallel_size,
+                            "gpu_memory_utilization": entry.plan.gpu_memory_utilization,
+                            "reserved_bytes": entry.booked_bytes,
+                            "measured_bytes": entry.measured_bytes}
     if entry.state == ModelState.FAILED and entry.error is not None:
         out["error"] = entry.error.message
     return out

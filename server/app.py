@@ -6,13 +6,12 @@ import time
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
-import psutil
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 
 from server import api
 from server.config import Settings
-from server.gpus import read_inventory
+from server.gpus import Inventory, make_inventory
 from server.metrics import Metrics
 from server.pool import Launcher, ModelPool, ModelState, default_launcher
 from server.proxy import new_session
@@ -20,19 +19,19 @@ from server.validation import routes_for_task
 
 
 def create_app(settings: Settings, *, launcher: Launcher = default_launcher,
-               gpu_count: int | None = None, available_ram: int | None = None) -> Starlette:
+               inventory: Inventory | None = None) -> Starlette:
     """Build the gateway for ``settings``.
 
-    ``gpu_count`` (default: what NVML reports) and ``available_ram`` in bytes (default: psutil) are
-    injectable for tests; ``launcher`` builds each engine process. On startup every model's engine
-    starts in the background; on shutdown every engine is stopped (SIGTERM → grace → SIGKILL).
+    ``inventory`` (default: NVML, or the simulated layout of ``settings.simulate_gpus``) and
+    ``launcher`` (builds each engine process) are injectable. On startup every model is placed and
+    its engine started in the background; on shutdown every engine is stopped (SIGTERM → grace →
+    SIGKILL). Raises :class:`~server.errors.ConfigError` for a bad ``simulate_gpus``.
     """
+    devices = inventory or make_inventory(settings.simulate_gpus)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict]:
-        gpus = len(read_inventory()) if gpu_count is None else gpu_count
-        ram = psutil.virtual_memory().available if available_ram is None else available_ram
-        pool = ModelPool(settings, gpu_count=gpus, available_ram=ram, launcher=launcher)
+        pool = ModelPool(settings, devices, launcher=launcher)
         metrics = Metrics({m.name: routes_for_task(m.task) for m in settings.models},
                           [s.value for s in ModelState])
         session = new_session()

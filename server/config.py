@@ -46,6 +46,9 @@ class ModelConfig:
     ``embed`` (embeddings, vLLM ``--runner pooling``). ``engine_args`` are extra vLLM command-line
     arguments, passed through verbatim after ours. ``kv_cache_bytes`` fixes vLLM's KV cache
     (``--kv-cache-memory-bytes``); ``None`` lets vramgate size it. ``startup_timeout`` is in seconds.
+    ``memory_bytes`` (config ``memory``) replaces the estimate of weights + KV cache; ``gpus`` pins
+    the model to those GPU indices; ``tensor_parallel_size`` fixes the TP size; ``pinned`` models
+    are never evicted.
     """
 
     name: str
@@ -57,6 +60,10 @@ class ModelConfig:
     kv_cache_bytes: int | None = None
     max_model_len: int | None = None
     startup_timeout: float = 600.0
+    memory_bytes: int | None = None
+    gpus: tuple[int, ...] | None = None
+    tensor_parallel_size: int | None = None
+    pinned: bool = False
 
 
 @dataclass(frozen=True)
@@ -72,6 +79,10 @@ class Settings:
     shutdown_timeout: float = 30.0
     engine_stop_grace: float = 15.0
     load_wait_timeout: float = 900.0
+    placement: str = "pack"
+    gpu_headroom_bytes: int = 1 << 30
+    kv_cache_sequences: int = 4
+    simulate_gpus: str | None = None
 
     @property
     def log_dir(self) -> Path:
@@ -157,9 +168,11 @@ def _engine_args(value: Any, where: str) -> tuple[str, ...]:
 
 
 _MODEL_KEYS = {"name", "path", "aliases", "task", "device", "engine_args", "kv_cache_bytes",
-               "max_model_len", "startup_timeout"}
+               "max_model_len", "startup_timeout", "memory", "gpus", "tensor_parallel_size",
+               "pinned"}
 _TOP_KEYS = {"host", "port", "data_dir", "models", "engine_module", "engine_python",
-             "shutdown_timeout", "engine_stop_grace", "load_wait_timeout"}
+             "shutdown_timeout", "engine_stop_grace", "load_wait_timeout", "placement",
+             "gpu_headroom", "kv_cache_sequences", "simulate_gpus"}
 
 
 def parse_model(raw: Any, where: str) -> ModelConfig:
@@ -183,12 +196,31 @@ def parse_model(raw: Any, where: str) -> ModelConfig:
         raise ConfigError(f"{where}.device: must be one of {', '.join(DEVICES)}, got {device!r}")
     kv = raw.get("kv_cache_bytes")
     mml = raw.get("max_model_len")
+    mem = raw.get("memory")
+    gpus = raw.get("gpus")
+    if gpus is not None:
+        if not isinstance(gpus, list) or not gpus or not all(
+                isinstance(g, int) and not isinstance(g, bool) and g >= 0 for g in gpus):
+            raise ConfigError(f"{where}.gpus: must be a non-empty list of GPU indices (0, 1, ...)")
+        gpus = tuple(gpus)
+    tp = raw.get("tensor_parallel_size")
+    if tp is not None:
+        tp = int(_number(tp, f"{where}.tensor_parallel_size", integer=True))
+        if tp & (tp - 1):
+            raise ConfigError(f"{where}.tensor_parallel_size: must be a power of two, got {tp}")
+        if gpus is not None and len(gpus) < tp:
+            raise ConfigError(f"{where}.tensor_parallel_size: {tp} needs at least {tp} GPUs in gpus")
+    pinned = raw.get("pinned", False)
+    if not isinstance(pinned, bool):
+        raise ConfigError(f"{where}.pinned: must be true or false")
     return ModelConfig(
         name=name, path=path, aliases=aliases, task=task, device=device,
         engine_args=_engine_args(raw.get("engine_args"), f"{where}.engine_args"),
         kv_cache_bytes=None if kv is None else parse_bytes(kv, f"{where}.kv_cache_bytes"),
         max_model_len=None if mml is None else int(_number(mml, f"{where}.max_model_len", integer=True)),
         startup_timeout=float(_number(raw.get("startup_timeout", 600.0), f"{where}.startup_timeout")),
+        memory_bytes=None if mem is None else parse_bytes(mem, f"{where}.memory"),
+        gpus=gpus, tensor_parallel_size=tp, pinned=pinned,
     )
 
 
@@ -223,6 +255,17 @@ def parse_settings(raw: Any, *,
     for key in ("shutdown_timeout", "engine_stop_grace", "load_wait_timeout"):
         if key in raw:
             kw[key] = float(_number(raw[key], key))
+    if "placement" in raw:
+        if raw["placement"] not in ("pack", "spread"):
+            raise ConfigError(f"placement: must be pack or spread, got {raw['placement']!r}")
+        kw["placement"] = raw["placement"]
+    if "gpu_headroom" in raw:
+        kw["gpu_headroom_bytes"] = parse_bytes(raw["gpu_headroom"], "gpu_headroom")
+    if "kv_cache_sequences" in raw:
+        kw["kv_cache_sequences"] = int(_number(raw["kv_cache_sequences"], "kv_cache_sequences",
+                                               integer=True))
+    if "simulate_gpus" in raw:
+        kw["simulate_gpus"] = _str(raw["simulate_gpus"], "simulate_gpus")
     if "models" in raw:
         if not isinstance(raw["models"], list) or not raw["models"]:
             raise ConfigError("models: must be a non-empty list")

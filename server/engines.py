@@ -39,27 +39,37 @@ class EngineLaunch:
 
 
 def engine_launch(model: ModelConfig, *, port: int, device: str, python: str, module: str,
-                  kv_cache_bytes: int | None = None) -> EngineLaunch:
+                  kv_cache_bytes: int | None = None, gpu_memory_utilization: float | None = None,
+                  tensor_parallel_size: int = 1, cuda_devices: tuple[int, ...] = ()) -> EngineLaunch:
     """Build the vLLM command for ``model`` (pure).
 
-    ``device`` is ``cpu`` or ``cuda``. On the CPU the engine runs ``--enforce-eager`` (ready in about
-    30 s instead of about 90 s with torch.compile) and gets ``--kv-cache-memory-bytes`` (exact, and
-    skips the warm-up pass vLLM otherwise needs to size the cache). ``task: embed`` adds
-    ``--runner pooling``. The model's own ``engine_args`` come last, so they win over ours.
+    ``device`` is ``cpu`` or ``cuda``. On a GPU the plan's ``cuda_devices`` become
+    ``CUDA_VISIBLE_DEVICES`` and its fraction ``--gpu-memory-utilization`` (of the GPU's total
+    memory), with ``--tensor-parallel-size`` when above 1. On the CPU the engine runs
+    ``--enforce-eager`` (ready in about 30 s instead of about 90 s with torch.compile) and gets
+    ``--kv-cache-memory-bytes`` (exact, and it skips the warm-up pass vLLM otherwise needs to size
+    the cache). ``task: embed`` adds ``--runner pooling``. The model's own ``engine_args`` come
+    last, so they win over ours.
     """
     argv = [python, "-m", module, "--model", model.path, "--served-model-name", model.name,
             "--host", ENGINE_HOST, "--port", str(port), "--disable-uvicorn-access-log"]
+    env = {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "PYTHONUNBUFFERED": "1"}
     if model.task == "embed":
         argv += ["--runner", "pooling"]
     if model.max_model_len:
         argv += ["--max-model-len", str(model.max_model_len)]
-    if device == "cpu":
+    if device == "cuda":
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in cuda_devices)
+        if tensor_parallel_size > 1:
+            argv += ["--tensor-parallel-size", str(tensor_parallel_size)]
+        if gpu_memory_utilization is not None:
+            argv += ["--gpu-memory-utilization", f"{gpu_memory_utilization:.4f}"]
+    else:
         argv.append("--enforce-eager")
-    kv = model.kv_cache_bytes or kv_cache_bytes
+    kv = model.kv_cache_bytes or (kv_cache_bytes if device == "cpu" else None)
     if kv:
         argv += ["--kv-cache-memory-bytes", str(kv)]
     argv += list(model.engine_args)
-    env = {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "PYTHONUNBUFFERED": "1"}
     return EngineLaunch(argv=tuple(argv), env=env, port=port)
 
 

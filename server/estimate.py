@@ -13,7 +13,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from server.config import ModelConfig
+    from server.placement import Requirement
 
 DTYPE_BYTES = {"float32": 4, "float": 4, "float16": 2, "half": 2, "bfloat16": 2, "float8": 1,
                "fp8": 1, "int8": 1}
@@ -69,3 +73,105 @@ def read_config(model_path: str) -> dict[str, Any] | None:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+
+
+# Memory needed on every device beyond weights and KV cache. GPU: the CUDA context and cuBLAS
+# workspaces (about 0.5 GiB), CUDA graphs (up to about 0.5 GiB at vLLM's default capture sizes) and
+# the activation peak of vLLM's profiling run at its default batch of tokens (about 0.5 GiB for 7-8B
+# models). CPU: the engine's Python process, torch and tokenizer.
+GPU_OVERHEAD_BYTES = 3 * GiB // 2
+CPU_OVERHEAD_BYTES = 512 * MiB
+
+
+def safetensors_data_bytes(path: Path) -> int:
+    """Bytes of tensor data in one ``.safetensors`` file, from its header alone (the largest end
+    offset); raises ``ValueError`` on a malformed header."""
+    import struct
+    with open(path, "rb") as fh:
+        raw = fh.read(8)
+        if len(raw) != 8:
+            raise ValueError(f"{path}: not a safetensors file")
+        (length,) = struct.unpack("<Q", raw)
+        if length <= 0 or length > 100 * MiB:
+            raise ValueError(f"{path}: implausible safetensors header length {length}")
+        header = json.loads(fh.read(length))
+    return max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"),
+               default=0)
+
+
+def parameter_count(config: dict[str, Any]) -> int:
+    """Parameters of a decoder from its config (fallback when no weight files can be read).
+
+    ``vocab × hidden × (1 if tied else 2) + layers × (2·hidden² + 2·hidden·kv_dim + m·hidden·ffn)``
+    with ``kv_dim = KV heads × head_dim`` and ``m = 3`` for gated (SiLU) MLPs, else 2; norms and
+    biases are left out (under 0.1 %). Llama-3-8B: 8.03 billion.
+    """
+    cfg = config.get("text_config") or config
+    hidden = int(cfg["hidden_size"])
+    heads = int(cfg["num_attention_heads"])
+    head_dim = int(cfg.get("head_dim") or hidden // heads)
+    kv_dim = int(cfg.get("num_key_value_heads") or heads) * head_dim
+    ffn = int(cfg.get("intermediate_size") or 4 * hidden)
+    gated = 3 if str(cfg.get("hidden_act", "silu")) in ("silu", "swish", "swiglu") else 2
+    embed = int(cfg.get("vocab_size", 32000)) * hidden * (1 if cfg.get("tie_word_embeddings") else 2)
+    per_layer = 2 * hidden * hidden + 2 * hidden * kv_dim + gated * hidden * ffn
+    return embed + int(cfg["num_hidden_layers"]) * per_layer
+
+
+def weight_bytes(model_path: str, config: dict[str, Any] | None) -> int | None:
+    """Bytes of weights for a local model folder: the safetensors headers (exact), else the sizes of
+    ``*.bin``/``*.pt`` files, else :func:`parameter_count` × dtype bytes; ``None`` for a hub id."""
+    folder = Path(model_path)
+    if not folder.is_dir():
+        return None
+    shards = sorted(folder.glob("*.safetensors"))
+    if shards:
+        try:
+            return sum(safetensors_data_bytes(s) for s in shards)
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    other = [p for p in folder.iterdir() if p.suffix in (".bin", ".pt") and p.is_file()]
+    if other:
+        return sum(p.stat().st_size for p in other)
+    if config is not None:
+        try:
+            return parameter_count(config) * dtype_bytes(config)
+        except (KeyError, ValueError, TypeError):
+            return None
+    return None
+
+
+def requirement_for(model: "ModelConfig", kind: str, *, kv_sequences: int, available_ram: int,
+                    cpu_engines: int) -> "Requirement":
+    """The placement :class:`~server.placement.Requirement` of ``model`` on a ``kind`` device.
+
+    Weights from :func:`weight_bytes`; KV cache: the model's ``kv_cache_bytes`` if set, on the CPU
+    :func:`cpu_kv_cache_bytes`, on a GPU ``kv_bytes_per_token × max_model_len × kv_sequences``;
+    ``memory_bytes`` in the config replaces weights + KV cache. A model whose size cannot be
+    estimated books only the overhead on the CPU, and the most available GPU whole.
+    """
+    from server.placement import Requirement
+
+    config = read_config(model.path)
+    weights = weight_bytes(model.path, config)
+    heads = None
+    kv = model.kv_cache_bytes or 0
+    if config is not None:
+        heads = (config.get("text_config") or config).get("num_attention_heads")
+        if not model.kv_cache_bytes:
+            try:
+                per_token = kv_bytes_per_token(config)
+                context = model.max_model_len or max_model_len(config)
+                kv = (cpu_kv_cache_bytes(per_token, context, available_ram, cpu_engines)
+                      if kind == "cpu" else per_token * context * kv_sequences)
+            except (KeyError, ValueError, TypeError):
+                pass
+    if model.memory_bytes is not None:
+        weights, kv = model.memory_bytes, 0
+    if weights is None and kind == "cpu":
+        weights = 0
+    allowed = tuple(f"cuda:{i}" for i in model.gpus) if model.gpus and kind == "cuda" else None
+    return Requirement(model=model.name, weight_bytes=weights, kv_cache_bytes=kv,
+                       overhead_bytes=GPU_OVERHEAD_BYTES if kind == "cuda" else CPU_OVERHEAD_BYTES,
+                       attention_heads=heads, kind=kind, allowed_devices=allowed,
+                       tensor_parallel_size=model.tensor_parallel_size)

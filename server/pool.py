@@ -1,17 +1,21 @@
-"""The model pool: which engines exist, their state, and leases on ready ones.
+"""The model pool: which engines exist, where they are placed, their state, and leases on them.
 
 One asyncio task per model owns that model's engine process (``_run``); request handlers only wait
-on its ``ready`` event and take leases. In this version every configured model is started at server
-start (``start_all``); ``acquire`` already waits for a model that is still loading, so on-demand
-loading can start an engine from there.
+on its ``ready`` event and take leases. Placement decisions are made one at a time under
+``_placing`` (so an engine still starting is already in the books when the next model is placed:
+cases C16), from a fresh inventory snapshot, by the pure planner (``placement.plan``). Engine starts
+on one GPU are serialised (two vLLM engines profiling memory at once misjudge each other). In this
+version every configured model is started at server start; ``acquire`` already waits for a model
+that is still loading, so on-demand loading can start an engine from there.
 
-States (``ModelState``): ``unloaded`` → ``loading`` → ``ready``; ``failed`` when the engine did not
-start or exited; ``stopping`` during shutdown.
+States (``ModelState``): ``unloaded`` → ``loading`` → ``ready``; ``failed`` when the engine could not
+be placed or started, or exited; ``stopping`` during shutdown or eviction.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sys
 import time
@@ -24,7 +28,10 @@ import httpx
 from server.config import ModelConfig, Settings
 from server.engines import EngineLaunch, EngineProcess, engine_launch, free_port, log_tail
 from server.errors import EngineStartError, ModelUnavailable, VramgateError
-from server.estimate import cpu_kv_cache_bytes, kv_bytes_per_token, max_model_len, read_config
+from server.estimate import requirement_for
+from server.gpus import EngineUsage, Inventory, Snapshot
+from server.gpus.cpu import tree_pids
+from server.placement import Booking, NoFit, Plan, Policy, Requirement, fmt, plan
 
 log = logging.getLogger("vramgate.pool")
 
@@ -39,23 +46,35 @@ class ModelState(str, Enum):
 
 @dataclass
 class ModelEntry:
-    """The pool's book on one model. Mutated only by the pool (its owning task and leases)."""
+    """The pool's book on one model. Mutated only by the pool (its owning task and leases).
+
+    ``plan`` is the current placement (``None`` when nothing is reserved); ``booked_bytes`` what is
+    reserved on each of its devices: the plan's share while starting, NVML's measurement once ready.
+    """
 
     config: ModelConfig
     state: ModelState = ModelState.UNLOADED
-    device: str = "cpu"
     process: EngineProcess | None = None
     error: VramgateError | None = None
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     in_flight: int = 0
     loaded_at: float | None = None
     load_seconds: float | None = None
-    last_used: float | None = None
+    last_used: float = 0.0
     task: asyncio.Task | None = None
+    plan: Plan | None = None
+    requirement: Requirement | None = None
+    booked_bytes: int = 0
+    measured_bytes: int | None = None
 
     @property
     def base_url(self) -> str | None:
         return self.process.launch.base_url if self.process and self.state == ModelState.READY else None
+
+    @property
+    def device(self) -> str:
+        """Where the engine runs (``cuda:0+cuda:1``, ``cpu``), or ``-`` when not placed."""
+        return "+".join(self.plan.devices) if self.plan else "-"
 
 
 @dataclass
@@ -73,7 +92,7 @@ class Lease:
             self.entry.last_used = time.time()
 
 
-Launcher = Callable[[str, EngineLaunch, "Settings"], EngineProcess]
+Launcher = Callable[[str, EngineLaunch, Settings], EngineProcess]
 
 
 def default_launcher(name: str, launch: EngineLaunch, settings: Settings) -> EngineProcess:
@@ -81,41 +100,50 @@ def default_launcher(name: str, launch: EngineLaunch, settings: Settings) -> Eng
                          grace=settings.engine_stop_grace)
 
 
-def plan_cpu_kv_cache(models: tuple[ModelConfig, ...], available_ram: int) -> dict[str, int]:
-    """KV-cache bytes for each CPU model whose folder has a readable config.json (pure).
-
-    See :func:`server.estimate.cpu_kv_cache_bytes`; the RAM share is split over all CPU models.
-    """
-    out: dict[str, int] = {}
-    for model in models:
-        config = read_config(model.path)
-        if config is None:
-            continue
-        try:
-            per_token = kv_bytes_per_token(config)
-        except (KeyError, ValueError, TypeError):
-            continue
-        out[model.name] = cpu_kv_cache_bytes(per_token, model.max_model_len or max_model_len(config),
-                                             available_ram, len(models))
-    return out
+def device_kind(model: ModelConfig, snapshot: Snapshot) -> str:
+    """``cuda`` or ``cpu`` for ``model``: its ``device`` setting, or a GPU when the snapshot has one."""
+    if model.device != "auto":
+        return model.device
+    return "cuda" if any(d.kind == "cuda" for d in snapshot.devices) else "cpu"
 
 
 class ModelPool:
     """Engines by canonical model name. Create inside the running event loop."""
 
-    def __init__(self, settings: Settings, *, gpu_count: int, available_ram: int,
+    def __init__(self, settings: Settings, inventory: Inventory, *,
                  launcher: Launcher = default_launcher) -> None:
         self.settings = settings
+        self.inventory = inventory
         self.launcher = launcher
-        self.entries: dict[str, ModelEntry] = {}
-        for model in settings.models:
-            device = model.device if model.device != "auto" else ("cuda" if gpu_count else "cpu")
-            self.entries[model.name] = ModelEntry(config=model, device=device)
-        cpu_models = tuple(e.config for e in self.entries.values() if e.device == "cpu")
-        self.kv_plan = plan_cpu_kv_cache(cpu_models, available_ram)
+        self.entries = {m.name: ModelEntry(config=m) for m in settings.models}
+        self.policy = Policy(settings.placement, settings.gpu_headroom_bytes)
         self.http = httpx.AsyncClient()
         self.closing = False
+        self._placing = asyncio.Lock()
+        self._device_locks: dict[str, asyncio.Lock] = {}
 
+    # ---- books ----------------------------------------------------------------------------
+    def usages(self) -> list[EngineUsage]:
+        """Our engines as the inventory sees them (process trees, devices, shares)."""
+        out = []
+        for e in self.entries.values():
+            if e.plan and e.process and e.process.pid:
+                out.append(EngineUsage(e.config.name, tree_pids(e.process.pid), e.plan.devices,
+                                       e.plan.bytes_per_device, e.state == ModelState.READY))
+        return out
+
+    def bookings(self, exclude: str | None = None) -> tuple[Booking, ...]:
+        """Every reservation in the books, as the planner takes them."""
+        return tuple(
+            Booking(e.config.name, e.plan.devices, e.booked_bytes,
+                    starting=e.state == ModelState.LOADING, idle=e.in_flight == 0,
+                    pinned=e.config.pinned, last_used=e.last_used)
+            for e in self.entries.values() if e.plan and e.config.name != exclude)
+
+    async def snapshot(self) -> Snapshot:
+        return await asyncio.to_thread(self.inventory.snapshot, self.usages())
+
+    # ---- lifecycle ----------------------------------------------------------------------------
     def start_all(self) -> None:
         """Start every model's engine in the background (each in its own task)."""
         for entry in self.entries.values():
@@ -128,40 +156,110 @@ class ModelPool:
             entry.ready.clear()
             entry.task = asyncio.create_task(self._run(entry), name=f"engine:{entry.config.name}")
 
-    async def _run(self, entry: ModelEntry) -> None:
-        """Own one engine from start to exit."""
+    def _fail(self, entry: ModelEntry, error: VramgateError) -> None:
+        entry.plan, entry.booked_bytes = None, 0  # a failed start returns its reservation
+        entry.error = error
+        entry.state = ModelState.FAILED
+        entry.ready.set()
+
+    async def _place(self, entry: ModelEntry) -> Plan:
+        """Decide where ``entry`` goes and book it (under ``_placing``); evicts what the plan says.
+
+        Raises :class:`ModelUnavailable` (503) with the planner's numbers when nothing fits.
+        """
         model = entry.config
-        launch = engine_launch(model, port=free_port(), device=entry.device,
-                               python=self.settings.engine_python or sys.executable,
-                               module=self.settings.engine_module,
-                               kv_cache_bytes=self.kv_plan.get(model.name) if entry.device == "cpu" else None)
+        async with self._placing:
+            snap = await self.snapshot()
+            kind = device_kind(model, snap)
+            cpu = [m for m in self.entries.values() if device_kind(m.config, snap) == "cpu"]
+            cpu_dev = next(d for d in snap.devices if d.kind == "cpu")
+            req = requirement_for(model, kind, kv_sequences=self.settings.kv_cache_sequences,
+                                  available_ram=cpu_dev.free_bytes, cpu_engines=len(cpu))
+            result = plan(req, snap.devices, self.bookings(exclude=model.name), self.policy)
+            if isinstance(result, NoFit):
+                raise ModelUnavailable(f"cannot place {model.name}: {result.reason}", retry_after=30)
+            for victim in result.evict:
+                ventry = self.entries[victim]
+                log.warning("evicting %s (%s on %s, idle since %s) to place %s: %s", victim,
+                            fmt(ventry.booked_bytes), ventry.device,
+                            time.strftime("%H:%M:%S", time.localtime(ventry.last_used)),
+                            model.name, result.why)
+                await self._stop_entry(ventry)
+            entry.plan, entry.requirement, entry.booked_bytes = result, req, result.bytes_per_device
+            log.info("placed %s on %s: %s", model.name, "+".join(result.devices), result.why)
+            return result
+
+    async def _run(self, entry: ModelEntry) -> None:
+        """Own one engine from placement to exit."""
+        model = entry.config
+        try:
+            placed = await self._place(entry)
+        except ModelUnavailable as exc:
+            log.error("%s", exc.message)
+            self._fail(entry, exc)
+            return
+        kind = "cpu" if placed.devices == ("cpu",) else "cuda"
+        launch = engine_launch(
+            model, port=free_port(), device=kind, python=self.settings.engine_python or sys.executable,
+            module=self.settings.engine_module,
+            kv_cache_bytes=entry.requirement.kv_cache_bytes if entry.requirement else None,
+            gpu_memory_utilization=placed.gpu_memory_utilization,
+            tensor_parallel_size=placed.tensor_parallel_size, cuda_devices=placed.cuda_indices)
         proc = self.launcher(model.name, launch, self.settings)
         entry.process = proc
         t0 = time.monotonic()
+        locks = [self._device_locks.setdefault(d, asyncio.Lock())
+                 for d in sorted(placed.devices) if d != "cpu"]
         try:
-            log.info("starting engine for %s on %s: %s", model.name, entry.device, " ".join(launch.argv))
-            await proc.start()
-            await proc.wait_healthy(model.startup_timeout, self.http)
+            async with contextlib.AsyncExitStack() as stack:
+                for lock in locks:  # one engine starting per GPU at a time
+                    await stack.enter_async_context(lock)
+                log.info("starting engine for %s: %s", model.name, " ".join(launch.argv))
+                await proc.start()
+                await proc.wait_healthy(model.startup_timeout, self.http)
         except (EngineStartError, OSError) as exc:
             await proc.stop()
-            entry.error = exc if isinstance(exc, EngineStartError) else EngineStartError(
+            error = exc if isinstance(exc, EngineStartError) else EngineStartError(
                 f"engine for {model.name} could not be started: {exc}")
-            entry.state = ModelState.FAILED
-            entry.ready.set()
-            log.error("engine for %s failed to start: %s", model.name, entry.error.message)
+            log.error("engine for %s failed to start: %s", model.name, error.message)
+            self._fail(entry, error)
             return
         entry.load_seconds = time.monotonic() - t0
-        entry.loaded_at = time.time()
+        entry.loaded_at = entry.last_used = time.time()
         entry.state = ModelState.READY
         entry.ready.set()
+        await self._measure(entry)
         log.info("engine for %s ready on %s in %.1f s", model.name, launch.base_url, entry.load_seconds)
         status = await proc.wait()
         if entry.state != ModelState.STOPPING:
-            entry.state = ModelState.FAILED
-            entry.error = ModelUnavailable(
+            self._fail(entry, ModelUnavailable(
                 f"the engine for {model.name} exited with status {status}; last lines of its log:\n"
-                f"{log_tail(proc.log_path, 20)}", retry_after=30)
+                f"{log_tail(proc.log_path, 20)}", retry_after=30))
             log.error("engine for %s exited with status %s", model.name, status)
+
+    async def _measure(self, entry: ModelEntry) -> None:
+        """Replace the estimate in the books by what NVML measures the engine using (cases C18)."""
+        if entry.plan is None or entry.plan.devices == ("cpu",):
+            return
+        snap = await self.snapshot()
+        measured = snap.measured.get(entry.config.name)
+        if measured:
+            log.info("%s measured at %s per device (estimate %s, share %s)", entry.config.name,
+                     fmt(measured), fmt(entry.requirement.per_device_bytes(
+                         entry.plan.tensor_parallel_size)) if entry.requirement and
+                     entry.requirement.weight_bytes is not None else "unknown",
+                     fmt(entry.plan.bytes_per_device))
+            entry.measured_bytes = entry.booked_bytes = measured
+
+    async def _stop_entry(self, entry: ModelEntry) -> None:
+        entry.state = ModelState.STOPPING
+        if entry.process:
+            await entry.process.stop()
+        if entry.task and not entry.task.done() and entry.task is not asyncio.current_task():
+            await asyncio.gather(entry.task, return_exceptions=True)
+        entry.plan, entry.booked_bytes, entry.measured_bytes = None, 0, None
+        entry.state = ModelState.UNLOADED
+        entry.ready.set()
 
     async def acquire(self, name: str, timeout: float | None = None) -> Lease:
         """A lease on the ready engine of canonical model ``name``, waiting while it loads.
@@ -202,5 +300,6 @@ class ModelPool:
         for entry in entries:
             if entry.state == ModelState.STOPPING:
                 entry.state = ModelState.UNLOADED
+                entry.plan, entry.booked_bytes = None, 0
             entry.ready.set()  # waiters see a model that is not ready and get a 503
         await self.http.aclose()

@@ -7,7 +7,7 @@ from server.config import ModelConfig
 from server.engines import engine_launch
 from server.estimate import MiB, cpu_kv_cache_bytes, kv_bytes_per_token, max_model_len
 from server.models import safetensors_tensor_count, verify_folder
-from server.pool import plan_cpu_kv_cache
+from server.estimate import requirement_for
 
 LLAMA3_8B = {"num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
              "hidden_size": 4096, "torch_dtype": "bfloat16", "max_position_embeddings": 8192}
@@ -30,14 +30,31 @@ def test_cpu_kv_cache_is_bounded_by_ram_and_floor():
     assert cpu_kv_cache_bytes(128 * 1024, 8192, 4 * 2**30, 2) == 1024 * MiB  # half of RAM, split
 
 
-def test_plan_reads_model_folders(tmp_path):
+def test_requirement_reads_model_folders(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(SMOLLM2_135M))
-    models = (ModelConfig("a", str(tmp_path)), ModelConfig("hub", "org/not-local"))
-    assert plan_cpu_kv_cache(models, 16 * 2**30) == {"a": 23040 * 8192 * 4 // MiB * MiB}
+    _safetensors(tmp_path / "model.safetensors", ["w"], nbytes=1000)
+    cpu = requirement_for(ModelConfig("a", str(tmp_path)), "cpu", kv_sequences=4,
+                          available_ram=16 * 2**30, cpu_engines=2)
+    assert cpu.weight_bytes == 1000 and cpu.kv_cache_bytes == 23040 * 8192 * 4 // MiB * MiB
+    gpu = requirement_for(ModelConfig("a", str(tmp_path), gpus=(1,)), "cuda", kv_sequences=2,
+                          available_ram=0, cpu_engines=0)
+    assert gpu.kv_cache_bytes == 23040 * 8192 * 2 and gpu.allowed_devices == ("cuda:1",)
+    assert gpu.attention_heads == 9
+    hub = requirement_for(ModelConfig("hub", "org/not-local"), "cuda", kv_sequences=4,
+                          available_ram=0, cpu_engines=0)
+    assert hub.weight_bytes is None
+    fixed = requirement_for(ModelConfig("hub", "org/x", memory_bytes=5 * 2**30), "cuda",
+                            kv_sequences=4, available_ram=0, cpu_engines=0)
+    assert fixed.per_device_bytes(1) == 5 * 2**30 + fixed.overhead_bytes
 
 
 def test_engine_launch_cpu_and_gpu():
     m = ModelConfig("m", "/models/m", engine_args=("--max-num-seqs", "4"))
+    tp = engine_launch(m, port=1, device="cuda", python="py", module="v", gpu_memory_utilization=0.25,
+                       tensor_parallel_size=2, cuda_devices=(2, 3))
+    assert tp.env["CUDA_VISIBLE_DEVICES"] == "2,3"
+    assert tp.argv[tp.argv.index("--tensor-parallel-size") + 1] == "2"
+    assert tp.argv[tp.argv.index("--gpu-memory-utilization") + 1] == "0.2500"
     cpu = engine_launch(m, port=1234, device="cpu", python="py", module="vllm.x", kv_cache_bytes=2**30)
     assert cpu.argv[:3] == ("py", "-m", "vllm.x")
     a = list(cpu.argv)
@@ -53,9 +70,10 @@ def test_engine_launch_cpu_and_gpu():
     assert cpu.base_url == "http://127.0.0.1:1234"
 
 
-def _safetensors(path, names):
-    header = json.dumps({n: {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]} for n in names})
-    path.write_bytes(struct.pack("<Q", len(header)) + header.encode() + b"\0" * 4)
+def _safetensors(path, names, nbytes=4):
+    header = json.dumps({n: {"dtype": "F32", "shape": [nbytes // 4], "data_offsets": [0, nbytes]}
+                         for n in names})
+    path.write_bytes(struct.pack("<Q", len(header)) + header.encode())  # no data: headers suffice
 
 
 def test_verify_folder(tmp_path):
