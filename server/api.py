@@ -195,6 +195,33 @@ async def metrics_endpoint(request: Request) -> Response:
     return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
+def inventory_view(snapshot: Any, bookings: tuple, headroom: int) -> list[dict[str, Any]]:
+    """Devices with vramgate's books beside them (what ``/admin/gpus`` and ``vramgate gpus`` show)."""
+    from server.placement import available
+
+    room = available(snapshot.devices, bookings, headroom)
+    out = []
+    for d in snapshot.devices:
+        mine = [b for b in bookings if d.id in b.devices]
+        out.append({"id": d.id, "kind": d.kind, "index": d.index, "name": d.name,
+                    "total_bytes": d.total_bytes, "free_bytes": d.free_bytes,
+                    "used_by_vramgate_bytes": d.seen_bytes,
+                    "used_by_others_bytes": max(0, d.total_bytes - d.free_bytes - d.seen_bytes),
+                    "reserved_bytes": sum(b.bytes_per_device for b in mine),
+                    "available_bytes": room[d.id],
+                    "models": [b.model for b in mine]})
+    return out
+
+
+async def admin_gpus(request: Request) -> JSONResponse:
+    """GET /admin/gpus: every device (GPUs, then the CPU) with vramgate's reservations."""
+    pool = request.state.pool
+    snap = await pool.snapshot()
+    return JSONResponse({"source": snap.source, "policy": pool.policy.name,
+                         "headroom_bytes": pool.policy.headroom_bytes,
+                         "devices": inventory_view(snap, pool.bookings(), pool.policy.headroom_bytes)})
+
+
 async def http_error(request: Request, exc: Exception) -> JSONResponse:
     """Starlette's own 404/405 in the OpenAI envelope."""
     assert isinstance(exc, HTTPException)
@@ -210,5 +237,6 @@ routes = [
     Route("/v1/models", list_models, methods=["GET"]),
     Route("/v1/models/{model_id:path}", get_model, methods=["GET"]),
     Route("/health", health, methods=["GET"]),
+    Route("/admin/gpus", admin_gpus, methods=["GET"]),
     Route("/metrics", metrics_endpoint, methods=["GET"]),
 ]

@@ -149,7 +149,7 @@ def available(devices: tuple[Device, ...], bookings: tuple[Booking, ...],
 def _fraction(share: int, total: int) -> float:
     """``share / total`` as vLLM's --gpu-memory-utilization: 4 decimals, rounded up so the engine
     gets at least ``share`` bytes (the caller checked that the rounding still fits)."""
-    return min(1.0, math.ceil(share / total * 10_000) / 10_000)
+    return math.ceil(share / total * 10_000) / 10_000
 
 
 def _try_place(req: Requirement, devices: tuple[Device, ...], avail: dict[str, int],
@@ -182,9 +182,11 @@ def _try_place(req: Requirement, devices: tuple[Device, ...], avail: dict[str, i
         def granted(d: Device) -> int:  # what vLLM really takes: the rounded fraction × total
             return math.ceil(_fraction(need, d.total_bytes) * d.total_bytes) if d.kind == "cuda" else need
 
-        fitting = [d for d in candidates if avail[d.id] >= granted(d)]
-        shorts = sorted(granted(d) - avail[d.id] for d in candidates)
-        best_short = min(best_short, shorts[tp - 1] if len(shorts) >= tp else math.inf)
+        fitting = [d for d in candidates if avail[d.id] >= granted(d) and need <= d.total_bytes]
+        for size in {d.total_bytes for d in candidates}:  # how far the best same-size set is
+            shorts = sorted(granted(d) - avail[d.id] for d in candidates if d.total_bytes == size)
+            if len(shorts) >= tp:
+                best_short = min(best_short, shorts[tp - 1])
         if len(fitting) < tp:
             continue
         # pack: the least room that fits; spread: the most room. Ties go to the lower id.

@@ -66,6 +66,7 @@ class ModelEntry:
     requirement: Requirement | None = None
     booked_bytes: int = 0
     measured_bytes: int | None = None
+    retry_placement: bool = False
 
     @property
     def base_url(self) -> str | None:
@@ -156,9 +157,10 @@ class ModelPool:
             entry.ready.clear()
             entry.task = asyncio.create_task(self._run(entry), name=f"engine:{entry.config.name}")
 
-    def _fail(self, entry: ModelEntry, error: VramgateError) -> None:
+    def _fail(self, entry: ModelEntry, error: VramgateError, *, retry_placement: bool = False) -> None:
         entry.plan, entry.booked_bytes = None, 0  # a failed start returns its reservation
         entry.error = error
+        entry.retry_placement = retry_placement
         entry.state = ModelState.FAILED
         entry.ready.set()
 
@@ -196,7 +198,7 @@ class ModelPool:
             placed = await self._place(entry)
         except ModelUnavailable as exc:
             log.error("%s", exc.message)
-            self._fail(entry, exc)
+            self._fail(entry, exc, retry_placement=True)
             return
         kind = "cpu" if placed.devices == ("cpu",) else "cuda"
         launch = engine_launch(
@@ -270,8 +272,9 @@ class ModelPool:
         entry = self.entries[name]
         if self.closing:
             raise ModelUnavailable("the server is shutting down", retry_after=5)
-        if entry.state == ModelState.UNLOADED:
-            self._start(entry)
+        if entry.state == ModelState.UNLOADED or (
+                entry.state == ModelState.FAILED and entry.retry_placement):
+            self._start(entry)  # a model that did not fit is placed again: room may have been made
         if entry.state == ModelState.LOADING:
             wait = self.settings.load_wait_timeout if timeout is None else timeout
             try:

@@ -45,7 +45,8 @@ class Standin:
         self.modes = dict((m.split("=", 1) + [""])[:2] for m in args.model.split(":", 1)[1].split(","))
         self.delay = float(self.modes.get("delay") or 0.01)
         self.healthy_at = time.monotonic() + float(self.modes.get("slow-start") or 0)
-        self.stats = {"pid": os.getpid(), "port": args.port, "argv": argv, "started": 0,
+        self.stats = {"pid": os.getpid(), "port": args.port, "argv": argv,
+                      "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "started": 0,
                       "completed": 0, "aborted": 0, "running": 0}
         self.out = Path(os.environ.get("STANDIN_DIR", ".")) / f"{self.name.replace('/', '_')}.json"
         self.save()

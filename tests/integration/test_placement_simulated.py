@@ -1,0 +1,103 @@
+"""The gateway on simulated GPU layouts, engines started as the planner says (cases C16–C18).
+
+The stand-in engine records the arguments and CUDA_VISIBLE_DEVICES it was started with; the real
+vLLM command line is covered by the e2e suite.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from tests.gateway import Gateway
+
+GiB = 2**30
+
+
+def run(tmp_path, models, simulate, **top):
+    (tmp_path / "standin").mkdir(exist_ok=True)
+    config = {"engine_module": "tests.standin_engine", "engine_stop_grace": 2,
+              "simulate_gpus": simulate, "gpu_headroom": "1GiB", "models": models, **top}
+    return Gateway(tmp_path, config, env={"STANDIN_DIR": str(tmp_path / "standin")})
+
+
+def engine(tmp_path, name):
+    path = tmp_path / "standin" / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def arg(stats, flag):
+    argv = stats["argv"]
+    return argv[argv.index(flag) + 1] if flag in argv else None
+
+
+def model(gw, name):
+    return gw.client.get(f"/v1/models/{name}").json()
+
+
+def test_other_tenants_count_and_engines_get_the_planned_arguments(tmp_path):
+    # C17: other processes hold 64 GiB (80 %) of GPU 0.
+    models = [{"name": "m", "path": "standin:ok", "memory": "30GiB"},
+              {"name": "n", "path": "standin:ok", "memory": "8GiB"},
+              {"name": "toobig", "path": "standin:ok", "memory": "100GiB"}]
+    with run(tmp_path, models, "1x80GiB@64GiB,1x80GiB") as gw:
+        assert gw.wait_states(60) == {"m": "ready", "n": "ready", "toobig": "failed"}
+        m, n = engine(tmp_path, "m"), engine(tmp_path, "n")
+        # m needs 30 GiB + 1.5 GiB overhead: only GPU 1 has it; the fraction is of the 80 GiB total.
+        assert m["cuda_visible_devices"] == "1"
+        assert arg(m, "--gpu-memory-utilization") == "0.3938"
+        assert "--tensor-parallel-size" not in m["argv"] and "--enforce-eager" not in m["argv"]
+        # n (9.5 GiB) fits in GPU 0's remaining 16 GiB - 1 GiB headroom: pack takes the tight fit.
+        assert n["cuda_visible_devices"] == "0"
+        assert arg(n, "--gpu-memory-utilization") == "0.1188"
+        assert model(gw, "m")["placement"]["devices"] == ["cuda:1"]
+        # Nothing fits: a prompt 503 with the numbers, no process started.
+        t0 = time.monotonic()
+        r = gw.client.post("/v1/completions", json={"model": "toobig", "prompt": "x"})
+        assert time.monotonic() - t0 < 5
+        assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1
+        msg = r.json()["error"]["message"]
+        assert "toobig needs 101.50 GiB" in msg and "cuda:0 5.50 GiB of 80.00 GiB" in msg  # n took 9.5
+        assert engine(tmp_path, "toobig") is None
+        gpus = gw.client.get("/admin/gpus").json()
+        assert [g["id"] for g in gpus["devices"]][:2] == ["cuda:0", "cuda:1"]
+        assert gpus["devices"][1]["reserved_bytes"] == int(0.3938 * 80 * GiB + 0.999)
+
+
+def test_a_model_still_starting_is_already_booked(tmp_path):
+    # C16: A (slow to start) and B together exceed one GPU; B must not land on A's GPU.
+    models = [{"name": "A", "path": "standin:slow-start=3", "memory": "20GiB"},
+              {"name": "B", "path": "standin:ok", "memory": "10GiB"}]
+    with run(tmp_path, models, "2x24GiB") as gw:
+        gw.wait_up()
+        deadline = time.monotonic() + 10
+        while not (engine(tmp_path, "A") and engine(tmp_path, "B")) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert gw.states()["A"] == "loading"
+        assert engine(tmp_path, "A")["cuda_visible_devices"] == "0"
+        assert engine(tmp_path, "B")["cuda_visible_devices"] == "1"
+        assert gw.wait_states(30) == {"A": "ready", "B": "ready"}
+
+
+def test_measured_usage_replaces_the_estimate_and_evictions_are_logged(tmp_path):
+    # C18: A is estimated at 21.5 GiB but uses 4 GiB once up; B then fits beside it.
+    models = [{"name": "A", "path": "standin:ok", "memory": "20GiB"},
+              {"name": "B", "path": "standin:slow-start=1", "memory": "20GiB"},
+              {"name": "C", "path": "standin:slow-start=1", "memory": "30GiB"}]
+    with run(tmp_path, models, "1x40GiB;engine.A=4GiB;engine.B=20GiB") as gw:
+        states = gw.wait_states(30)
+        assert states["A"] == "ready" and states["B"] == "failed"  # A was still booked at 21.5 GiB
+        assert model(gw, "A")["placement"]["measured_bytes"] == 4 * GiB
+        assert model(gw, "A")["placement"]["reserved_bytes"] == 4 * GiB
+        r = gw.client.post("/v1/completions", json={"model": "B", "prompt": "x", "max_tokens": 2})
+        assert r.status_code == 200, r.text
+        assert gw.states()["A"] == "ready"  # B fitted without evicting A
+        # C (31.5 GiB) only fits once both idle engines are gone: least recently used first.
+        r = gw.client.post("/v1/completions", json={"model": "C", "prompt": "x", "max_tokens": 2})
+        assert r.status_code == 200, r.text
+        assert gw.states() == {"A": "unloaded", "B": "unloaded", "C": "ready"}
+        log = gw.log_text()
+        assert "evicting A (4.00 GiB on cuda:0" in log and "evicting B (20.00 GiB on cuda:0" in log
+        assert "needs 31.50 GiB per device" in log
