@@ -112,5 +112,99 @@ def models(url: str, as_json: bool) -> None:
         click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
 
 
+def _settings_or_exit(config_path: Path | None, data_dir: Path | None, **overrides):
+    from server.models import embedded_models
+    try:
+        return load_settings(config_path, default_models=embedded_models,
+                             data_dir=data_dir.expanduser() if data_dir else None, **overrides)
+    except ConfigError as exc:
+        raise click.UsageError(f"config: {exc}") from None
+
+
+def _gib(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**30:.2f} GiB"
+
+
+def _table(rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
+
+
+_simulate = click.option("--simulate-gpus", envvar="VRAMGATE_SIMULATE_GPUS", metavar="SPEC",
+                         help="A simulated layout instead of NVML, e.g. 2x80GiB@20GiB,1x24GiB.")
+
+
+@main.command()
+@_simulate
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def gpus(simulate_gpus: str | None, as_json: bool) -> None:
+    """The devices on this machine (NVML, or a simulated layout) and the CPU."""
+    from server.api import inventory_view
+    from server.gpus import make_inventory
+
+    try:
+        snap = make_inventory(simulate_gpus).snapshot()
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+    view = inventory_view(snap, (), 0)
+    if as_json:
+        click.echo(json.dumps({"source": snap.source, "devices": view}, indent=2))
+        return
+    rows = [("DEVICE", "NAME", "TOTAL", "USED", "FREE")]
+    rows += [(d["id"], d["name"], _gib(d["total_bytes"]),
+              _gib(d["total_bytes"] - d["free_bytes"]), _gib(d["free_bytes"])) for d in view]
+    _table(rows)
+    if not any(d["kind"] == "cuda" for d in view):
+        click.echo("(no GPU found by NVML: engines run on the CPU)")
+
+
+@main.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+              envvar="VRAMGATE_CONFIG", help="YAML config (default: the embedded models).")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), envvar="VRAMGATE_DATA_DIR")
+@_simulate
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def plan(config_path: Path | None, data_dir: Path | None, simulate_gpus: str | None,
+         as_json: bool) -> None:
+    """Where each configured model would go now, and why; what does not fit and by how much."""
+    from server.gpus import make_inventory
+    from server.placement import Plan
+    from server.pool import dry_run
+
+    settings = _settings_or_exit(config_path, data_dir, simulate_gpus=simulate_gpus)
+    try:
+        snap = make_inventory(settings.simulate_gpus).snapshot()
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+    results = dry_run(settings, snap)
+    if as_json:
+        out = []
+        for req, res in results:
+            item = {"model": req.model, "kind": req.kind, "weight_bytes": req.weight_bytes,
+                    "kv_cache_bytes": req.kv_cache_bytes, "overhead_bytes": req.overhead_bytes}
+            if isinstance(res, Plan):
+                item.update(fits=True, devices=list(res.devices),
+                            tensor_parallel_size=res.tensor_parallel_size,
+                            bytes_per_device=res.bytes_per_device,
+                            gpu_memory_utilization=res.gpu_memory_utilization, why=res.why)
+            else:
+                item.update(fits=False, short_bytes=res.short_bytes, why=res.reason)
+            out.append(item)
+        click.echo(json.dumps({"source": snap.source, "policy": settings.placement, "models": out},
+                              indent=2))
+        return
+    rows = [("MODEL", "DEVICES", "TP", "PER DEVICE", "GPU MEM UTIL", "WHY")]
+    for req, res in results:
+        if isinstance(res, Plan):
+            rows.append((req.model, "+".join(res.devices), str(res.tensor_parallel_size),
+                         _gib(res.bytes_per_device),
+                         "-" if res.gpu_memory_utilization is None else
+                         f"{res.gpu_memory_utilization:.4f}", res.why))
+        else:
+            rows.append((req.model, "DOES NOT FIT", "-", "-", "-", res.reason))
+    _table(rows)
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -108,6 +108,24 @@ def device_kind(model: ModelConfig, snapshot: Snapshot) -> str:
     return "cuda" if any(d.kind == "cuda" for d in snapshot.devices) else "cpu"
 
 
+def dry_run(settings: Settings, snap: Snapshot) -> list[tuple[Requirement, Plan | NoFit]]:
+    """Place every configured model in order on ``snap``, as a server starting now would (each
+    plan booked before the next model is placed); used by ``vramgate plan``."""
+    policy = Policy(settings.placement, settings.gpu_headroom_bytes, allow_eviction=False)
+    cpu_dev = next(d for d in snap.devices if d.kind == "cpu")
+    cpu_models = [m for m in settings.models if device_kind(m, snap) == "cpu"]
+    bookings: list[Booking] = []
+    out: list[tuple[Requirement, Plan | NoFit]] = []
+    for model in settings.models:
+        req = requirement_for(model, device_kind(model, snap), kv_sequences=settings.kv_cache_sequences,
+                              available_ram=cpu_dev.free_bytes, cpu_engines=len(cpu_models))
+        result = plan(req, snap.devices, tuple(bookings), policy)
+        if isinstance(result, Plan):
+            bookings.append(Booking(model.name, result.devices, result.bytes_per_device, starting=True))
+        out.append((req, result))
+    return out
+
+
 class ModelPool:
     """Engines by canonical model name. Create inside the running event loop."""
 

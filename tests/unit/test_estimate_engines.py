@@ -10,6 +10,7 @@ from server.models import safetensors_tensor_count, verify_folder
 from server.estimate import requirement_for
 
 LLAMA3_8B = {"num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+             "intermediate_size": 14336, "vocab_size": 128256, "hidden_act": "silu",
              "hidden_size": 4096, "torch_dtype": "bfloat16", "max_position_embeddings": 8192}
 SMOLLM2_135M = {"num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
                 "head_dim": 64, "hidden_size": 576, "dtype": "bfloat16",
@@ -91,3 +92,41 @@ def test_verify_folder(tmp_path):
     verify_folder(tmp_path, chat=False)
     (tmp_path / "chat_template.jinja").write_text("{{ messages }}")
     verify_folder(tmp_path, chat=True)
+
+
+def llama3_8b_tensors():
+    """Llama-3-8B's tensor shapes (from its published safetensors index)."""
+    h, ffn, kv, vocab = 4096, 14336, 1024, 128256
+    shapes = {"model.embed_tokens.weight": (vocab, h), "lm_head.weight": (vocab, h),
+              "model.norm.weight": (h,)}
+    for i in range(32):
+        p = f"model.layers.{i}."
+        shapes.update({p + "self_attn.q_proj.weight": (h, h), p + "self_attn.k_proj.weight": (kv, h),
+                       p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, h),
+                       p + "mlp.gate_proj.weight": (ffn, h), p + "mlp.up_proj.weight": (ffn, h),
+                       p + "mlp.down_proj.weight": (h, ffn), p + "input_layernorm.weight": (h,),
+                       p + "post_attention_layernorm.weight": (h,)})
+    return shapes
+
+
+def test_llama3_8b_weights_from_safetensors_headers(tmp_path):
+    from server.estimate import parameter_count, weight_bytes
+    header, offset = {}, 0
+    for name, shape in llama3_8b_tensors().items():
+        n = 2
+        for dim in shape:
+            n *= dim
+        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header).encode()
+    # Two shards as published; headers only, no tensor data on disk.
+    (tmp_path / "model-00001-of-00002.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw)
+    (tmp_path / "model-00002-of-00002.safetensors").write_bytes(b"")
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA3_8B))
+    # A broken second shard falls back to the parameter formula, which lands within 0.1 %.
+    estimate = weight_bytes(str(tmp_path), LLAMA3_8B)
+    assert abs(estimate - 16.06e9) / 16.06e9 < 0.001
+    (tmp_path / "model-00002-of-00002.safetensors").unlink()
+    exact = weight_bytes(str(tmp_path), LLAMA3_8B)
+    assert exact == 16_060_522_496  # 8,030,261,248 parameters × 2 bytes
+    assert abs(parameter_count(LLAMA3_8B) * 2 - exact) / exact < 0.001
