@@ -148,7 +148,7 @@ class ModelPool:
         for e in self.entries.values():
             if e.plan and e.process and e.process.pid:
                 out.append(EngineUsage(e.config.name, tree_pids(e.process.pid), e.plan.devices,
-                                       e.plan.bytes_per_device, e.state == ModelState.READY))
+                                       e.plan.bytes_per_device, e.loaded_at is not None))
         return out
 
     def bookings(self, exclude: str | None = None) -> tuple[Booking, ...]:
@@ -170,6 +170,7 @@ class ModelPool:
 
     def _start(self, entry: ModelEntry) -> None:
         if entry.task is None or entry.task.done():
+            entry.loaded_at = None
             entry.state = ModelState.LOADING
             entry.error = None
             entry.ready.clear()
@@ -246,9 +247,9 @@ class ModelPool:
             return
         entry.load_seconds = time.monotonic() - t0
         entry.loaded_at = entry.last_used = time.time()
+        await self._measure(entry)  # before READY: the books are right once anyone sees it ready
         entry.state = ModelState.READY
         entry.ready.set()
-        await self._measure(entry)
         log.info("engine for %s ready on %s in %.1f s", model.name, launch.base_url, entry.load_seconds)
         status = await proc.wait()
         if entry.state != ModelState.STOPPING:
