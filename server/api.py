@@ -85,7 +85,8 @@ async def inference(request: Request) -> Response:
     """POST /v1/chat/completions, /v1/completions, /v1/embeddings."""
     route = request.scope["route"].path
     state = request.state
-    settings, pool, metrics = state.settings, state.pool, state.metrics
+    pool, metrics = state.pool, state.metrics
+    settings = pool.settings
     t0 = time.perf_counter()
     label = UNKNOWN_MODEL
     lease: Lease | None = None
@@ -149,37 +150,56 @@ async def inference(request: Request) -> Response:
             metrics.in_flight.labels(label).dec()
 
 
-def model_object(entry: Any, created: int) -> dict[str, Any]:
-    """One entry of ``/v1/models``: the OpenAI fields plus vramgate's ``state``, ``aliases``, ``task``."""
+def replica_object(rep: Any, now: float) -> dict[str, Any]:
+    """One engine replica as the admin API shows it (bytes, seconds)."""
+    out: dict[str, Any] = {"index": rep.index, "state": rep.state.value, "in_flight": rep.in_flight,
+                           "pid": rep.process.pid if rep.process and rep.process.returncode is None
+                           else None,
+                           "uptime_s": round(now - rep.ready_since, 1) if rep.ready_since else None,
+                           "idle_s": round(now - rep.last_used, 1) if rep.ready_since else None,
+                           "load_s": round(rep.load_seconds, 1) if rep.load_seconds else None}
+    if rep.plan is not None:
+        req = rep.requirement
+        out["placement"] = {
+            "devices": list(rep.plan.devices), "tensor_parallel_size": rep.plan.tensor_parallel_size,
+            "gpu_memory_utilization": rep.plan.gpu_memory_utilization,
+            "reserved_bytes": rep.booked_bytes, "measured_bytes": rep.measured_bytes,
+            "estimated_bytes": req.per_device_bytes(rep.plan.tensor_parallel_size)
+            if req is not None and req.weight_bytes is not None else None}
+    return out
+
+
+def model_object(entry: Any, created: int, now: float | None = None) -> dict[str, Any]:
+    """One entry of ``/v1/models``: the OpenAI fields plus vramgate's ``state``, ``aliases``,
+    ``task``, ``device`` and, with ``now`` (the pool's clock), each replica's details."""
     cfg = entry.config
-    out = {"id": cfg.name, "object": "model", "created": created, "owned_by": "vramgate",
-           "state": entry.state.value, "aliases": list(cfg.aliases), "task": cfg.task,
-           "device": entry.device}
-    if entry.plan is not None:
-        out["placement"] = {"devices": list(entry.plan.devices),
-                            "tensor_parallel_size": entry.plan.tensor_parallel_size,
-                            "gpu_memory_utilization": entry.plan.gpu_memory_utilization,
-                            "reserved_bytes": entry.booked_bytes,
-                            "measured_bytes": entry.measured_bytes}
-    if entry.state == ModelState.FAILED and entry.error is not None:
-        out["error"] = entry.error.message
+    out: dict[str, Any] = {"id": cfg.name, "object": "model", "created": created,
+                           "owned_by": "vramgate", "state": entry.state.value,
+                           "aliases": list(cfg.aliases), "task": cfg.task, "device": entry.device}
+    problem = entry.error or entry.nofit
+    if problem is not None and entry.state != ModelState.READY:
+        out["error"] = problem.message
+    if now is not None:
+        out.update(ttl=cfg.ttl, pinned=cfg.pinned, in_flight=entry.in_flight,
+                   replicas=[replica_object(r, now) for r in entry.replicas])
     return out
 
 
 async def list_models(request: Request) -> JSONResponse:
     """GET /v1/models: every configured model; never starts a load."""
     created = request.state.started
-    data = [model_object(e, created) for e in request.state.pool.entries.values()]
+    data = [model_object(e, created) for e in list(request.state.pool.entries.values())]
     return JSONResponse({"object": "list", "data": data})
 
 
 async def get_model(request: Request) -> JSONResponse:
     """GET /v1/models/{id}: one model (by name or alias), or 404 ``model_not_found``."""
     model_id = request.path_params["model_id"]
-    model = request.state.settings.resolve(model_id)
-    if model is None:
+    pool = request.state.pool
+    model = pool.settings.resolve(model_id)
+    if model is None or model.name not in pool.entries:
         return error_response(ModelNotFound(model_id))
-    return JSONResponse(model_object(request.state.pool.entries[model.name], request.state.started))
+    return JSONResponse(model_object(pool.entries[model.name], request.state.started, pool.clock()))
 
 
 async def health(request: Request) -> JSONResponse:
@@ -222,6 +242,57 @@ async def admin_gpus(request: Request) -> JSONResponse:
                          "devices": inventory_view(snap, pool.bookings(), pool.policy.headroom_bytes)})
 
 
+async def admin_models(request: Request) -> JSONResponse:
+    """GET /admin/models: every model with its replicas: state, placement, memory reserved,
+    measured and estimated, uptime, requests in flight, idle time."""
+    pool = request.state.pool
+    now = pool.clock()
+    return JSONResponse({"object": "list", "data": [model_object(e, request.state.started, now)
+                                                    for e in list(pool.entries.values())]})
+
+
+def _admin_entry(request: Request) -> Any:
+    pool = request.state.pool
+    model = pool.settings.resolve(request.path_params["name"])
+    if model is None or model.name not in pool.entries:
+        raise ModelNotFound(request.path_params["name"])
+    return pool.entries[model.name]
+
+
+async def admin_load(request: Request) -> JSONResponse:
+    """POST /admin/models/{name}/load: start the model now (also after it gave up) and wait
+    until it is ready; 503 with the cause when it cannot start."""
+    try:
+        entry = _admin_entry(request)
+        await until_disconnect(request.state.pool.load(entry.config.name), request.receive)
+    except VramgateError as exc:
+        return error_response(exc)
+    except ClientGone:
+        return Response(status_code=499)
+    return JSONResponse(model_object(entry, request.state.started, request.state.pool.clock()))
+
+
+async def admin_unload(request: Request) -> JSONResponse:
+    """POST /admin/models/{name}/unload[?force=true]: stop the model's engines once their
+    in-flight requests end (at once with force)."""
+    try:
+        entry = _admin_entry(request)
+    except VramgateError as exc:
+        return error_response(exc)
+    force = request.query_params.get("force", "").lower() in ("1", "true", "yes")
+    await request.state.pool.unload(entry.config.name, force=force)
+    return JSONResponse(model_object(entry, request.state.started, request.state.pool.clock()))
+
+
+async def admin_reload(request: Request) -> JSONResponse:
+    """POST /admin/reload: read the configuration again and apply it (as SIGHUP does)."""
+    try:
+        changes = await request.state.reload()
+    except VramgateError as exc:
+        return error_response(exc)
+    return JSONResponse(changes)
+
+
 async def http_error(request: Request, exc: Exception) -> JSONResponse:
     """Starlette's own 404/405 in the OpenAI envelope."""
     assert isinstance(exc, HTTPException)
@@ -238,5 +309,9 @@ routes = [
     Route("/v1/models/{model_id:path}", get_model, methods=["GET"]),
     Route("/health", health, methods=["GET"]),
     Route("/admin/gpus", admin_gpus, methods=["GET"]),
+    Route("/admin/models", admin_models, methods=["GET"]),
+    Route("/admin/models/{name:path}/load", admin_load, methods=["POST"]),
+    Route("/admin/models/{name:path}/unload", admin_unload, methods=["POST"]),
+    Route("/admin/reload", admin_reload, methods=["POST"]),
     Route("/metrics", metrics_endpoint, methods=["GET"]),
 ]

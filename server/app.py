@@ -2,30 +2,39 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+import signal
 import time
 from contextlib import asynccontextmanager
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 
 from server import api
 from server.config import Settings
+from server.errors import ConfigError
 from server.gpus import Inventory, make_inventory
 from server.metrics import Metrics
 from server.pool import Launcher, ModelPool, ModelState, default_launcher
 from server.proxy import new_session
 from server.validation import routes_for_task
 
+log = logging.getLogger("vramgate.app")
+
 
 def create_app(settings: Settings, *, launcher: Launcher = default_launcher,
-               inventory: Inventory | None = None) -> Starlette:
+               inventory: Inventory | None = None,
+               reload: Callable[[], Settings] | None = None) -> Starlette:
     """Build the gateway for ``settings``.
 
     ``inventory`` (default: NVML, or the simulated layout of ``settings.simulate_gpus``) and
     ``launcher`` (builds each engine process) are injectable. On startup every model is placed and
     its engine started in the background; on shutdown every engine is stopped (SIGTERM → grace →
-    SIGKILL). Raises :class:`~server.errors.ConfigError` for a bad ``simulate_gpus``.
+    SIGKILL). ``reload`` reads the configuration again, for SIGHUP and ``POST /admin/reload``.
+    Raises :class:`~server.errors.ConfigError` for a bad ``simulate_gpus``.
     """
     devices = inventory or make_inventory(settings.simulate_gpus)
 
@@ -35,11 +44,33 @@ def create_app(settings: Settings, *, launcher: Launcher = default_launcher,
         metrics = Metrics({m.name: routes_for_task(m.task) for m in settings.models},
                           [s.value for s in ModelState])
         session = new_session()
-        pool.start_all()
+
+        async def do_reload() -> dict:
+            if reload is None:
+                raise ConfigError("this server was started without a configuration to reload")
+            new = await asyncio.to_thread(reload)
+            changes = await pool.reconfigure(new)
+            log.info("configuration reloaded: %s", changes)
+            return changes
+
+        def on_sighup() -> None:  # a signal handler only enqueues
+            async def run() -> None:
+                try:
+                    await do_reload()
+                except ConfigError as exc:
+                    log.error("configuration not reloaded: %s", exc)
+            pool._spawn(run(), "reload")
+
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signal.SIGHUP, on_sighup)
+        pool.start()
         try:
-            yield {"settings": settings, "pool": pool, "metrics": metrics, "session": session,
-                   "started": int(time.time())}
+            yield {"pool": pool, "metrics": metrics, "session": session,
+                   "started": int(time.time()), "reload": do_reload}
         finally:
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.remove_signal_handler(signal.SIGHUP)
             await pool.stop_all()
             await session.close()
 

@@ -67,7 +67,11 @@ def serve(config_path: Path | None, host: str | None, port: int | None, data_dir
     names = ", ".join(m.name for m in settings.models)
     click.echo(f"vramgate: serving {names} on http://{settings.host}:{settings.port}/v1 "
                f"(engine logs in {settings.log_dir})", err=True)
-    config = uvicorn.Config(create_app(settings), host=settings.host, port=settings.port,
+    def reload():
+        return load_settings(config_path, default_models=defaults, host=host, port=port,
+                             data_dir=data_dir.expanduser() if data_dir else None)
+
+    config = uvicorn.Config(create_app(settings, reload=reload), host=settings.host, port=settings.port,
                             log_level=log_level, access_log=False, lifespan="on",
                             timeout_graceful_shutdown=int(settings.shutdown_timeout))
     uvicorn.Server(config).run()
@@ -110,6 +114,68 @@ def models(url: str, as_json: bool) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
+
+
+def _admin(url: str, method: str, path: str, timeout: float = 30) -> dict:
+    import httpx
+
+    try:
+        resp = httpx.request(method, url.rstrip("/") + path, timeout=timeout)
+    except httpx.HTTPError as exc:
+        raise click.ClickException(f"cannot reach {url}: {exc}") from None
+    data = resp.json() if resp.headers.get("content-type", "").startswith("application/json") else {}
+    if resp.status_code >= 400:
+        raise click.ClickException(data.get("error", {}).get("message") or f"HTTP {resp.status_code}")
+    return data
+
+
+_url = click.option("--url", envvar="VRAMGATE_URL", default=DEFAULT_URL, show_default=True,
+                    help="Base URL of a running vramgate.")
+
+
+@main.command()
+@_url
+@click.option("--json", "as_json", is_flag=True, help="Print the raw JSON.")
+def ps(url: str, as_json: bool) -> None:
+    """The engines of a running server: state, placement, memory, uptime, requests in flight."""
+    data = _admin(url, "GET", "/admin/models")["data"]
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    rows = [("MODEL", "REPLICA", "STATE", "DEVICES", "RESERVED", "MEASURED", "UPTIME", "IDLE",
+             "IN FLIGHT", "PID")]
+    for m in data:
+        for r in m["replicas"]:
+            p = r.get("placement") or {}
+            rows.append((m["id"], str(r["index"]), r["state"], "+".join(p.get("devices", [])) or "-",
+                         _gib(p.get("reserved_bytes")), _gib(p.get("measured_bytes")),
+                         "-" if r["uptime_s"] is None else f"{r['uptime_s']:.0f}s",
+                         "-" if r["idle_s"] is None else f"{r['idle_s']:.0f}s",
+                         str(r["in_flight"]), str(r["pid"] or "-")))
+    _table(rows)
+    for m in data:
+        if m.get("error") and m["state"] != "ready":
+            click.echo(f"\n{m['id']} ({m['state']}): {m['error']}")
+
+
+@main.command()
+@click.argument("name")
+@_url
+def load(name: str, url: str) -> None:
+    """Load model NAME on a running server and wait until it is ready."""
+    data = _admin(url, "POST", f"/admin/models/{name}/load", timeout=1800)
+    click.echo(f"{data['id']}: {data['state']}")
+
+
+@main.command()
+@click.argument("name")
+@_url
+@click.option("--force", is_flag=True, help="Do not wait for in-flight requests.")
+def unload(name: str, url: str, force: bool) -> None:
+    """Unload model NAME on a running server (after its in-flight requests, unless --force)."""
+    data = _admin(url, "POST", f"/admin/models/{name}/unload" + ("?force=true" if force else ""),
+                  timeout=1800)
+    click.echo(f"{data['id']}: {data['state']}")
 
 
 def _settings_or_exit(config_path: Path | None, data_dir: Path | None, **overrides):

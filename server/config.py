@@ -48,7 +48,9 @@ class ModelConfig:
     (``--kv-cache-memory-bytes``); ``None`` lets vramgate size it. ``startup_timeout`` is in seconds.
     ``memory_bytes`` (config ``memory``) replaces the estimate of weights + KV cache; ``gpus`` pins
     the model to those GPU indices; ``tensor_parallel_size`` fixes the TP size; ``pinned`` models
-    are never evicted.
+    are never evicted. ``replicas`` engines serve the model (each request goes to the one with the
+    fewest in flight); an idle replica unloads ``ttl`` seconds after its last request ended (0 =
+    never); ``preload`` starts the model with the server instead of on its first request.
     """
 
     name: str
@@ -64,6 +66,9 @@ class ModelConfig:
     gpus: tuple[int, ...] | None = None
     tensor_parallel_size: int | None = None
     pinned: bool = False
+    replicas: int = 1
+    ttl: float = 900.0
+    preload: bool = False
 
 
 @dataclass(frozen=True)
@@ -83,6 +88,9 @@ class Settings:
     gpu_headroom_bytes: int = 1 << 30
     kv_cache_sequences: int = 4
     simulate_gpus: str | None = None
+    max_loaded_models: int | None = None
+    place_wait_timeout: float = 10.0
+    cpu_memory_budget: int | None = None
 
     @property
     def log_dir(self) -> Path:
@@ -169,10 +177,11 @@ def _engine_args(value: Any, where: str) -> tuple[str, ...]:
 
 _MODEL_KEYS = {"name", "path", "aliases", "task", "device", "engine_args", "kv_cache_bytes",
                "max_model_len", "startup_timeout", "memory", "gpus", "tensor_parallel_size",
-               "pinned"}
+               "pinned", "replicas", "ttl", "preload"}
 _TOP_KEYS = {"host", "port", "data_dir", "models", "engine_module", "engine_python",
              "shutdown_timeout", "engine_stop_grace", "load_wait_timeout", "placement",
-             "gpu_headroom", "kv_cache_sequences", "simulate_gpus"}
+             "gpu_headroom", "kv_cache_sequences", "simulate_gpus", "max_loaded_models",
+             "place_wait_timeout", "cpu_memory_budget"}
 
 
 def parse_model(raw: Any, where: str) -> ModelConfig:
@@ -210,9 +219,15 @@ def parse_model(raw: Any, where: str) -> ModelConfig:
             raise ConfigError(f"{where}.tensor_parallel_size: must be a power of two, got {tp}")
         if gpus is not None and len(gpus) < tp:
             raise ConfigError(f"{where}.tensor_parallel_size: {tp} needs at least {tp} GPUs in gpus")
-    pinned = raw.get("pinned", False)
-    if not isinstance(pinned, bool):
-        raise ConfigError(f"{where}.pinned: must be true or false")
+    flags = {}
+    for key in ("pinned", "preload"):
+        flags[key] = raw.get(key, False)
+        if not isinstance(flags[key], bool):
+            raise ConfigError(f"{where}.{key}: must be true or false")
+    replicas = int(_number(raw.get("replicas", 1), f"{where}.replicas", integer=True))
+    ttl = float(_number(raw.get("ttl", 900), f"{where}.ttl", positive=False))
+    if ttl < 0:
+        raise ConfigError(f"{where}.ttl: must be 0 (never unload) or a number of seconds")
     return ModelConfig(
         name=name, path=path, aliases=aliases, task=task, device=device,
         engine_args=_engine_args(raw.get("engine_args"), f"{where}.engine_args"),
@@ -220,7 +235,7 @@ def parse_model(raw: Any, where: str) -> ModelConfig:
         max_model_len=None if mml is None else int(_number(mml, f"{where}.max_model_len", integer=True)),
         startup_timeout=float(_number(raw.get("startup_timeout", 600.0), f"{where}.startup_timeout")),
         memory_bytes=None if mem is None else parse_bytes(mem, f"{where}.memory"),
-        gpus=gpus, tensor_parallel_size=tp, pinned=pinned,
+        gpus=gpus, tensor_parallel_size=tp, replicas=replicas, ttl=ttl, **flags,
     )
 
 
@@ -264,6 +279,14 @@ def parse_settings(raw: Any, *,
     if "kv_cache_sequences" in raw:
         kw["kv_cache_sequences"] = int(_number(raw["kv_cache_sequences"], "kv_cache_sequences",
                                                integer=True))
+    if "max_loaded_models" in raw:
+        kw["max_loaded_models"] = int(_number(raw["max_loaded_models"], "max_loaded_models",
+                                              integer=True))
+    if "place_wait_timeout" in raw:
+        kw["place_wait_timeout"] = float(_number(raw["place_wait_timeout"], "place_wait_timeout",
+                                                 positive=False))
+    if "cpu_memory_budget" in raw:
+        kw["cpu_memory_budget"] = parse_bytes(raw["cpu_memory_budget"], "cpu_memory_budget")
     if "simulate_gpus" in raw:
         kw["simulate_gpus"] = _str(raw["simulate_gpus"], "simulate_gpus")
     if "models" in raw:

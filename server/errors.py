@@ -82,6 +82,9 @@ class RouteNotFound(VramgateError):
     type = "invalid_request_error"
     code = "not_found"
 
+    def __init__(self, message: str) -> None:
+        super().__init__(message, should_retry=False)
+
 
 class ModelUnavailable(VramgateError):
     """The model is configured but its engine cannot serve now (503, with ``Retry-After``)."""

@@ -104,4 +104,9 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    code = main(sys.argv[1:])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Not sys.exit: interpreter shutdown can abort (SIGABRT) while the stdin watcher thread holds
+    # the stdin lock, which would replace the engine's exit status with -6.
+    os._exit(code)

@@ -32,13 +32,14 @@ _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def embedded_models(data_dir: Path) -> tuple[ModelConfig, ...]:
-    """The two default models as served when no config names any (paths inside ``data_dir``)."""
+    """The two default models as served when no config names any (paths inside ``data_dir``);
+    both are preloaded, so ``vramgate serve`` has them ready about a minute after it starts."""
     root = Path(data_dir) / "models"
     return (
         ModelConfig(name=CHAT_MODEL, path=str(root / CHAT_MODEL), aliases=("smollm2",),
-                    task="generate"),
+                    task="generate", preload=True),
         ModelConfig(name=EMBED_MODEL, path=str(root / EMBED_MODEL), aliases=("minilm",),
-                    task="embed"),
+                    task="embed", preload=True),
     )
 
 

@@ -122,11 +122,13 @@ class NoFit:
 
 @dataclass(frozen=True)
 class Policy:
-    """``name`` is ``pack`` or ``spread``; ``headroom_bytes`` stays free on every GPU."""
+    """``name`` is ``pack`` or ``spread``; ``headroom_bytes`` stays free on every GPU;
+    ``max_engines`` caps the engines booked at once (``max_loaded_models``)."""
 
     name: str = "pack"
     headroom_bytes: int = 0
     allow_eviction: bool = True
+    max_engines: int | None = None
 
 
 def fmt(nbytes: float) -> str:
@@ -219,12 +221,13 @@ def plan(req: Requirement, devices: tuple[Device, ...], bookings: tuple[Booking,
         raise ValueError(f"unknown placement policy {policy.name!r}")
     avail = available(devices, bookings, policy.headroom_bytes)
     result, short = _try_place(req, devices, avail, policy)
-    if result is not None:
+    over = 0 if policy.max_engines is None else max(0, len(bookings) + 1 - policy.max_engines)
+    if result is not None and not over:
         return result
     if policy.allow_eviction:
         victims = sorted((b for b in bookings if b.idle and not b.pinned and not b.starting),
                          key=lambda b: (b.last_used, b.model))
-        for n in range(1, len(victims) + 1):
+        for n in range(max(1, over), len(victims) + 1):
             gone = {b.model for b in victims[:n]}
             kept = tuple(b for b in bookings if b.model not in gone)
             found, _ = _try_place(req, devices, available(devices, kept, policy.headroom_bytes), policy)
@@ -235,6 +238,9 @@ def plan(req: Requirement, devices: tuple[Device, ...], bookings: tuple[Booking,
                             found.bytes_per_device, found.gpu_memory_utilization,
                             evict=tuple(b.model for b in victims[:n]),
                             why=f"{found.why}; after evicting idle {freed}")
+    if result is not None:  # it fits, but max_engines are loaded and none of them is idle
+        return NoFit(req.model, f"max_loaded_models={policy.max_engines} engines are loaded and "
+                                f"none of them is idle (evictable)")
     kinds = [d for d in devices if d.kind == req.kind and
              (req.allowed_devices is None or d.id in req.allowed_devices)]
     if not kinds:

@@ -1,15 +1,24 @@
-"""The model pool: which engines exist, where they are placed, their state, and leases on them.
+"""The model pool: engines per model (replicas), where they are placed, their lifecycle, leases.
 
-One asyncio task per model owns that model's engine process (``_run``); request handlers only wait
-on its ``ready`` event and take leases. Placement decisions are made one at a time under
-``_placing`` (so an engine still starting is already in the books when the next model is placed:
-cases C16), from a fresh inventory snapshot, by the pure planner (``placement.plan``). Engine starts
-on one GPU are serialised (two vLLM engines profiling memory at once misjudge each other). In this
-version every configured model is started at server start; ``acquire`` already waits for a model
-that is still loading, so on-demand loading can start an engine from there.
+One asyncio task per replica owns that replica's engine process (``_run``: place, start, watch);
+request handlers only wait on the model's ``changed`` event and take leases. Decisions are pure
+functions: placement (``placement.plan``), which replica serves, which idle engines unload, when a
+crashed model may restart (``lifecycle.py``). State changes that a decision depends on happen
+without an ``await`` in between, so no request can lease an engine that was just chosen for eviction
+or unloading.
 
-States (``ModelState``): ``unloaded`` → ``loading`` → ``ready``; ``failed`` when the engine could not
-be placed or started, or exited; ``stopping`` during shutdown or eviction.
+- Models start ``unloaded`` unless ``preload``; the first request places and starts every replica
+  and concurrent requests wait for that one start (single flight, cases C13).
+- Placement is decided one model at a time (``_placing``) on a fresh inventory snapshot, so an
+  engine still starting is already in the books (C16); starts on one GPU are serialised.
+- Idle replicas unload ``ttl`` seconds after their last request ended (never while one runs or a
+  request waits for the model). When a model does not fit, idle engines are evicted least recently
+  used first; when no room can be made the request waits up to ``place_wait_timeout`` for capacity,
+  then gets 503 with ``Retry-After``.
+- An engine that exits or fails its health checks fails its streams (the relay sends one error
+  event) and is restarted by the next request, after an exponential back-off; after
+  ``lifecycle.MAX_FAILURES`` failures the model shows ``failed`` with the last lines of its log until
+  it is loaded by hand or the configuration reloads.
 """
 
 from __future__ import annotations
@@ -27,13 +36,15 @@ import httpx
 
 from server.config import ModelConfig, Settings
 from server.engines import EngineLaunch, EngineProcess, engine_launch, free_port, log_tail
-from server.errors import EngineStartError, ModelUnavailable, VramgateError
+from server.errors import EngineStartError, ModelNotFound, ModelUnavailable, VramgateError
 from server.estimate import requirement_for
 from server.gpus import EngineUsage, Inventory, Snapshot
 from server.gpus.cpu import tree_pids
-from server.placement import Booking, NoFit, Plan, Policy, Requirement, fmt, plan
+from server.lifecycle import ReplicaView, idle_expired, model_state, pick_replica, restart_delay
+from server.placement import Booking, Device, NoFit, Plan, Policy, Requirement, fmt, plan
 
 log = logging.getLogger("vramgate.pool")
+HEALTH_FAILURES = 3  # consecutive failed /health checks that count as an engine failure
 
 
 class ModelState(str, Enum):
@@ -45,28 +56,28 @@ class ModelState(str, Enum):
 
 
 @dataclass
-class ModelEntry:
-    """The pool's book on one model. Mutated only by the pool (its owning task and leases).
+class Replica:
+    """One engine of a model. ``plan`` is its placement (``None`` when nothing is reserved);
+    ``booked_bytes`` what is reserved on each of its devices: the plan's share while starting,
+    NVML's measurement once ready (cases C18). Times are the pool's clock (seconds)."""
 
-    ``plan`` is the current placement (``None`` when nothing is reserved); ``booked_bytes`` what is
-    reserved on each of its devices: the plan's share while starting, NVML's measurement once ready.
-    """
-
-    config: ModelConfig
+    model: str
+    index: int
     state: ModelState = ModelState.UNLOADED
     process: EngineProcess | None = None
-    error: VramgateError | None = None
-    ready: asyncio.Event = field(default_factory=asyncio.Event)
-    in_flight: int = 0
-    loaded_at: float | None = None
-    load_seconds: float | None = None
-    last_used: float = 0.0
     task: asyncio.Task | None = None
     plan: Plan | None = None
     requirement: Requirement | None = None
     booked_bytes: int = 0
     measured_bytes: int | None = None
-    retry_placement: bool = False
+    in_flight: int = 0
+    last_used: float = 0.0
+    ready_since: float | None = None
+    load_seconds: float | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.model}#{self.index}"
 
     @property
     def base_url(self) -> str | None:
@@ -79,18 +90,63 @@ class ModelEntry:
 
 
 @dataclass
-class Lease:
-    """The right to send one request to a ready engine; ``release()`` exactly once when done."""
+class ModelEntry:
+    """The pool's book on one model and its replicas. ``failures`` are the clock times of engine
+    failures (for the back-off); ``nofit`` the last placement refusal; ``waiting`` counts requests
+    waiting for the model to become ready."""
 
+    config: ModelConfig
+    replicas: list[Replica] = field(default_factory=list)
+    error: VramgateError | None = None
+    failures: list[float] = field(default_factory=list)
+    gave_up: bool = False
+    nofit: ModelUnavailable | None = None
+    waiting: int = 0
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        if not self.replicas:
+            self.replicas = [Replica(self.config.name, i) for i in range(self.config.replicas)]
+
+    @property
+    def state(self) -> ModelState:
+        return ModelState(model_state([r.state.value for r in self.replicas], self.error is not None))
+
+    @property
+    def in_flight(self) -> int:
+        return sum(r.in_flight for r in self.replicas)
+
+    @property
+    def device(self) -> str:
+        return ",".join(r.device for r in self.replicas if r.plan) or "-"
+
+    def notify(self) -> None:
+        """Wake everything waiting for a change of this model."""
+        event, self.changed = self.changed, asyncio.Event()
+        event.set()
+
+
+@dataclass
+class Lease:
+    """The right to send one request to a ready replica; ``release()`` exactly once when done."""
+
+    pool: "ModelPool"
     entry: ModelEntry
-    base_url: str
+    replica: Replica
     released: bool = False
+
+    @property
+    def base_url(self) -> str:
+        return self.replica.process.launch.base_url  # type: ignore[union-attr]
 
     def release(self) -> None:
         if not self.released:
             self.released = True
-            self.entry.in_flight -= 1
-            self.entry.last_used = time.time()
+            self.replica.in_flight -= 1
+            self.replica.last_used = self.pool.clock()
+            if self.replica.in_flight == 0:
+                self.entry.notify()
+                self.pool.notify_capacity()
 
 
 Launcher = Callable[[str, EngineLaunch, Settings], EngineProcess]
@@ -101,90 +157,142 @@ def default_launcher(name: str, launch: EngineLaunch, settings: Settings) -> Eng
                          grace=settings.engine_stop_grace)
 
 
-def device_kind(model: ModelConfig, snapshot: Snapshot) -> str:
+def device_kind(model: ModelConfig, snap: Snapshot) -> str:
     """``cuda`` or ``cpu`` for ``model``: its ``device`` setting, or a GPU when the snapshot has one."""
     if model.device != "auto":
         return model.device
-    return "cuda" if any(d.kind == "cuda" for d in snapshot.devices) else "cpu"
+    return "cuda" if any(d.kind == "cuda" for d in snap.devices) else "cpu"
+
+
+def with_cpu_budget(snap: Snapshot, budget: int | None) -> Snapshot:
+    """Replace the CPU device by a fixed ``budget`` of bytes (``cpu_memory_budget``), if set."""
+    if budget is None:
+        return snap
+    devices = tuple(Device("cpu", "cpu", budget, budget, 0, name=f"CPU (budget {fmt(budget)})")
+                    if d.kind == "cpu" else d for d in snap.devices)
+    return Snapshot(devices, snap.measured, snap.source)
 
 
 def dry_run(settings: Settings, snap: Snapshot) -> list[tuple[Requirement, Plan | NoFit]]:
-    """Place every configured model in order on ``snap``, as a server starting now would (each
-    plan booked before the next model is placed); used by ``vramgate plan``."""
+    """Place every configured replica in order on ``snap``, as a server starting all of them now
+    would (each plan booked before the next); used by ``vramgate plan``."""
+    snap = with_cpu_budget(snap, settings.cpu_memory_budget)
     policy = Policy(settings.placement, settings.gpu_headroom_bytes, allow_eviction=False)
     cpu_dev = next(d for d in snap.devices if d.kind == "cpu")
     cpu_models = [m for m in settings.models if device_kind(m, snap) == "cpu"]
     bookings: list[Booking] = []
     out: list[tuple[Requirement, Plan | NoFit]] = []
     for model in settings.models:
-        req = requirement_for(model, device_kind(model, snap), kv_sequences=settings.kv_cache_sequences,
-                              available_ram=cpu_dev.free_bytes, cpu_engines=len(cpu_models))
-        result = plan(req, snap.devices, tuple(bookings), policy)
-        if isinstance(result, Plan):
-            bookings.append(Booking(model.name, result.devices, result.bytes_per_device, starting=True))
-        out.append((req, result))
+        for i in range(model.replicas):
+            req = requirement_for(model, device_kind(model, snap),
+                                  kv_sequences=settings.kv_cache_sequences,
+                                  available_ram=cpu_dev.free_bytes, cpu_engines=len(cpu_models))
+            result = plan(req, snap.devices, tuple(bookings), policy)
+            if isinstance(result, Plan):
+                bookings.append(Booking(f"{model.name}#{i}", result.devices,
+                                        result.bytes_per_device, starting=True))
+            out.append((req, result))
     return out
 
 
 class ModelPool:
-    """Engines by canonical model name. Create inside the running event loop."""
+    """Models and their engines, by canonical name. Create inside the running event loop; call
+    ``start()`` once, ``stop_all()`` at the end. ``clock`` gives seconds (monotonic)."""
 
     def __init__(self, settings: Settings, inventory: Inventory, *,
-                 launcher: Launcher = default_launcher) -> None:
+                 launcher: Launcher = default_launcher, clock: Callable[[], float] = time.monotonic,
+                 health_interval: float = 5.0, reap_interval: float = 1.0) -> None:
         self.settings = settings
         self.inventory = inventory
         self.launcher = launcher
+        self.clock = clock
+        self.health_interval = health_interval
+        self.reap_interval = reap_interval
         self.entries = {m.name: ModelEntry(config=m) for m in settings.models}
-        self.policy = Policy(settings.placement, settings.gpu_headroom_bytes)
         self.http = httpx.AsyncClient()
         self.closing = False
+        self._capacity = asyncio.Event()
         self._placing = asyncio.Lock()
         self._device_locks: dict[str, asyncio.Lock] = {}
+        self._background: set[asyncio.Task] = set()
+        self.starts = 0  # engines started so far (a counter for metrics and tests)
+
+    @property
+    def policy(self) -> Policy:
+        s = self.settings
+        return Policy(s.placement, s.gpu_headroom_bytes, max_engines=s.max_loaded_models)
+
+    def _spawn(self, coro, name: str) -> asyncio.Task:
+        task = asyncio.create_task(coro, name=name)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    def notify_capacity(self) -> None:
+        """Wake requests waiting for room (an engine stopped, or one became idle)."""
+        event, self._capacity = self._capacity, asyncio.Event()
+        event.set()
 
     # ---- books ----------------------------------------------------------------------------
+    def replicas(self) -> list[tuple[ModelEntry, Replica]]:
+        return [(e, r) for e in self.entries.values() for r in e.replicas]
+
     def usages(self) -> list[EngineUsage]:
         """Our engines as the inventory sees them (process trees, devices, shares)."""
-        out = []
-        for e in self.entries.values():
-            if e.plan and e.process and e.process.pid:
-                out.append(EngineUsage(e.config.name, tree_pids(e.process.pid), e.plan.devices,
-                                       e.plan.bytes_per_device, e.loaded_at is not None))
-        return out
+        return [EngineUsage(r.model, tree_pids(r.process.pid), r.plan.devices, r.plan.bytes_per_device,
+                            r.ready_since is not None)
+                for _, r in self.replicas() if r.plan and r.process and r.process.pid]
 
     def bookings(self, exclude: str | None = None) -> tuple[Booking, ...]:
-        """Every reservation in the books, as the planner takes them."""
+        """Every reservation in the books, as the planner takes them (keyed ``model#replica``)."""
         return tuple(
-            Booking(e.config.name, e.plan.devices, e.booked_bytes,
-                    starting=e.state == ModelState.LOADING, idle=e.in_flight == 0,
-                    pinned=e.config.pinned, last_used=e.last_used)
-            for e in self.entries.values() if e.plan and e.config.name != exclude)
+            Booking(r.key, r.plan.devices, r.booked_bytes, starting=r.state == ModelState.LOADING,
+                    idle=r.in_flight == 0 and r.state == ModelState.READY,
+                    pinned=e.config.pinned, last_used=r.last_used)
+            for e, r in self.replicas() if r.plan and r.key != exclude)
 
     async def snapshot(self) -> Snapshot:
-        return await asyncio.to_thread(self.inventory.snapshot, self.usages())
+        snap = await asyncio.to_thread(self.inventory.snapshot, self.usages())
+        return with_cpu_budget(snap, self.settings.cpu_memory_budget)
+
+    def views(self, entry: ModelEntry) -> list[ReplicaView]:
+        return [ReplicaView(r.key, r.model, r.state == ModelState.READY, r.in_flight, r.last_used)
+                for r in entry.replicas]
 
     # ---- lifecycle ----------------------------------------------------------------------------
-    def start_all(self) -> None:
-        """Start every model's engine in the background (each in its own task)."""
+    def start(self) -> None:
+        """Start the preloaded models and the idle reaper."""
         for entry in self.entries.values():
-            self._start(entry)
+            if entry.config.preload:
+                self._start_model(entry)
+        self._spawn(self._reaper(), "reaper")
 
-    def _start(self, entry: ModelEntry) -> None:
-        if entry.task is None or entry.task.done():
-            entry.loaded_at = None
-            entry.state = ModelState.LOADING
-            entry.error = None
-            entry.ready.clear()
-            entry.task = asyncio.create_task(self._run(entry), name=f"engine:{entry.config.name}")
+    def _start_model(self, entry: ModelEntry) -> None:
+        """Start every replica of ``entry`` that is unloaded (single flight: never a second one)."""
+        entry.nofit = None
+        for rep in entry.replicas:
+            if rep.state == ModelState.UNLOADED and not self.closing:
+                rep.state = ModelState.LOADING
+                rep.ready_since = None
+                rep.task = self._spawn(self._run(entry, rep), f"engine:{rep.key}")
+        entry.notify()
 
-    def _fail(self, entry: ModelEntry, error: VramgateError, *, retry_placement: bool = False) -> None:
-        entry.plan, entry.booked_bytes = None, 0  # a failed start returns its reservation
+    def _failed(self, entry: ModelEntry, rep: Replica, error: VramgateError) -> None:
+        """Book an engine failure: reservation returned, back-off or give up, waiters woken."""
+        rep.plan, rep.booked_bytes, rep.measured_bytes, rep.ready_since = None, 0, None, None
+        rep.state = ModelState.UNLOADED
+        now = self.clock()
+        entry.failures = [t for t in entry.failures if now - t < 3600] + [now]
         entry.error = error
-        entry.retry_placement = retry_placement
-        entry.state = ModelState.FAILED
-        entry.ready.set()
+        if restart_delay(entry.failures, now) is None:
+            entry.gave_up = True
+            log.error("%s failed %d times: giving up until it is loaded by hand", entry.config.name,
+                      len(entry.failures))
+        entry.notify()
+        self.notify_capacity()
 
-    async def _place(self, entry: ModelEntry) -> Plan:
-        """Decide where ``entry`` goes and book it (under ``_placing``); evicts what the plan says.
+    async def _place(self, entry: ModelEntry, rep: Replica) -> Plan:
+        """Decide where ``rep`` goes and book it (under ``_placing``); evicts what the plan says.
 
         Raises :class:`ModelUnavailable` (503) with the planner's numbers when nothing fits.
         """
@@ -192,42 +300,46 @@ class ModelPool:
         async with self._placing:
             snap = await self.snapshot()
             kind = device_kind(model, snap)
-            cpu = [m for m in self.entries.values() if device_kind(m.config, snap) == "cpu"]
+            cpu = [e for e in self.entries.values() if device_kind(e.config, snap) == "cpu"]
             cpu_dev = next(d for d in snap.devices if d.kind == "cpu")
             req = requirement_for(model, kind, kv_sequences=self.settings.kv_cache_sequences,
                                   available_ram=cpu_dev.free_bytes, cpu_engines=len(cpu))
-            result = plan(req, snap.devices, self.bookings(exclude=model.name), self.policy)
+            result = plan(req, snap.devices, self.bookings(exclude=rep.key), self.policy)
             if isinstance(result, NoFit):
-                raise ModelUnavailable(f"cannot place {model.name}: {result.reason}", retry_after=30)
-            for victim in result.evict:
-                ventry = self.entries[victim]
-                log.warning("evicting %s (%s on %s, idle since %s) to place %s: %s", victim,
-                            fmt(ventry.booked_bytes), ventry.device,
-                            time.strftime("%H:%M:%S", time.localtime(ventry.last_used)),
+                raise ModelUnavailable(f"cannot place {model.name}: {result.reason}", retry_after=10)
+            victims = [r for _, r in self.replicas() if r.key in result.evict]
+            for victim in victims:  # no await before this: nobody can lease them any more
+                victim.state = ModelState.STOPPING
+            for victim in victims:
+                log.warning("evicting %s (%s on %s, idle for %.0f s) to place %s: %s", victim.model,
+                            fmt(victim.booked_bytes), victim.device, self.clock() - victim.last_used,
                             model.name, result.why)
-                await self._stop_entry(ventry)
-            entry.plan, entry.requirement, entry.booked_bytes = result, req, result.bytes_per_device
-            log.info("placed %s on %s: %s", model.name, "+".join(result.devices), result.why)
+                await self._stop_replica(victim)
+            rep.plan, rep.requirement, rep.booked_bytes = result, req, result.bytes_per_device
+            log.info("placed %s on %s: %s", rep.key, "+".join(result.devices), result.why)
             return result
 
-    async def _run(self, entry: ModelEntry) -> None:
-        """Own one engine from placement to exit."""
+    async def _run(self, entry: ModelEntry, rep: Replica) -> None:
+        """Own one replica's engine from placement to exit."""
         model = entry.config
         try:
-            placed = await self._place(entry)
+            placed = await self._place(entry, rep)
         except ModelUnavailable as exc:
-            log.error("%s", exc.message)
-            self._fail(entry, exc, retry_placement=True)
+            log.warning("%s", exc.message)
+            rep.state = ModelState.UNLOADED
+            entry.nofit = exc
+            entry.notify()
             return
         kind = "cpu" if placed.devices == ("cpu",) else "cuda"
         launch = engine_launch(
             model, port=free_port(), device=kind, python=self.settings.engine_python or sys.executable,
             module=self.settings.engine_module,
-            kv_cache_bytes=entry.requirement.kv_cache_bytes if entry.requirement else None,
+            kv_cache_bytes=rep.requirement.kv_cache_bytes if rep.requirement else None,
             gpu_memory_utilization=placed.gpu_memory_utilization,
             tensor_parallel_size=placed.tensor_parallel_size, cuda_devices=placed.cuda_indices)
-        proc = self.launcher(model.name, launch, self.settings)
-        entry.process = proc
+        proc = self.launcher(model.name if model.replicas == 1 else rep.key.replace("#", "-"),
+                             launch, self.settings)
+        rep.process = proc
         t0 = time.monotonic()
         locks = [self._device_locks.setdefault(d, asyncio.Lock())
                  for d in sorted(placed.devices) if d != "cpu"]
@@ -235,93 +347,244 @@ class ModelPool:
             async with contextlib.AsyncExitStack() as stack:
                 for lock in locks:  # one engine starting per GPU at a time
                     await stack.enter_async_context(lock)
-                log.info("starting engine for %s: %s", model.name, " ".join(launch.argv))
+                log.info("starting engine for %s: %s", rep.key, " ".join(launch.argv))
+                self.starts += 1
                 await proc.start()
                 await proc.wait_healthy(model.startup_timeout, self.http)
         except (EngineStartError, OSError) as exc:
             await proc.stop()
             error = exc if isinstance(exc, EngineStartError) else EngineStartError(
                 f"engine for {model.name} could not be started: {exc}")
-            log.error("engine for %s failed to start: %s", model.name, error.message)
-            self._fail(entry, error)
+            log.error("engine for %s failed to start: %s", rep.key, error.message)
+            self._failed(entry, rep, error)
             return
-        entry.load_seconds = time.monotonic() - t0
-        entry.loaded_at = entry.last_used = time.time()
-        await self._measure(entry)  # before READY: the books are right once anyone sees it ready
-        entry.state = ModelState.READY
-        entry.ready.set()
-        log.info("engine for %s ready on %s in %.1f s", model.name, launch.base_url, entry.load_seconds)
-        status = await proc.wait()
-        if entry.state != ModelState.STOPPING:
-            self._fail(entry, ModelUnavailable(
-                f"the engine for {model.name} exited with status {status}; last lines of its log:\n"
-                f"{log_tail(proc.log_path, 20)}", retry_after=30))
-            log.error("engine for %s exited with status %s", model.name, status)
+        rep.load_seconds = time.monotonic() - t0
+        rep.ready_since = rep.last_used = self.clock()
+        await self._measure(rep)  # before READY: the books are right once anyone sees it ready
+        if rep.state != ModelState.LOADING:  # unloaded or evicted meanwhile
+            return
+        rep.state = ModelState.READY
+        entry.error, entry.gave_up = None, False
+        entry.notify()
+        log.info("engine for %s ready on %s in %.1f s", rep.key, launch.base_url, rep.load_seconds)
+        reason = await self._watch(proc)
+        if rep.state == ModelState.STOPPING:
+            return
+        if proc.returncode is None:
+            rep.state = ModelState.STOPPING  # unhealthy: stop it before booking the failure
+            await proc.stop()
+        log.error("engine for %s %s", rep.key, reason)
+        self._failed(entry, rep, ModelUnavailable(
+            f"the engine for {model.name} {reason}; last lines of its log:\n"
+            f"{log_tail(proc.log_path, 20)}", retry_after=5))
 
-    async def _measure(self, entry: ModelEntry) -> None:
+    async def _watch(self, proc: EngineProcess) -> str:
+        """Wait until the engine exits or fails ``HEALTH_FAILURES`` health checks in a row; says which."""
+        exited = asyncio.ensure_future(proc.wait())
+        failed = 0
+        try:
+            while True:
+                done, _ = await asyncio.wait({exited}, timeout=self.health_interval)
+                if done:
+                    return f"exited with status {exited.result()}"
+                try:
+                    ok = (await self.http.get(proc.launch.base_url + "/health", timeout=5)).status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                failed = 0 if ok else failed + 1
+                if failed >= HEALTH_FAILURES:
+                    return f"failed {failed} health checks in a row"
+        finally:
+            exited.cancel()
+
+    async def _measure(self, rep: Replica) -> None:
         """Replace the estimate in the books by what NVML measures the engine using (cases C18)."""
-        if entry.plan is None or entry.plan.devices == ("cpu",):
+        if rep.plan is None or rep.plan.devices == ("cpu",):
             return
-        snap = await self.snapshot()
-        measured = snap.measured.get(entry.config.name)
+        measured = (await self.snapshot()).measured.get(rep.model)
         if measured:
-            log.info("%s measured at %s per device (estimate %s, share %s)", entry.config.name,
-                     fmt(measured), fmt(entry.requirement.per_device_bytes(
-                         entry.plan.tensor_parallel_size)) if entry.requirement and
-                     entry.requirement.weight_bytes is not None else "unknown",
-                     fmt(entry.plan.bytes_per_device))
-            entry.measured_bytes = entry.booked_bytes = measured
+            estimate = rep.requirement.per_device_bytes(rep.plan.tensor_parallel_size) if (
+                rep.requirement and rep.requirement.weight_bytes is not None) else None
+            log.info("%s measured at %s per device (estimate %s, share %s)", rep.key, fmt(measured),
+                     fmt(estimate) if estimate else "unknown", fmt(rep.plan.bytes_per_device))
+            rep.measured_bytes = rep.booked_bytes = measured
 
-    async def _stop_entry(self, entry: ModelEntry) -> None:
-        entry.state = ModelState.STOPPING
-        if entry.process:
-            await entry.process.stop()
-        if entry.task and not entry.task.done() and entry.task is not asyncio.current_task():
-            await asyncio.gather(entry.task, return_exceptions=True)
-        entry.plan, entry.booked_bytes, entry.measured_bytes = None, 0, None
-        entry.state = ModelState.UNLOADED
-        entry.ready.set()
+    async def _stop_replica(self, rep: Replica) -> None:
+        """Stop one replica's engine and return its reservation (its state is STOPPING already)."""
+        rep.state = ModelState.STOPPING
+        if rep.process:
+            await rep.process.stop()
+        if rep.task and not rep.task.done() and rep.task is not asyncio.current_task():
+            await asyncio.gather(rep.task, return_exceptions=True)
+        rep.plan, rep.booked_bytes, rep.measured_bytes, rep.ready_since = None, 0, None, None
+        rep.state = ModelState.UNLOADED
+        entry = self.entries.get(rep.model)
+        if entry:
+            entry.notify()
+        self.notify_capacity()
+
+    async def reap(self) -> list[str]:
+        """Unload the replicas idle past their model's ``ttl``; returns their keys."""
+        now = self.clock()
+        views = [v for e in self.entries.values() for v in self.views(e)]
+        ttl = {name: e.config.ttl for name, e in self.entries.items()}
+        waiting = {name: e.waiting for name, e in self.entries.items()}
+        keys = idle_expired(views, ttl, waiting, now)
+        victims = [r for _, r in self.replicas() if r.key in keys]
+        for rep in victims:  # no await before this: nobody can lease them any more
+            rep.state = ModelState.STOPPING
+        for rep in victims:
+            log.info("unloading %s: idle for %.0f s (ttl %g s)", rep.key, now - rep.last_used,
+                     self.entries[rep.model].config.ttl)
+            await self._stop_replica(rep)
+        return keys
+
+    async def _reaper(self) -> None:
+        while not self.closing:
+            await asyncio.sleep(self.reap_interval)
+            try:
+                await self.reap()
+            except Exception:  # the reaper must outlive one bad round; the error is logged
+                log.exception("idle reaper")
 
     async def acquire(self, name: str, timeout: float | None = None) -> Lease:
-        """A lease on the ready engine of canonical model ``name``, waiting while it loads.
+        """A lease on a ready replica of canonical model ``name`` (the one with the fewest requests
+        in flight), starting the model if needed and waiting while it loads.
 
-        Raises :class:`ModelUnavailable` when the engine failed, the pool is shutting down, or it is
-        not ready within ``timeout`` seconds (default ``settings.load_wait_timeout``).
+        Raises :class:`ModelUnavailable` (503, with ``Retry-After``) when the pool is shutting down,
+        the model is backing off after failures or gave up, it fits nowhere for
+        ``place_wait_timeout`` seconds, or it is not ready within ``timeout`` seconds (default
+        ``load_wait_timeout``).
+        """
+        entry = self.entries.get(name)
+        if entry is None:  # removed by a configuration reload meanwhile
+            raise ModelNotFound(name)
+        wait = self.settings.load_wait_timeout if timeout is None else timeout
+        deadline = self.clock() + wait
+        room_deadline: float | None = None
+        started = False
+        entry.waiting += 1
+        try:
+            while True:
+                if self.closing:
+                    raise ModelUnavailable("the server is shutting down", retry_after=5)
+                key = pick_replica(self.views(entry))
+                if key is not None:
+                    rep = next(r for r in entry.replicas if r.key == key)
+                    rep.in_flight += 1
+                    return Lease(self, entry, rep)
+                changed, capacity, now = entry.changed, self._capacity, self.clock()
+                if entry.gave_up:
+                    raise entry.error or ModelUnavailable(f"the model {name} failed", retry_after=60)
+                busy = any(r.state in (ModelState.LOADING, ModelState.STOPPING) for r in entry.replicas)
+                if not busy:
+                    if entry.nofit is not None and started:
+                        room_deadline = room_deadline or now + self.settings.place_wait_timeout
+                        left = min(room_deadline, deadline) - now
+                        if left <= 0:
+                            raise entry.nofit
+                        try:  # wait for room: an engine stopping, or a busy one becoming idle
+                            await asyncio.wait_for(capacity.wait(), left)
+                        except asyncio.TimeoutError:
+                            raise entry.nofit from None
+                        entry.nofit = None
+                        continue
+                    delay = restart_delay(entry.failures, now)
+                    if delay and entry.error is not None:
+                        raise ModelUnavailable(
+                            f"{name} failed {len(entry.failures)} time(s) recently; it restarts in "
+                            f"{delay:.0f} s. Last failure: {entry.error.message}", retry_after=delay,
+                            code=entry.error.code)
+                    self._start_model(entry)
+                    started = True
+                    continue
+                left = deadline - now
+                if left <= 0:
+                    raise ModelUnavailable(f"the model {name} is still loading after {wait:g} s",
+                                           retry_after=10)
+                try:
+                    await asyncio.wait_for(changed.wait(), left)
+                except asyncio.TimeoutError:
+                    continue
+        finally:
+            entry.waiting -= 1
+
+    async def load(self, name: str) -> ModelState:
+        """Start ``name`` now (also after it gave up) and wait until it is ready or fails.
+
+        Returns the resulting state; raises :class:`ModelUnavailable` as :meth:`acquire` does.
         """
         entry = self.entries[name]
-        if self.closing:
-            raise ModelUnavailable("the server is shutting down", retry_after=5)
-        if entry.state == ModelState.UNLOADED or (
-                entry.state == ModelState.FAILED and entry.retry_placement):
-            self._start(entry)  # a model that did not fit is placed again: room may have been made
-        if entry.state == ModelState.LOADING:
-            wait = self.settings.load_wait_timeout if timeout is None else timeout
-            try:
-                await asyncio.wait_for(entry.ready.wait(), wait)
-            except asyncio.TimeoutError:
-                raise ModelUnavailable(f"the model {name} is still loading after {wait:g} s",
-                                       retry_after=10) from None
-        if entry.state != ModelState.READY or entry.base_url is None:
-            raise entry.error or ModelUnavailable(f"the model {name} is {entry.state.value}",
-                                                  retry_after=10)
-        entry.in_flight += 1
-        return Lease(entry=entry, base_url=entry.base_url)
+        entry.failures, entry.gave_up, entry.error = [], False, None
+        lease = await self.acquire(name)
+        lease.release()
+        return entry.state
+
+    async def unload(self, name: str, *, force: bool = False) -> None:
+        """Stop every replica of ``name``: at once with ``force``, else once its in-flight requests
+        have ended (new requests wait meanwhile and reload the model afterwards)."""
+        entry = self.entries[name]
+        reps = [r for r in entry.replicas if r.state in (ModelState.READY, ModelState.LOADING)]
+        for rep in reps:
+            rep.state = ModelState.STOPPING
+        while not force and any(r.in_flight for r in reps):
+            await entry.changed.wait()
+        await asyncio.gather(*(self._stop_replica(r) for r in reps))
+
+    async def reconfigure(self, settings: Settings) -> dict[str, list[str]]:
+        """Apply a new configuration: new models appear, removed ones unload after their in-flight
+        work, changed ones restart (after their in-flight work). Returns what changed."""
+        old = {m.name: m for m in self.settings.models}
+        new = {m.name: m for m in settings.models}
+        self.settings = settings
+        out: dict[str, list[str]] = {"added": [], "removed": [], "changed": []}
+        for name in old.keys() - new.keys():
+            out["removed"].append(name)
+            self._spawn(self._retire(name), f"retire:{name}")
+        for name, model in new.items():
+            if name not in self.entries:
+                out["added"].append(name)
+                self.entries[name] = ModelEntry(config=model)
+                if model.preload:
+                    self._start_model(self.entries[name])
+            elif old.get(name) != model:
+                out["changed"].append(name)
+                self._spawn(self._restart(name, model), f"restart:{name}")
+        return out
+
+    async def _retire(self, name: str) -> None:
+        await self.unload(name)
+        self.entries.pop(name, None)
+
+    async def _restart(self, name: str, model: ModelConfig) -> None:
+        entry = self.entries[name]
+        running = entry.state != ModelState.UNLOADED
+        await self.unload(name)
+        entry.config = model
+        entry.replicas = [Replica(name, i) for i in range(model.replicas)]
+        entry.failures, entry.gave_up, entry.error = [], False, None
+        if model.preload or running:
+            self._start_model(entry)
 
     async def stop_all(self) -> None:
         """Stop every engine (each: SIGTERM → grace → SIGKILL of its group) and wait for them."""
         self.closing = True
-        entries = list(self.entries.values())
-        for entry in entries:
-            if entry.state in (ModelState.READY, ModelState.LOADING):
-                entry.state = ModelState.STOPPING
-        tasks = [e.task for e in entries if e.task and not e.task.done()]
+        reps = [r for _, r in self.replicas()]
+        for rep in reps:
+            if rep.state in (ModelState.READY, ModelState.LOADING):
+                rep.state = ModelState.STOPPING
+        tasks = [t for t in self._background if not t.done()]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await asyncio.gather(*(e.process.stop() for e in entries if e.process), return_exceptions=True)
-        for entry in entries:
-            if entry.state == ModelState.STOPPING:
-                entry.state = ModelState.UNLOADED
-                entry.plan, entry.booked_bytes = None, 0
-            entry.ready.set()  # waiters see a model that is not ready and get a 503
+        for rep in reps:
+            if rep.process and rep.process.returncode is None:
+                log.info("stopping engine for %s", rep.key)
+        await asyncio.gather(*(r.process.stop() for r in reps if r.process), return_exceptions=True)
+        for rep in reps:
+            if rep.state == ModelState.STOPPING:
+                rep.state = ModelState.UNLOADED
+                rep.plan, rep.booked_bytes = None, 0
+        for entry in self.entries.values():
+            entry.notify()  # waiters see a model that is not ready and get a 503
         await self.http.aclose()

@@ -43,6 +43,18 @@ def wait_gone(pids: list[int], timeout: float) -> list[int]:
     return [p for p in pids if alive(p)]
 
 
+def describe(pids: list[int]) -> list[str]:
+    """``pid status cmdline`` of each process, for assertion messages."""
+    out = []
+    for pid in pids:
+        try:
+            p = psutil.Process(pid)
+            out.append(f"{pid} {p.status()} ppid={p.ppid()} {' '.join(p.cmdline()[:6])}")
+        except psutil.Error:
+            out.append(f"{pid} gone")
+    return out
+
+
 class Gateway:
     """A ``python -m server serve`` child process. ``config`` is a dict written as YAML, or None for
     the embedded models. Use as a context manager; ``stop()`` sends SIGTERM and waits."""
@@ -86,7 +98,7 @@ class Gateway:
     def states(self) -> dict[str, str]:
         return self.client.get("/health").json()["models"]
 
-    def wait_states(self, timeout: float, done: tuple[str, ...] = ("ready", "failed")) -> dict[str, str]:
+    def wait_states(self, timeout: float, done: tuple[str, ...] = ("ready", "failed", "unloaded")) -> dict[str, str]:
         """Wait until no model is loading; returns the states."""
         self.wait_up()
         deadline = time.monotonic() + timeout

@@ -11,11 +11,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.gateway import Gateway, alive, wait_gone
+from tests.gateway import Gateway, alive, describe, wait_gone
 
 
 def standin(name: str, mode: str = "ok", **extra) -> dict:
-    return {"name": name, "path": f"standin:{mode}", **extra}
+    return {"name": name, "path": f"standin:{mode}", "preload": True, **extra}
 
 
 CONFIG = {
@@ -267,4 +267,5 @@ def test_sigkill_of_the_gateway_leaves_no_orphan(tmp_path):
         pids = _engine_pids(gw)
     finally:
         gw.stop(signal.SIGKILL)
-    assert wait_gone(pids, 15) == []
+    left = wait_gone(pids, 15)
+    assert left == [], describe(left)

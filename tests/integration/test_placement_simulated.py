@@ -19,7 +19,8 @@ GiB = 2**30
 def run(tmp_path, models, simulate, **top):
     (tmp_path / "standin").mkdir(exist_ok=True)
     config = {"engine_module": "tests.standin_engine", "engine_stop_grace": 2,
-              "simulate_gpus": simulate, "gpu_headroom": "1GiB", "models": models, **top}
+              "simulate_gpus": simulate, "gpu_headroom": "1GiB", "place_wait_timeout": 0,
+              "models": [{"preload": True, **m} for m in models], **top}
     return Gateway(tmp_path, config, env={"STANDIN_DIR": str(tmp_path / "standin")})
 
 
@@ -43,7 +44,7 @@ def test_other_tenants_count_and_engines_get_the_planned_arguments(tmp_path):
               {"name": "n", "path": "standin:ok", "memory": "8GiB"},
               {"name": "toobig", "path": "standin:ok", "memory": "100GiB"}]
     with run(tmp_path, models, "1x80GiB@64GiB,1x80GiB") as gw:
-        assert gw.wait_states(60) == {"m": "ready", "n": "ready", "toobig": "failed"}
+        assert gw.wait_states(60) == {"m": "ready", "n": "ready", "toobig": "unloaded"}
         m, n = engine(tmp_path, "m"), engine(tmp_path, "n")
         # m needs 30 GiB + 1.5 GiB overhead: only GPU 1 has it; the fraction is of the 80 GiB total.
         assert m["cuda_visible_devices"] == "1"
@@ -88,7 +89,7 @@ def test_measured_usage_replaces_the_estimate_and_evictions_are_logged(tmp_path)
               {"name": "C", "path": "standin:slow-start=1", "memory": "30GiB"}]
     with run(tmp_path, models, "1x40GiB;engine.A=4GiB;engine.B=20GiB") as gw:
         states = gw.wait_states(30)
-        assert states["A"] == "ready" and states["B"] == "failed"  # A was still booked at 21.5 GiB
+        assert states["A"] == "ready" and states["B"] == "unloaded"  # A was still booked at 21.5 GiB
         assert model(gw, "A")["placement"]["measured_bytes"] == 4 * GiB
         assert model(gw, "A")["placement"]["reserved_bytes"] == 4 * GiB
         r = gw.client.post("/v1/completions", json={"model": "B", "prompt": "x", "max_tokens": 2})
