@@ -53,7 +53,7 @@ def test_other_tenants_count_and_engines_get_the_planned_arguments(tmp_path):
         # n (9.5 GiB) fits in GPU 0's remaining 16 GiB - 1 GiB headroom: pack takes the tight fit.
         assert n["cuda_visible_devices"] == "0"
         assert arg(n, "--gpu-memory-utilization") == "0.1188"
-        assert model(gw, "m")["placement"]["devices"] == ["cuda:1"]
+        assert model(gw, "m")["replicas"][0]["placement"]["devices"] == ["cuda:1"]
         # Nothing fits: a prompt 503 with the numbers, no process started.
         t0 = time.monotonic()
         r = gw.client.post("/v1/completions", json={"model": "toobig", "prompt": "x"})
@@ -90,8 +90,8 @@ def test_measured_usage_replaces_the_estimate_and_evictions_are_logged(tmp_path)
     with run(tmp_path, models, "1x40GiB;engine.A=4GiB;engine.B=20GiB") as gw:
         states = gw.wait_states(30)
         assert states["A"] == "ready" and states["B"] == "unloaded"  # A was still booked at 21.5 GiB
-        assert model(gw, "A")["placement"]["measured_bytes"] == 4 * GiB
-        assert model(gw, "A")["placement"]["reserved_bytes"] == 4 * GiB
+        assert model(gw, "A")["replicas"][0]["placement"]["measured_bytes"] == 4 * GiB
+        assert model(gw, "A")["replicas"][0]["placement"]["reserved_bytes"] == 4 * GiB
         r = gw.client.post("/v1/completions", json={"model": "B", "prompt": "x", "max_tokens": 2})
         assert r.status_code == 200, r.text
         assert gw.states()["A"] == "ready"  # B fitted without evicting A

@@ -1,0 +1,199 @@
+"""Lifecycle through the real gateway process and stand-in engines: on-demand loads (single
+flight), idle unload, crash restart with back-off, admin API, eviction without cutting streams,
+configuration reload."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+
+import httpx
+import pytest
+import yaml
+
+from tests.gateway import Gateway, alive
+
+BASE = {"engine_module": "tests.standin_engine", "engine_stop_grace": 2}
+
+
+def chat(model: str, **kw) -> dict:
+    return {"model": model, "messages": [{"role": "user", "content": "hi"}], **kw}
+
+
+def starts(gw: Gateway, name: str) -> int:
+    path = gw.tmp / "data" / "logs" / f"{name}.log"
+    return path.read_text().count("=== vramgate: starting") if path.exists() else 0
+
+
+def stats(gw: Gateway, name: str) -> dict:
+    return json.loads((gw.tmp / "standin" / f"{name}.json").read_text())
+
+
+def wait_for(cond, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.05)
+    return cond()
+
+
+def gateway(tmp_path, models, **top) -> Gateway:
+    (tmp_path / "standin").mkdir(exist_ok=True)
+    gw = Gateway(tmp_path, {**BASE, "models": models, **top},
+                 env={"STANDIN_DIR": str(tmp_path / "standin")})
+    gw.wait_up()
+    return gw
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_path_factory):
+    models = [{"name": "slow", "path": "standin:slow-start=2"},
+              {"name": "brief", "path": "standin:ok", "ttl": 1},
+              {"name": "crashy", "path": "standin:crash-mid-stream"},
+              {"name": "broken", "path": "standin:fail-start"}]
+    with gateway(tmp_path_factory.mktemp("life"), models) as g:
+        yield g
+
+
+def test_nothing_starts_before_the_first_request(gw):
+    assert set(gw.states().values()) == {"unloaded"}
+    assert gw.descendants() == []
+    listed = gw.client.get("/v1/models").json()["data"]
+    assert {m["state"] for m in listed} == {"unloaded"} and gw.descendants() == []
+
+
+def test_concurrent_first_requests_share_one_cold_start(gw):
+    results: list[int] = []
+
+    def one() -> None:
+        results.append(httpx.post(gw.url + "/v1/chat/completions", json=chat("slow", max_tokens=3),
+                                  timeout=30).status_code)
+
+    threads = [threading.Thread(target=one) for _ in range(8)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    assert gw.states()["slow"] == "loading"  # /v1/models and /health answer during the load
+    assert gw.client.get("/v1/models/slow").json()["state"] == "loading"
+    for t in threads:
+        t.join()
+    assert results == [200] * 8
+    assert starts(gw, "slow") == 1
+
+
+def test_idle_model_unloads_after_its_ttl_and_reloads_on_the_next_request(gw):
+    r = gw.client.post("/v1/completions", json={"model": "brief", "prompt": "x", "max_tokens": 2})
+    assert r.status_code == 200
+    pid = stats(gw, "brief")["pid"]
+    assert wait_for(lambda: gw.states()["brief"] == "unloaded", 10)
+    assert wait_for(lambda: not alive(pid), 5)
+    cpu = next(d for d in gw.client.get("/admin/gpus").json()["devices"] if d["id"] == "cpu")
+    assert "brief" not in " ".join(cpu["models"])
+    r = gw.client.post("/v1/completions", json={"model": "brief", "prompt": "x", "max_tokens": 2})
+    assert r.status_code == 200 and starts(gw, "brief") == 2
+
+
+def test_crashed_engine_fails_its_stream_and_restarts_on_a_later_request(gw):
+    with gw.client.stream("POST", "/v1/chat/completions", json=chat("crashy", stream=True)) as r:
+        raw = b"".join(r.iter_raw())
+    assert raw.count(b'"error"') == 1 and b"[DONE]" not in raw
+    assert wait_for(lambda: gw.states()["crashy"] == "failed", 5)
+    r = gw.client.post("/v1/chat/completions", json=chat("crashy", max_tokens=2))
+    if r.status_code == 503:  # inside the 2 s back-off: told when to come back
+        assert float(r.headers["retry-after"]) >= 1
+        time.sleep(float(r.headers["retry-after"]) + 0.2)
+        r = gw.client.post("/v1/chat/completions", json=chat("crashy", max_tokens=2))
+    assert r.status_code == 200, r.text
+    assert starts(gw, "crashy") == 2
+
+
+def test_failed_start_backs_off_instead_of_looping(gw):
+    r = gw.client.post("/v1/chat/completions", json=chat("broken"))
+    assert r.status_code == 503 and "simulated" in r.json()["error"]["message"]
+    for _ in range(5):
+        r = gw.client.post("/v1/chat/completions", json=chat("broken"))
+        assert r.status_code == 503 and r.json()["error"]["code"] == "engine_start_failed"
+        assert "restarts in" in r.json()["error"]["message"]
+    assert starts(gw, "broken") == 1
+    assert gw.client.get("/v1/models/broken").json()["state"] == "failed"
+
+
+def test_admin_models_load_and_unload(gw):
+    r = gw.client.post("/admin/models/slow/load")
+    assert r.status_code == 200 and r.json()["state"] == "ready"
+    listed = {m["id"]: m for m in gw.client.get("/admin/models").json()["data"]}
+    rep = listed["slow"]["replicas"][0]
+    assert rep["state"] == "ready" and rep["pid"] and rep["placement"]["devices"] == ["cpu"]
+    assert rep["in_flight"] == 0 and rep["uptime_s"] >= 0
+    pid = stats(gw, "slow")["pid"]
+    r = gw.client.post("/admin/models/slow/unload")
+    assert r.status_code == 200 and r.json()["state"] == "unloaded"
+    assert wait_for(lambda: not alive(pid), 5)
+    assert gw.client.post("/admin/models/nope/load").status_code == 404
+
+
+def test_cli_ps_load_unload(gw):
+    from click.testing import CliRunner
+
+    from server.cli import main
+    runner = CliRunner()
+    res = runner.invoke(main, ["load", "brief", "--url", gw.url])
+    assert res.exit_code == 0 and "brief: ready" in res.output
+    res = runner.invoke(main, ["ps", "--url", gw.url])
+    assert res.exit_code == 0 and "brief" in res.output and "ready" in res.output
+    res = runner.invoke(main, ["unload", "brief", "--url", gw.url, "--force"])
+    assert res.exit_code == 0 and "brief: unloaded" in res.output
+    res = runner.invoke(main, ["load", "nope", "--url", gw.url])
+    assert res.exit_code == 1 and "does not exist" in res.output
+
+
+def test_a_second_model_waits_for_the_first_ones_stream_instead_of_cutting_it(tmp_path):
+    models = [{"name": "x", "path": "standin:delay=0.1"}, {"name": "y", "path": "standin:ok"}]
+    with gateway(tmp_path, models, max_loaded_models=1, place_wait_timeout=20) as g:
+        assert g.client.post("/v1/completions", json={"model": "x", "prompt": "a",
+                                                       "max_tokens": 1}).status_code == 200
+        out: dict = {}
+
+        def stream_x() -> None:
+            with httpx.stream("POST", g.url + "/v1/chat/completions", timeout=30,
+                              json=chat("x", stream=True, max_tokens=20)) as r:
+                out["x"] = b"".join(r.iter_raw())
+
+        t = threading.Thread(target=stream_x)
+        t.start()
+        time.sleep(0.3)
+        r = g.client.post("/v1/completions", json={"model": "y", "prompt": "b", "max_tokens": 2})
+        t.join()
+        assert out["x"].endswith(b"data: [DONE]\n\n") and b'"error"' not in out["x"]
+        assert r.status_code == 200, r.text
+        assert g.states() == {"x": "unloaded", "y": "ready"}
+        assert "evicting x" in g.log_text()
+
+
+def test_reload_on_sighup_and_admin_reload(tmp_path):
+    models = [{"name": "keep", "path": "standin:ok"}, {"name": "drop", "path": "standin:ok"}]
+    with gateway(tmp_path, models) as g:
+        assert g.client.post("/v1/completions", json={"model": "drop", "prompt": "x",
+                                                       "max_tokens": 1}).status_code == 200
+        pid = stats(g, "drop")["pid"]
+        cfg = tmp_path / "config.yaml"
+        doc = yaml.safe_load(cfg.read_text())
+        doc["models"] = [models[0], {"name": "late", "path": "standin:ok", "aliases": ["newbie"]}]
+        cfg.write_text(yaml.safe_dump(doc))
+        g.proc.send_signal(signal.SIGHUP)
+        assert wait_for(lambda: {m["id"] for m in g.client.get("/v1/models").json()["data"]}
+                        == {"keep", "late"}, 10)
+        assert wait_for(lambda: not alive(pid), 5)
+        r = g.client.post("/v1/completions", json={"model": "newbie", "prompt": "x", "max_tokens": 1})
+        assert r.status_code == 200 and r.json()["model"] == "late"
+        assert g.client.post("/v1/completions", json={"model": "drop", "prompt": "x"}).status_code == 404
+        doc["models"][0] = {**models[0], "ttl": 5}
+        cfg.write_text(yaml.safe_dump(doc))
+        assert g.client.post("/admin/reload").json() == {"added": [], "removed": [], "changed": ["keep"]}
+        cfg.write_text("models: [unclosed")
+        r = g.client.post("/admin/reload")
+        assert r.status_code == 500 and "not valid YAML" in r.json()["error"]["message"]
+        assert g.proc.poll() is None  # a bad reload changes nothing and stops nothing
