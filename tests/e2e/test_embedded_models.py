@@ -9,8 +9,11 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import signal
 import struct
+import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -136,6 +139,49 @@ def test_bad_requests(gw, client):
         client.chat.completions.create(model=CHAT, messages=HELLO, max_tokens=100_000_000)
     assert info.value.param == "max_tokens" and info.value.type == "invalid_request_error"
     assert "max_tokens" in info.value.message
+
+
+def engine_running(gw: Gateway) -> float:
+    """``vllm:num_requests_running`` of the chat engine, read from its own /metrics (loopback)."""
+    url = re.search(rf"engine for {CHAT}#0 ready on (http://127.0.0.1:\d+)", gw.log_text()).group(1)
+    text = httpx.get(url + "/metrics", timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("vllm:num_requests_running"))
+
+
+def wait_value(fn, want: float, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if fn() == want:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_client_disconnect_aborts_generation_at_the_engine(gw, stream):
+    """C12: a caller that goes away stops the engine's work within about a second."""
+    body = {"model": CHAT, "messages": HELLO, "max_tokens": 4000, "temperature": 1.0,
+            "stream": stream, "ignore_eos": True}
+
+    def call() -> None:  # hang up after about 1.5 s
+        if stream:
+            with httpx.stream("POST", gw.url + "/v1/chat/completions", json=body, timeout=60) as r:
+                chunks = r.iter_raw()  # keep a reference: a dropped iterator closes the response
+                next(chunks)
+                time.sleep(1.5)
+        else:
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(gw.url + "/v1/chat/completions", json=body,
+                           timeout=httpx.Timeout(60, read=1.5))
+
+    t = threading.Thread(target=call)
+    t.start()
+    assert wait_value(lambda: engine_running(gw), 1.0, 5)  # it reached the engine
+    t.join()
+    assert wait_value(lambda: engine_running(gw), 0.0, 3)  # ... and was aborted there
+    text = gw.client.get("/metrics").text
+    assert f'vramgate_requests_in_flight{{model="{CHAT}"}} 0.0' in text
 
 
 def test_zz_sigterm_leaves_no_engine(gw):
