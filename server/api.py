@@ -17,6 +17,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from server.auth import SCOPE_KEY, PermissionDenied, allowed
 from server.errors import InvalidRequest, ModelNotFound, RouteNotFound, VramgateError, error_body
 from server.metrics import UNKNOWN_MODEL
 from server.pool import Lease, ModelState
@@ -98,6 +99,8 @@ async def inference(request: Request) -> Response:
         if model is None:
             raise ModelNotFound(parsed.model)
         label = model.name
+        if not allowed(request.scope.get(SCOPE_KEY), (model.name, *model.aliases)):
+            raise PermissionDenied(f"This API key may not use the model '{parsed.model}'.")
         needed = ROUTES[route][1]
         if model.task != needed:
             raise InvalidRequest(f"The model '{model.name}' serves {model.task} requests and cannot "
@@ -188,7 +191,9 @@ def model_object(entry: Any, created: int, now: float | None = None) -> dict[str
 async def list_models(request: Request) -> JSONResponse:
     """GET /v1/models: every configured model; never starts a load."""
     created = request.state.started
-    data = [model_object(e, created) for e in list(request.state.pool.entries.values())]
+    key = request.scope.get(SCOPE_KEY)
+    data = [model_object(e, created) for e in list(request.state.pool.entries.values())
+            if allowed(key, (e.config.name, *e.config.aliases))]
     return JSONResponse({"object": "list", "data": data})
 
 
@@ -197,7 +202,8 @@ async def get_model(request: Request) -> JSONResponse:
     model_id = request.path_params["model_id"]
     pool = request.state.pool
     model = pool.settings.resolve(model_id)
-    if model is None or model.name not in pool.entries:
+    if model is None or model.name not in pool.entries or not allowed(
+            request.scope.get(SCOPE_KEY), (model.name, *model.aliases)):
         return error_response(ModelNotFound(model_id))
     return JSONResponse(model_object(pool.entries[model.name], request.state.started, pool.clock()))
 

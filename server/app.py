@@ -12,8 +12,11 @@ from typing import AsyncIterator, Callable
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 
 from server import api
+from server.auth import AuthMiddleware
 from server.config import Settings
 from server.errors import ConfigError
 from server.gpus import Inventory, make_inventory
@@ -74,7 +77,12 @@ def create_app(settings: Settings, *, launcher: Launcher = default_launcher,
             await pool.stop_all()
             await session.close()
 
-    app = Starlette(routes=api.routes, lifespan=lifespan,
+    middleware = [Middleware(AuthMiddleware, auth=settings.auth)]
+    if settings.auth.cors_origins:  # outermost: preflights need no key, and a 401 carries CORS headers
+        middleware.insert(0, Middleware(CORSMiddleware, allow_origins=list(settings.auth.cors_origins),
+                                        allow_methods=["*"], allow_headers=["*"],
+                                        expose_headers=["x-request-id", "retry-after"]))
+    app = Starlette(routes=api.routes, lifespan=lifespan, middleware=middleware,
                     exception_handlers={HTTPException: api.http_error})
     app.router.redirect_slashes = False
     return app

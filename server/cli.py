@@ -38,9 +38,12 @@ def main() -> None:
               help="Embedded models and engine logs (default ~/.cache/vramgate).")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option("--api-key", "api_keys", multiple=True, envvar="VRAMGATE_API_KEYS",
+              help="An API key clients must send (repeatable; the variable takes a comma list).")
+@click.option("--admin-key", envvar="VRAMGATE_ADMIN_KEY", help="The key /admin/* routes need.")
 def serve(config_path: Path | None, host: str | None, port: int | None, data_dir: Path | None,
-          log_level: str) -> None:
-    """Run the gateway and start an engine for every configured model."""
+          log_level: str, api_keys: tuple[str, ...], admin_key: str | None) -> None:
+    """Run the gateway; preloaded models start at once, the others on their first request."""
     import uvicorn
 
     from server.app import create_app
@@ -54,11 +57,21 @@ def serve(config_path: Path | None, host: str | None, port: int | None, data_dir
         used_embedded.append(ddir)
         return embedded_models(ddir)
 
+    keys = tuple(k.strip() for raw in api_keys for k in raw.split(",") if k.strip())
+
+    def reload():
+        return load_settings(config_path, default_models=defaults, host=host, port=port,
+                             data_dir=data_dir.expanduser() if data_dir else None,
+                             api_keys=keys, admin_key=admin_key)
+
     try:
-        settings = load_settings(config_path, default_models=defaults, host=host, port=port,
-                                 data_dir=data_dir.expanduser() if data_dir else None)
+        settings = reload()
     except ConfigError as exc:
         raise click.UsageError(f"config: {exc}") from None
+    if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.auth.enabled:
+        logging.getLogger("vramgate").warning(
+            "listening on %s without API keys: anyone who can reach it can use and control it "
+            "(set api_keys in the config, --api-key or VRAMGATE_API_KEYS)", settings.host)
     if used_embedded:
         try:
             ensure_prepared(settings.data_dir)
@@ -67,10 +80,6 @@ def serve(config_path: Path | None, host: str | None, port: int | None, data_dir
     names = ", ".join(m.name for m in settings.models)
     click.echo(f"vramgate: serving {names} on http://{settings.host}:{settings.port}/v1 "
                f"(engine logs in {settings.log_dir})", err=True)
-    def reload():
-        return load_settings(config_path, default_models=defaults, host=host, port=port,
-                             data_dir=data_dir.expanduser() if data_dir else None)
-
     config = uvicorn.Config(create_app(settings, reload=reload), host=settings.host, port=settings.port,
                             log_level=log_level, access_log=False, lifespan="on",
                             timeout_graceful_shutdown=int(settings.shutdown_timeout))
@@ -94,33 +103,27 @@ def prepare(data_dir: Path) -> None:
 @main.command()
 @click.option("--url", envvar="VRAMGATE_URL", default=DEFAULT_URL, show_default=True,
               help="Base URL of a running vramgate.")
+@click.option("--key", envvar=["VRAMGATE_API_KEY", "VRAMGATE_ADMIN_KEY"],
+              help="API key for a server with keys (default: $VRAMGATE_API_KEY).")
 @click.option("--json", "as_json", is_flag=True, help="Print the raw JSON.")
-def models(url: str, as_json: bool) -> None:
+def models(url: str, key: str | None, as_json: bool) -> None:
     """List the configured models of a running server and their state."""
-    import httpx
-
-    try:
-        resp = httpx.get(url.rstrip("/") + "/v1/models", timeout=10)
-        resp.raise_for_status()
-    except httpx.HTTPError as exc:
-        raise click.ClickException(f"cannot read {url}/v1/models: {exc}") from None
-    data = resp.json()["data"]
+    data = _admin(url, "GET", "/v1/models", timeout=10, key=key)["data"]
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
     rows = [("MODEL", "STATE", "TASK", "DEVICE", "ALIASES")]
     rows += [(m["id"], m.get("state", "?"), m.get("task", "?"), m.get("device", "?"),
               ",".join(m.get("aliases", [])) or "-") for m in data]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
+    _table(rows)
 
 
-def _admin(url: str, method: str, path: str, timeout: float = 30) -> dict:
+def _admin(url: str, method: str, path: str, timeout: float = 30, key: str | None = None) -> dict:
     import httpx
 
+    headers = {"authorization": f"Bearer {key}"} if key else {}
     try:
-        resp = httpx.request(method, url.rstrip("/") + path, timeout=timeout)
+        resp = httpx.request(method, url.rstrip("/") + path, timeout=timeout, headers=headers)
     except httpx.HTTPError as exc:
         raise click.ClickException(f"cannot reach {url}: {exc}") from None
     data = resp.json() if resp.headers.get("content-type", "").startswith("application/json") else {}
@@ -131,14 +134,17 @@ def _admin(url: str, method: str, path: str, timeout: float = 30) -> dict:
 
 _url = click.option("--url", envvar="VRAMGATE_URL", default=DEFAULT_URL, show_default=True,
                     help="Base URL of a running vramgate.")
+_key = click.option("--key", envvar=["VRAMGATE_ADMIN_KEY", "VRAMGATE_API_KEY"],
+                    help="Key for a server with API keys (default: $VRAMGATE_ADMIN_KEY).")
 
 
 @main.command()
 @_url
+@_key
 @click.option("--json", "as_json", is_flag=True, help="Print the raw JSON.")
-def ps(url: str, as_json: bool) -> None:
+def ps(url: str, key: str | None, as_json: bool) -> None:
     """The engines of a running server: state, placement, memory, uptime, requests in flight."""
-    data = _admin(url, "GET", "/admin/models")["data"]
+    data = _admin(url, "GET", "/admin/models", key=key)["data"]
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
@@ -161,20 +167,22 @@ def ps(url: str, as_json: bool) -> None:
 @main.command()
 @click.argument("name")
 @_url
-def load(name: str, url: str) -> None:
+@_key
+def load(name: str, url: str, key: str | None) -> None:
     """Load model NAME on a running server and wait until it is ready."""
-    data = _admin(url, "POST", f"/admin/models/{name}/load", timeout=1800)
+    data = _admin(url, "POST", f"/admin/models/{name}/load", timeout=1800, key=key)
     click.echo(f"{data['id']}: {data['state']}")
 
 
 @main.command()
 @click.argument("name")
 @_url
+@_key
 @click.option("--force", is_flag=True, help="Do not wait for in-flight requests.")
-def unload(name: str, url: str, force: bool) -> None:
+def unload(name: str, url: str, key: str | None, force: bool) -> None:
     """Unload model NAME on a running server (after its in-flight requests, unless --force)."""
     data = _admin(url, "POST", f"/admin/models/{name}/unload" + ("?force=true" if force else ""),
-                  timeout=1800)
+                  timeout=1800, key=key)
     click.echo(f"{data['id']}: {data['state']}")
 
 

@@ -27,6 +27,7 @@ from typing import Any, Callable
 
 import yaml
 
+from server.auth import ApiKey, AuthConfig
 from server.errors import ConfigError
 
 DEFAULT_ENGINE_MODULE = "vllm.entrypoints.openai.api_server"
@@ -91,6 +92,7 @@ class Settings:
     max_loaded_models: int | None = None
     place_wait_timeout: float = 10.0
     cpu_memory_budget: int | None = None
+    auth: AuthConfig = AuthConfig()
 
     @property
     def log_dir(self) -> Path:
@@ -181,7 +183,8 @@ _MODEL_KEYS = {"name", "path", "aliases", "task", "device", "engine_args", "kv_c
 _TOP_KEYS = {"host", "port", "data_dir", "models", "engine_module", "engine_python",
              "shutdown_timeout", "engine_stop_grace", "load_wait_timeout", "placement",
              "gpu_headroom", "kv_cache_sequences", "simulate_gpus", "max_loaded_models",
-             "place_wait_timeout", "cpu_memory_budget"}
+             "place_wait_timeout", "cpu_memory_budget", "api_keys", "admin_key", "metrics_auth",
+             "cors_origins"}
 
 
 def parse_model(raw: Any, where: str) -> ModelConfig:
@@ -237,6 +240,48 @@ def parse_model(raw: Any, where: str) -> ModelConfig:
         memory_bytes=None if mem is None else parse_bytes(mem, f"{where}.memory"),
         gpus=gpus, tensor_parallel_size=tp, replicas=replicas, ttl=ttl, **flags,
     )
+
+
+def parse_auth(raw: dict[str, Any], env_keys: tuple[str, ...] = (),
+               env_admin_key: str | None = None) -> AuthConfig:
+    """``api_keys`` (strings, or mappings with ``key``, ``name``, ``models``, ``rpm``), ``admin_key``,
+    ``metrics_auth``, ``cors_origins``; keys from the environment are added (``env-1``, …)."""
+    keys: list[ApiKey] = []
+    entries = raw.get("api_keys") or []
+    if not isinstance(entries, list):
+        raise ConfigError("api_keys: must be a list of keys")
+    for i, item in enumerate(entries):
+        where = f"api_keys[{i}]"
+        if isinstance(item, str):
+            keys.append(ApiKey(_str(item, where), name=f"key-{i + 1}"))
+            continue
+        if not isinstance(item, dict):
+            raise ConfigError(f"{where}: must be a string or a mapping with key")
+        unknown = sorted(set(item) - {"key", "name", "models", "rpm"})
+        if unknown:
+            raise ConfigError(f"{where}.{unknown[0]}: unknown field (known: key, models, name, rpm)")
+        models = item.get("models")
+        if models is not None and (not isinstance(models, list) or not all(
+                isinstance(m, str) for m in models)):
+            raise ConfigError(f"{where}.models: must be a list of model names")
+        rpm = item.get("rpm")
+        keys.append(ApiKey(_str(item.get("key"), f"{where}.key"),
+                           name=str(item.get("name") or f"key-{i + 1}"),
+                           models=tuple(models) if models is not None else None,
+                           rpm=None if rpm is None else int(_number(rpm, f"{where}.rpm", integer=True))))
+    keys += [ApiKey(k, name=f"env-{i + 1}") for i, k in enumerate(env_keys) if k]
+    admin = raw.get("admin_key", env_admin_key)
+    if env_admin_key:
+        admin = env_admin_key
+    metrics_auth = raw.get("metrics_auth", False)
+    if not isinstance(metrics_auth, bool):
+        raise ConfigError("metrics_auth: must be true or false")
+    origins = raw.get("cors_origins") or []
+    if not isinstance(origins, list) or not all(isinstance(o, str) for o in origins):
+        raise ConfigError("cors_origins: must be a list of origins (or [\"*\"])")
+    return AuthConfig(api_keys=tuple(keys),
+                      admin_key=None if admin is None else _str(admin, "admin_key"),
+                      metrics_auth=metrics_auth, cors_origins=tuple(origins))
 
 
 def parse_settings(raw: Any, *,
@@ -307,6 +352,8 @@ def parse_settings(raw: Any, *,
                 raise ConfigError(f"{where}: {key!r} is already used by {seen[key]}")
             seen[key] = where
     kw["models"] = models
+    env_keys = tuple(overrides.pop("api_keys", None) or ())
+    kw["auth"] = parse_auth(raw, env_keys, overrides.pop("admin_key", None))
     kw.update({k: v for k, v in overrides.items() if v is not None})
     return Settings(**kw)
 
