@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections import deque
 from typing import Any, Awaitable, Callable, TypeVar
 
 from starlette.exceptions import HTTPException
@@ -17,10 +18,11 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from server.admission import ModelGate, RateLimited, parse_priority, rate_check
 from server.auth import SCOPE_KEY, PermissionDenied, allowed
 from server.errors import InvalidRequest, ModelNotFound, RouteNotFound, VramgateError, error_body
 from server.metrics import UNKNOWN_MODEL
-from server.pool import Lease, ModelState
+from server.pool import ModelState
 from server.proxy import open_upstream, read_body, read_error, relay_stream
 from server.validation import ROUTES, parse_body, validate
 
@@ -82,6 +84,15 @@ class RelayResponse(StreamingResponse):
             self._finalize()
 
 
+def gate_for(state: Any, model: Any) -> ModelGate:
+    """The model's admission gate, made anew when its limits changed (a configuration reload)."""
+    gate = state.gates.get(model.name)
+    limits = (model.max_concurrency, model.max_queue, model.queue_timeout)
+    if gate is None or (gate.max_concurrency, gate.max_queue, gate.timeout) != limits:
+        gate = state.gates[model.name] = ModelGate(*limits)
+    return gate
+
+
 async def inference(request: Request) -> Response:
     """POST /v1/chat/completions, /v1/completions, /v1/embeddings."""
     route = request.scope["route"].path
@@ -90,7 +101,7 @@ async def inference(request: Request) -> Response:
     settings = pool.settings
     t0 = time.perf_counter()
     label = UNKNOWN_MODEL
-    lease: Lease | None = None
+    cleanups: list[Callable[[], None]] = []  # undone in reverse order when the answer ends
     try:
         raw = await request.body()
         body = parse_body(raw)
@@ -99,18 +110,32 @@ async def inference(request: Request) -> Response:
         if model is None:
             raise ModelNotFound(parsed.model)
         label = model.name
-        if not allowed(request.scope.get(SCOPE_KEY), (model.name, *model.aliases)):
+        key = request.scope.get(SCOPE_KEY)
+        if not allowed(key, (model.name, *model.aliases)):
             raise PermissionDenied(f"This API key may not use the model '{parsed.model}'.")
         needed = ROUTES[route][1]
         if model.task != needed:
             raise InvalidRequest(f"The model '{model.name}' serves {model.task} requests and cannot "
                                  f"answer {route}.", param="model", code="model_not_supported")
+        if key is not None and key.rpm:
+            times = state.rates.setdefault(key.name, deque())
+            wait = rate_check(times, time.monotonic(), key.rpm)
+            if wait:
+                raise RateLimited(f"Rate limit reached: {key.rpm} requests per minute for this key. "
+                                  f"Try again in {wait:.1f} s.", retry_after=wait)
+            times.append(time.monotonic())
         if parsed.model != model.name:  # an alias: the engine only knows its served name
             body["model"] = model.name
             raw = json.dumps(body).encode()
         receive = request.receive
+        gate = gate_for(state, model)
+        await until_disconnect(gate.enter(parse_priority(request.headers.get("x-priority"))),
+                               receive, lambda _: gate.leave())
+        cleanups.append(gate.leave)
         lease = await until_disconnect(pool.acquire(model.name), receive, lambda l: l.release())
+        cleanups.append(lease.release)
         metrics.in_flight.labels(label).inc()
+        cleanups.append(metrics.in_flight.labels(label).dec)
         headers = {"content-type": "application/json"}
         for name in FORWARDED_HEADERS:
             if name in request.headers:
@@ -118,6 +143,7 @@ async def inference(request: Request) -> Response:
         upstream = await until_disconnect(
             open_upstream(state.session, lease.base_url + route, raw, headers), receive,
             lambda r: r.close())
+        cleanups.append(upstream.close)
         if upstream.status >= 400:
             raise await read_error(upstream)
         if not parsed.stream:
@@ -126,15 +152,14 @@ async def inference(request: Request) -> Response:
             metrics.observe(label, route, status, time.perf_counter() - t0)
             return Response(data, status_code=status,
                             media_type=upstream.headers.get("content-type", "application/json"))
-        held, lease = lease, None  # the stream's finalize releases it
+        held, cleanups = cleanups, []  # the stream's finalize undoes them
 
         def first() -> None:
             metrics.ttft.labels(label, route).observe(time.perf_counter() - t0)
 
         def finalize() -> None:
-            upstream.close()
-            held.release()
-            metrics.in_flight.labels(label).dec()
+            for undo in reversed(held):
+                undo()
             metrics.observe(label, route, 200, time.perf_counter() - t0)
 
         return RelayResponse(relay_stream(upstream, null_usage=parsed.include_usage, on_first=first),
@@ -142,15 +167,16 @@ async def inference(request: Request) -> Response:
                              headers={"content-type": "text/event-stream", "cache-control": "no-cache",
                                       "x-accel-buffering": "no"})
     except VramgateError as exc:
+        if exc.status in (429, 503) and exc.code:
+            metrics.rejections.labels(label, exc.code).inc()
         metrics.observe(label, route, exc.status, time.perf_counter() - t0)
         return error_response(exc)
     except ClientGone:
         metrics.observe(label, route, 499, time.perf_counter() - t0)
         return Response(status_code=499)
     finally:
-        if lease is not None:
-            lease.release()
-            metrics.in_flight.labels(label).dec()
+        for undo in reversed(cleanups):
+            undo()
 
 
 def replica_object(rep: Any, now: float) -> dict[str, Any]:
@@ -218,6 +244,8 @@ async def metrics_endpoint(request: Request) -> Response:
     """GET /metrics: Prometheus text exposition of the gateway's own registry."""
     metrics = request.state.metrics
     metrics.set_states({name: e.state.value for name, e in request.state.pool.entries.items()})
+    for name, gate in request.state.gates.items():
+        metrics.queued.labels(name).set(gate.queued)
     return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 

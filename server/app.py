@@ -69,7 +69,7 @@ def create_app(settings: Settings, *, launcher: Launcher = default_launcher,
             loop.add_signal_handler(signal.SIGHUP, on_sighup)
         pool.start()
         try:
-            yield {"pool": pool, "metrics": metrics, "session": session,
+            yield {"pool": pool, "metrics": metrics, "session": session, "gates": {}, "rates": {},
                    "started": int(time.time()), "reload": do_reload}
         finally:
             with contextlib.suppress(NotImplementedError, RuntimeError):

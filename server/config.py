@@ -52,6 +52,8 @@ class ModelConfig:
     are never evicted. ``replicas`` engines serve the model (each request goes to the one with the
     fewest in flight); an idle replica unloads ``ttl`` seconds after its last request ended (0 =
     never); ``preload`` starts the model with the server instead of on its first request.
+    ``max_concurrency`` requests at its engines at once (``None``: no limit), ``max_queue`` waiting
+    beyond those (``None``: no limit), each for at most ``queue_timeout`` seconds.
     """
 
     name: str
@@ -70,6 +72,9 @@ class ModelConfig:
     replicas: int = 1
     ttl: float = 900.0
     preload: bool = False
+    max_concurrency: int | None = None
+    max_queue: int | None = None
+    queue_timeout: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -179,7 +184,8 @@ def _engine_args(value: Any, where: str) -> tuple[str, ...]:
 
 _MODEL_KEYS = {"name", "path", "aliases", "task", "device", "engine_args", "kv_cache_bytes",
                "max_model_len", "startup_timeout", "memory", "gpus", "tensor_parallel_size",
-               "pinned", "replicas", "ttl", "preload"}
+               "pinned", "replicas", "ttl", "preload", "max_concurrency", "max_queue",
+               "queue_timeout"}
 _TOP_KEYS = {"host", "port", "data_dir", "models", "engine_module", "engine_python",
              "shutdown_timeout", "engine_stop_grace", "load_wait_timeout", "placement",
              "gpu_headroom", "kv_cache_sequences", "simulate_gpus", "max_loaded_models",
@@ -231,6 +237,13 @@ def parse_model(raw: Any, where: str) -> ModelConfig:
     ttl = float(_number(raw.get("ttl", 900), f"{where}.ttl", positive=False))
     if ttl < 0:
         raise ConfigError(f"{where}.ttl: must be 0 (never unload) or a number of seconds")
+    limits = {}
+    for key in ("max_concurrency", "max_queue"):
+        if raw.get(key) is not None:
+            limits[key] = int(_number(raw[key], f"{where}.{key}", integer=True, positive=False))
+            if limits[key] < (1 if key == "max_concurrency" else 0):
+                raise ConfigError(f"{where}.{key}: must be at least {1 if key == 'max_concurrency' else 0}")
+    limits["queue_timeout"] = float(_number(raw.get("queue_timeout", 300.0), f"{where}.queue_timeout"))
     return ModelConfig(
         name=name, path=path, aliases=aliases, task=task, device=device,
         engine_args=_engine_args(raw.get("engine_args"), f"{where}.engine_args"),
@@ -238,7 +251,7 @@ def parse_model(raw: Any, where: str) -> ModelConfig:
         max_model_len=None if mml is None else int(_number(mml, f"{where}.max_model_len", integer=True)),
         startup_timeout=float(_number(raw.get("startup_timeout", 600.0), f"{where}.startup_timeout")),
         memory_bytes=None if mem is None else parse_bytes(mem, f"{where}.memory"),
-        gpus=gpus, tensor_parallel_size=tp, replicas=replicas, ttl=ttl, **flags,
+        gpus=gpus, tensor_parallel_size=tp, replicas=replicas, ttl=ttl, **flags, **limits,
     )
 
 

@@ -37,6 +37,11 @@ class Metrics:
                               registry=self.registry)
         self.in_flight = Gauge("requests_in_flight", "Requests holding a lease on an engine.",
                                ["model"], namespace=ns, registry=self.registry)
+        self.queued = Gauge("requests_queued", "Requests waiting for a concurrency slot.",
+                            ["model"], namespace=ns, registry=self.registry)
+        self.rejections = Counter("rejections", "Requests refused before the engine, by reason "
+                                  "(queue_full, queue_timeout, rate_limit_exceeded, ...).",
+                                  ["model", "reason"], namespace=ns, registry=self.registry)
         self.model_state = Gauge("model_state", "1 for the state each model is in, else 0.",
                                  ["model", "state"], namespace=ns, registry=self.registry)
         self._states = states
@@ -44,6 +49,7 @@ class Metrics:
             self.requests.labels(UNKNOWN_MODEL, route, "4xx")
         for name, routes in models.items():
             self.in_flight.labels(name)
+            self.queued.labels(name)
             for route in routes:
                 for cls in ("2xx", "4xx", "5xx"):
                     self.requests.labels(name, route, cls)
