@@ -66,6 +66,13 @@ def _sweep(grace: float) -> None:
     psutil.wait_procs(others(), timeout=5)
 
 
+class _Stop:
+    """Why the engine must stop. Plain attribute writes only: a signal handler must take no lock
+    (``threading.Event.set`` does, and a second signal arriving inside it deadlocks the guard)."""
+
+    requested = False
+
+
 def main(argv: list[str]) -> int:
     if len(argv) < 3 or argv[1] != "--":
         print("usage: python -m server.guard GRACE_SECONDS -- COMMAND...", file=sys.stderr)
@@ -73,9 +80,12 @@ def main(argv: list[str]) -> int:
     grace = float(argv[0])
     _prctl(PR_SET_CHILD_SUBREAPER, 1)
     _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    stop = threading.Event()
+
+    def on_signal(*_: object) -> None:
+        _Stop.requested = True
+
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, on_signal)
     if os.getppid() == 1:  # the gateway died before PDEATHSIG was armed
         return 1
 
@@ -85,12 +95,12 @@ def main(argv: list[str]) -> int:
                 pass
         except (OSError, ValueError):
             pass
-        stop.set()
+        _Stop.requested = True
 
     threading.Thread(target=watch_stdin, daemon=True).start()
     child = subprocess.Popen(argv[2:], stdin=subprocess.DEVNULL)
-    while child.poll() is None and not stop.wait(0.2):
-        pass
+    while child.poll() is None and not _Stop.requested:
+        time.sleep(0.1)
     if child.poll() is None:
         print(f"vramgate guard: stopping engine pid {child.pid} (SIGTERM, grace {grace:g}s)",
               file=sys.stderr, flush=True)
