@@ -67,12 +67,20 @@ def cpu_kv_cache_bytes(per_token: int, context_len: int, available_ram: int, cpu
 
 
 def read_config(model_path: str) -> dict[str, Any] | None:
-    """``config.json`` of a local model folder, or ``None`` for a hub id or an unreadable file."""
+    """``config.json`` of a local model folder, or ``None`` for a hub id, an unreadable file, or
+    one that is not a JSON object."""
     path = Path(model_path) / "config.json"
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+    if not isinstance(data, dict) or not isinstance(data.get("text_config", {}), dict):
+        return None
+    return data
+
+
+# What a config.json with odd values raises in the formulas above (strings, zeros, nulls).
+BAD_CONFIG = (KeyError, ValueError, TypeError, ZeroDivisionError, AttributeError, OverflowError)
 
 
 # Memory needed on every device beyond weights and KV cache. GPU: the CUDA context and cuBLAS
@@ -128,7 +136,7 @@ def weight_bytes(model_path: str, config: dict[str, Any] | None) -> int | None:
     if shards:
         try:
             return sum(safetensors_data_bytes(s) for s in shards)
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, *BAD_CONFIG):
             pass
     other = [p for p in folder.iterdir() if p.suffix in (".bin", ".pt") and p.is_file()]
     if other:
@@ -136,7 +144,7 @@ def weight_bytes(model_path: str, config: dict[str, Any] | None) -> int | None:
     if config is not None:
         try:
             return parameter_count(config) * dtype_bytes(config)
-        except (KeyError, ValueError, TypeError):
+        except BAD_CONFIG:
             return None
     return None
 
@@ -158,13 +166,17 @@ def requirement_for(model: "ModelConfig", kind: str, *, kv_sequences: int, avail
     kv = model.kv_cache_bytes or 0
     if config is not None:
         heads = (config.get("text_config") or config).get("num_attention_heads")
+        if not isinstance(heads, int) or isinstance(heads, bool) or heads <= 0:
+            heads = None
         if not model.kv_cache_bytes:
             try:
                 per_token = kv_bytes_per_token(config)
                 context = model.max_model_len or max_model_len(config)
+                if per_token <= 0 or context <= 0:
+                    raise ValueError("non-positive model dimensions")
                 kv = (cpu_kv_cache_bytes(per_token, context, available_ram, cpu_engines)
                       if kind == "cpu" else per_token * context * kv_sequences)
-            except (KeyError, ValueError, TypeError):
+            except BAD_CONFIG:
                 pass
     if model.memory_bytes is not None:
         weights, kv = model.memory_bytes, 0

@@ -103,6 +103,8 @@ class ModelEntry:
     nofit: ModelUnavailable | None = None
     waiting: int = 0
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+    retiring: bool = False
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # reload's restart/retire, one at a time
 
     def __post_init__(self) -> None:
         if not self.replicas:
@@ -314,13 +316,28 @@ class ModelPool:
                 log.warning("evicting %s (%s on %s, idle for %.0f s) to place %s: %s", victim.model,
                             fmt(victim.booked_bytes), victim.device, self.clock() - victim.last_used,
                             model.name, result.why)
-                await self._stop_replica(victim)
+                # shielded: if this placement is cancelled, the victim still stops completely
+                await asyncio.shield(self._stop_replica(victim))
             rep.plan, rep.requirement, rep.booked_bytes = result, req, result.bytes_per_device
             log.info("placed %s on %s: %s", rep.key, "+".join(result.devices), result.why)
             return result
 
     async def _run(self, entry: ModelEntry, rep: Replica) -> None:
-        """Own one replica's engine from placement to exit."""
+        """Own one replica's engine from placement to exit; whatever goes wrong ends in a state
+        (never a replica stuck loading). Cancelled by ``_stop_replica``."""
+        try:
+            await self._run_engine(entry, rep)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug or an odd model folder: fail the model, keep the pool
+            log.exception("engine for %s: unexpected error", rep.key)
+            if rep.process:
+                await rep.process.stop()
+            self._failed(entry, rep, ModelUnavailable(
+                f"vramgate could not run {entry.config.name}: {exc.__class__.__name__}: {exc}",
+                retry_after=30))
+
+    async def _run_engine(self, entry: ModelEntry, rep: Replica) -> None:
         model = entry.config
         try:
             placed = await self._place(entry, rep)
@@ -410,12 +427,15 @@ class ModelPool:
             rep.measured_bytes = rep.booked_bytes = measured
 
     async def _stop_replica(self, rep: Replica) -> None:
-        """Stop one replica's engine and return its reservation (its state is STOPPING already)."""
+        """Stop one replica: cancel its owning task (wherever it is: placing, starting, watching),
+        then stop its engine, and return its reservation."""
         rep.state = ModelState.STOPPING
+        task = rep.task
+        if task and not task.done() and task is not asyncio.current_task():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
         if rep.process:
             await rep.process.stop()
-        if rep.task and not rep.task.done() and rep.task is not asyncio.current_task():
-            await asyncio.gather(rep.task, return_exceptions=True)
         rep.plan, rep.booked_bytes, rep.measured_bytes, rep.ready_since = None, 0, None, None
         rep.state = ModelState.UNLOADED
         entry = self.entries.get(rep.model)
@@ -533,38 +553,53 @@ class ModelPool:
 
     async def reconfigure(self, settings: Settings) -> dict[str, list[str]]:
         """Apply a new configuration: new models appear, removed ones unload after their in-flight
-        work, changed ones restart (after their in-flight work). Returns what changed."""
-        old = {m.name: m for m in self.settings.models}
-        new = {m.name: m for m in settings.models}
+        work, changed ones restart (after their in-flight work). Returns what changed. Safe to call
+        again before an earlier call's unloads finished: the latest configuration wins."""
         self.settings = settings
+        new = {m.name: m for m in settings.models}
         out: dict[str, list[str]] = {"added": [], "removed": [], "changed": []}
-        for name in old.keys() - new.keys():
-            out["removed"].append(name)
-            self._spawn(self._retire(name), f"retire:{name}")
+        for name, entry in list(self.entries.items()):
+            if name not in new and not entry.retiring:
+                entry.retiring = True
+                out["removed"].append(name)
+                self._spawn(self._retire(entry), f"retire:{name}")
         for name, model in new.items():
-            if name not in self.entries:
+            entry = self.entries.get(name)
+            if entry is None:
                 out["added"].append(name)
-                self.entries[name] = ModelEntry(config=model)
+                self.entries[name] = entry = ModelEntry(config=model)
                 if model.preload:
-                    self._start_model(self.entries[name])
-            elif old.get(name) != model:
+                    self._start_model(entry)
+                continue
+            if entry.retiring:  # removed, then added back before it was gone
+                entry.retiring = False
+                out["added"].append(name)
+            elif entry.config != model:
                 out["changed"].append(name)
-                self._spawn(self._restart(name, model), f"restart:{name}")
+            if entry.config != model:
+                self._spawn(self._restart(entry), f"restart:{name}")
         return out
 
-    async def _retire(self, name: str) -> None:
-        await self.unload(name)
-        self.entries.pop(name, None)
+    async def _retire(self, entry: ModelEntry) -> None:
+        async with entry.lock:
+            if not entry.retiring:
+                return
+            await self.unload(entry.config.name)
+            if entry.retiring and self.entries.get(entry.config.name) is entry:
+                del self.entries[entry.config.name]
 
-    async def _restart(self, name: str, model: ModelConfig) -> None:
-        entry = self.entries[name]
-        running = entry.state != ModelState.UNLOADED
-        await self.unload(name)
-        entry.config = model
-        entry.replicas = [Replica(name, i) for i in range(model.replicas)]
-        entry.failures, entry.gave_up, entry.error = [], False, None
-        if model.preload or running:
-            self._start_model(entry)
+    async def _restart(self, entry: ModelEntry) -> None:
+        async with entry.lock:
+            model = self.settings.resolve(entry.config.name)
+            if model is None or model.name != entry.config.name or model == entry.config:
+                return  # removed again, or an earlier restart already applied this configuration
+            running = entry.state != ModelState.UNLOADED
+            await self.unload(model.name)
+            entry.config = self.settings.resolve(model.name) or model  # the latest, if it changed again
+            entry.replicas = [Replica(model.name, i) for i in range(entry.config.replicas)]
+            entry.failures, entry.gave_up, entry.error = [], False, None
+            if entry.config.preload or running:
+                self._start_model(entry)
 
     async def stop_all(self) -> None:
         """Stop every engine (each: SIGTERM → grace → SIGKILL of its group) and wait for them."""
