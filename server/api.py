@@ -20,7 +20,8 @@ from starlette.types import Receive, Scope, Send
 
 from server.admission import ModelGate, RateLimited, parse_priority, rate_check
 from server.auth import SCOPE_KEY, PermissionDenied, allowed
-from server.errors import InvalidRequest, ModelNotFound, RouteNotFound, VramgateError, error_body
+from server.errors import (ConfigError, InvalidRequest, ModelNotFound, RouteNotFound, VramgateError,
+                           error_body)
 from server.metrics import UNKNOWN_MODEL
 from server.pool import ModelState
 from server.proxy import open_upstream, read_body, read_error, relay_stream
@@ -64,8 +65,11 @@ async def until_disconnect(aw: Awaitable[T], receive: Receive,
     raise ClientGone()
 
 
-def error_response(exc: VramgateError) -> JSONResponse:
-    return JSONResponse(exc.envelope(), status_code=exc.status, headers=exc.headers())
+def error_response(exc: VramgateError) -> Response:
+    """The error as plain JSON. ASCII-escaped, so any text in it (a model name with a lone
+    surrogate, say) can be sent."""
+    return Response(json.dumps(exc.envelope()), status_code=exc.status, headers=exc.headers(),
+                    media_type="application/json")
 
 
 class RelayResponse(StreamingResponse):
@@ -144,6 +148,8 @@ async def inference(request: Request) -> Response:
             open_upstream(state.session, lease.base_url + route, raw, headers), receive,
             lambda r: r.close())
         cleanups.append(upstream.close)
+        state.upstreams.add(upstream)
+        cleanups.append(lambda: state.upstreams.discard(upstream))
         if upstream.status >= 400:
             raise await read_error(upstream)
         if not parsed.stream:
@@ -162,7 +168,8 @@ async def inference(request: Request) -> Response:
                 undo()
             metrics.observe(label, route, 200, time.perf_counter() - t0)
 
-        return RelayResponse(relay_stream(upstream, null_usage=parsed.include_usage, on_first=first),
+        return RelayResponse(relay_stream(upstream, null_usage=parsed.include_usage, on_first=first,
+                                          closing=lambda: pool.closing),
                              finalize, status_code=200,
                              headers={"content-type": "text/event-stream", "cache-control": "no-cache",
                                       "x-accel-buffering": "no"})
@@ -322,6 +329,9 @@ async def admin_reload(request: Request) -> JSONResponse:
     """POST /admin/reload: read the configuration again and apply it (as SIGHUP does)."""
     try:
         changes = await request.state.reload()
+    except ConfigError as exc:  # the file is wrong, not the server: nothing was changed
+        return error_response(InvalidRequest(f"configuration not reloaded: {exc.message}",
+                                             code="invalid_config"))
     except VramgateError as exc:
         return error_response(exc)
     return JSONResponse(changes)

@@ -67,10 +67,25 @@ def create_app(settings: Settings, *, launcher: Launcher = default_launcher,
         loop = asyncio.get_running_loop()
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(signal.SIGHUP, on_sighup)
+        upstreams: set = set()  # engine responses being read, cut short before a forced exit
+
+        def begin_shutdown() -> None:
+            pool.begin_shutdown()
+            log.info("shutting down: admitting nothing new, %d requests in flight get up to %g s",
+                     len(upstreams), settings.shutdown_timeout)
+
+            async def cut_late() -> None:  # end them with an error event before uvicorn cancels
+                await asyncio.sleep(max(0.0, settings.shutdown_timeout - 1.0))
+                for resp in list(upstreams):
+                    resp.close()
+            pool._spawn(cut_late(), "shutdown")
+
+        # uvicorn's signal handler calls this; it only enqueues (see cli.GatewayServer).
+        app.state.begin_shutdown = lambda: loop.call_soon_threadsafe(begin_shutdown)
         pool.start()
         try:
             yield {"pool": pool, "metrics": metrics, "session": session, "gates": {}, "rates": {},
-                   "started": int(time.time()), "reload": do_reload}
+                   "started": int(time.time()), "reload": do_reload, "upstreams": upstreams}
         finally:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.remove_signal_handler(signal.SIGHUP)

@@ -10,6 +10,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from urllib.parse import quote
 
 import click
 
@@ -33,7 +34,8 @@ def main() -> None:
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
               envvar="VRAMGATE_CONFIG", help="YAML config file (default: serve the embedded models).")
 @click.option("--host", envvar="VRAMGATE_HOST", help="Address to listen on (default 127.0.0.1).")
-@click.option("--port", type=int, envvar="VRAMGATE_PORT", help="Port to listen on (default 8000).")
+@click.option("--port", type=click.IntRange(1, 65535), envvar="VRAMGATE_PORT",
+              help="Port to listen on (default 8000).")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), envvar="VRAMGATE_DATA_DIR",
               help="Embedded models and engine logs (default ~/.cache/vramgate).")
 @click.option("--log-level", default="info", show_default=True,
@@ -80,10 +82,21 @@ def serve(config_path: Path | None, host: str | None, port: int | None, data_dir
     names = ", ".join(m.name for m in settings.models)
     click.echo(f"vramgate: serving {names} on http://{settings.host}:{settings.port}/v1 "
                f"(engine logs in {settings.log_dir})", err=True)
-    config = uvicorn.Config(create_app(settings, reload=reload), host=settings.host, port=settings.port,
+    app = create_app(settings, reload=reload)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port,
                             log_level=log_level, access_log=False, lifespan="on",
                             timeout_graceful_shutdown=int(settings.shutdown_timeout))
-    uvicorn.Server(config).run()
+
+    class GatewayServer(uvicorn.Server):
+        """uvicorn, telling the gateway the moment SIGTERM/SIGINT arrives (to stop admitting)."""
+
+        def handle_exit(self, sig, frame) -> None:
+            hook = getattr(app.state, "begin_shutdown", None)
+            if hook is not None and not self.should_exit:
+                hook()
+            super().handle_exit(sig, frame)
+
+    GatewayServer(config).run()
 
 
 @main.command()
@@ -170,7 +183,7 @@ def ps(url: str, key: str | None, as_json: bool) -> None:
 @_key
 def load(name: str, url: str, key: str | None) -> None:
     """Load model NAME on a running server and wait until it is ready."""
-    data = _admin(url, "POST", f"/admin/models/{name}/load", timeout=1800, key=key)
+    data = _admin(url, "POST", f"/admin/models/{quote(name, safe='')}/load", timeout=1800, key=key)
     click.echo(f"{data['id']}: {data['state']}")
 
 
@@ -181,7 +194,7 @@ def load(name: str, url: str, key: str | None) -> None:
 @click.option("--force", is_flag=True, help="Do not wait for in-flight requests.")
 def unload(name: str, url: str, key: str | None, force: bool) -> None:
     """Unload model NAME on a running server (after its in-flight requests, unless --force)."""
-    data = _admin(url, "POST", f"/admin/models/{name}/unload" + ("?force=true" if force else ""),
+    data = _admin(url, "POST", f"/admin/models/{quote(name, safe='')}/unload" + ("?force=true" if force else ""),
                   timeout=1800, key=key)
     click.echo(f"{data['id']}: {data['state']}")
 

@@ -20,6 +20,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,7 +125,7 @@ def parse_bytes(value: Any, where: str) -> int:
             raise ConfigError(f"{where}: must not be negative")
         return value
     if isinstance(value, str):
-        m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", value)
+        m = re.fullmatch(r"\s*([0-9]{1,15}(?:\.[0-9]{1,9})?)\s*([A-Za-z]*)\s*", value)
         if m and m.group(2).lower() in _UNITS:
             return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
     raise ConfigError(f"{where}: must be a byte count such as 4GiB, got {value!r}")
@@ -145,7 +146,7 @@ def _name(value: Any, where: str) -> str:
 
 def _number(value: Any, where: str, *, integer: bool = False, positive: bool = True) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (
-            integer and not isinstance(value, int)):
+            integer and not isinstance(value, int)) or not math.isfinite(value):
         raise ConfigError(f"{where}: must be {'an integer' if integer else 'a number'}, got {value!r}")
     if positive and value <= 0:
         raise ConfigError(f"{where}: must be greater than 0")
@@ -197,7 +198,7 @@ def parse_model(raw: Any, where: str) -> ModelConfig:
     """Validate one entry of ``models`` (a mapping) into a :class:`ModelConfig`."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: must be a mapping with at least name and path")
-    unknown = sorted(set(raw) - _MODEL_KEYS)
+    unknown = sorted(map(str, set(raw) - _MODEL_KEYS))
     if unknown:
         raise ConfigError(f"{where}.{unknown[0]}: unknown field (known: {', '.join(sorted(_MODEL_KEYS))})")
     name = _name(raw.get("name"), f"{where}.name")
@@ -220,6 +221,8 @@ def parse_model(raw: Any, where: str) -> ModelConfig:
         if not isinstance(gpus, list) or not gpus or not all(
                 isinstance(g, int) and not isinstance(g, bool) and g >= 0 for g in gpus):
             raise ConfigError(f"{where}.gpus: must be a non-empty list of GPU indices (0, 1, ...)")
+        if len(set(gpus)) != len(gpus):
+            raise ConfigError(f"{where}.gpus: lists a GPU twice")
         gpus = tuple(gpus)
     tp = raw.get("tensor_parallel_size")
     if tp is not None:
@@ -234,6 +237,8 @@ def parse_model(raw: Any, where: str) -> ModelConfig:
         if not isinstance(flags[key], bool):
             raise ConfigError(f"{where}.{key}: must be true or false")
     replicas = int(_number(raw.get("replicas", 1), f"{where}.replicas", integer=True))
+    if replicas > 64:
+        raise ConfigError(f"{where}.replicas: at most 64")
     ttl = float(_number(raw.get("ttl", 900), f"{where}.ttl", positive=False))
     if ttl < 0:
         raise ConfigError(f"{where}.ttl: must be 0 (never unload) or a number of seconds")
@@ -270,7 +275,7 @@ def parse_auth(raw: dict[str, Any], env_keys: tuple[str, ...] = (),
             continue
         if not isinstance(item, dict):
             raise ConfigError(f"{where}: must be a string or a mapping with key")
-        unknown = sorted(set(item) - {"key", "name", "models", "rpm"})
+        unknown = sorted(map(str, set(item) - {"key", "name", "models", "rpm"}))
         if unknown:
             raise ConfigError(f"{where}.{unknown[0]}: unknown field (known: key, models, name, rpm)")
         models = item.get("models")
@@ -309,7 +314,7 @@ def parse_settings(raw: Any, *,
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError("(top level): must be a mapping")
-    unknown = sorted(set(raw) - _TOP_KEYS)
+    unknown = sorted(map(str, set(raw) - _TOP_KEYS))
     if unknown:
         raise ConfigError(f"{unknown[0]}: unknown field (known: {', '.join(sorted(_TOP_KEYS))})")
     kw: dict[str, Any] = {}
@@ -345,8 +350,11 @@ def parse_settings(raw: Any, *,
                                                  positive=False))
     if "cpu_memory_budget" in raw:
         kw["cpu_memory_budget"] = parse_bytes(raw["cpu_memory_budget"], "cpu_memory_budget")
-    if "simulate_gpus" in raw:
-        kw["simulate_gpus"] = _str(raw["simulate_gpus"], "simulate_gpus")
+    if "simulate_gpus" in raw or overrides.get("simulate_gpus"):
+        spec = overrides.get("simulate_gpus") or _str(raw["simulate_gpus"], "simulate_gpus")
+        from server.gpus.simulated import parse_spec
+        parse_spec(spec)  # a bad layout is a configuration error now, not at server start
+        kw["simulate_gpus"] = spec
     if "models" in raw:
         if not isinstance(raw["models"], list) or not raw["models"]:
             raise ConfigError("models: must be a non-empty list")
@@ -378,9 +386,15 @@ def load_settings(path: Path | None, *,
     raw: Any = None
     if path is not None:
         try:
-            raw = yaml.safe_load(Path(path).read_text())
+            raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-    return parse_settings(raw, default_models=default_models, **overrides)
+    try:
+        return parse_settings(raw, default_models=default_models, **overrides)
+    except (TypeError, ValueError, OverflowError, RecursionError) as exc:
+        # What the field checks did not foresee (a self-referencing YAML anchor, say).
+        raise ConfigError(f"{path or 'configuration'}: invalid: {exc.__class__.__name__}: {exc}") from exc

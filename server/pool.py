@@ -601,6 +601,13 @@ class ModelPool:
             if entry.config.preload or running:
                 self._start_model(entry)
 
+    def begin_shutdown(self) -> None:
+        """Stop admitting: every request waiting for a model gets a 503 now, new ones too."""
+        self.closing = True
+        for entry in self.entries.values():
+            entry.notify()
+        self.notify_capacity()
+
     async def stop_all(self) -> None:
         """Stop every engine (each: SIGTERM → grace → SIGKILL of its group) and wait for them."""
         self.closing = True

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import AsyncIterator, Awaitable, Callable
+from typing import AsyncIterator, Callable
 
 import aiohttp
 
@@ -62,44 +62,43 @@ async def read_error(resp: aiohttp.ClientResponse):
 
 async def relay_stream(resp: aiohttp.ClientResponse, *, null_usage: bool,
                        on_first: Callable[[], None] | None = None,
-                       on_end: Callable[[bool], Awaitable[None] | None] | None = None
-                       ) -> AsyncIterator[bytes]:
-    """Yield the engine's SSE bytes as they arrive.
+                       closing: Callable[[], bool] = lambda: False) -> AsyncIterator[bytes]:
+    """Yield the engine's SSE bytes as they arrive, whole events only, bytes unchanged.
 
-    With ``null_usage`` (the client asked ``stream_options.include_usage``) events are cut at
-    ``\\n\\n`` and given ``"usage":null`` where vLLM omits it (:func:`server.sse.with_null_usage`);
-    otherwise bytes pass untouched. If the engine fails or ends the stream without ``[DONE]``, one
-    OpenAI error event is sent and the body ends. The upstream connection is closed in ``finally``
-    (so vLLM aborts the request when the client goes away), then ``on_end(ok)`` runs.
+    Chunks are cut at ``\n\n`` so that a failure never leaves half an event before the error
+    event. With ``null_usage`` (the client asked ``stream_options.include_usage``) events get
+    ``"usage":null`` where vLLM omits it (:func:`server.sse.with_null_usage`). If the engine fails
+    or ends the stream without ``[DONE]``, one OpenAI error event is sent and the body ends
+    (``closing()`` true: the gateway is shutting down, and says so). The upstream connection is
+    closed in ``finally``, so vLLM aborts the request when the client goes away.
     """
-    splitter = EventSplitter() if null_usage else None
+    splitter = EventSplitter()
     tail = b""
-    ok = False
     try:
         async for chunk in resp.content.iter_any():
             if on_first is not None:
                 on_first()
                 on_first = None
-            if splitter is not None:
-                events = splitter.feed(chunk)
-                if not events:
-                    continue
-                chunk = b"".join(with_null_usage(e) for e in events)
-            tail = (tail + chunk)[-len(DONE):]
-            yield chunk
-        if tail == DONE:
-            ok = True
-        else:
-            yield error_event("the engine ended the stream before it was complete",
-                              code="engine_stream_incomplete")
+            events = splitter.feed(chunk)
+            if not events:
+                continue
+            if null_usage:
+                events = [with_null_usage(e) for e in events]
+            out = b"".join(events)
+            tail = (tail + out)[-len(DONE):]
+            yield out
+        if tail != DONE:
+            yield _failure("the engine ended the stream before it was complete",
+                           "engine_stream_incomplete", closing)
     except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
-        yield error_event(f"the engine connection failed mid-stream: {exc.__class__.__name__}",
-                          code="engine_stream_failed")
+        yield _failure(f"the engine connection failed mid-stream: {exc.__class__.__name__}",
+                       "engine_stream_failed", closing)
     finally:
         resp.close()
-        if on_end is not None:
-            res = on_end(ok)
-            if res is not None:
-                await res
 
 
+def _failure(message: str, code: str, closing: Callable[[], bool]) -> bytes:
+    if closing():
+        return error_event("the server is shutting down; the stream was cut short",
+                           code="server_shutting_down")
+    return error_event(message, code=code)

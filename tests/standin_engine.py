@@ -9,6 +9,7 @@ Its behaviour comes from the model path, ``standin:MODE[,MODE...]``:
 - ``hang-start``          never become healthy
 - ``fail-start``          exit with status 3 at once, after printing an error
 - ``crash-mid-stream``    send two chunks, then exit hard (``os._exit``)
+- ``crash-mid-event``     send two chunks and half of a third, then exit hard
 - ``ignore-sigterm``      ignore SIGTERM (only SIGKILL ends it)
 - ``delay=S``             seconds between chunks (and before a non-streamed answer: S × max_tokens)
 
@@ -103,6 +104,10 @@ class Standin:
             await resp.prepare(request)
             for i, word in enumerate(words):
                 if i == 2 and "crash-mid-stream" in self.modes:
+                    os._exit(9)
+                if i == 2 and "crash-mid-event" in self.modes:
+                    await resp.write(b'data: {"id":"standin-1","choi')
+                    await asyncio.sleep(0.05)
                     os._exit(9)
                 last = i == len(words) - 1
                 delta = {"content": word} if chat else None

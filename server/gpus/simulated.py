@@ -45,13 +45,18 @@ class SimSpec:
 def parse_spec(spec: str) -> SimSpec:
     """Parse a spec string or YAML file path (module doc); :class:`ConfigError` names what is wrong."""
     if Path(spec).is_file():
-        return _from_yaml(yaml.safe_load(Path(spec).read_text()) or {}, spec)
+        try:
+            doc = yaml.safe_load(Path(spec).read_text(encoding="utf-8")) or {}
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+            raise ConfigError(f"simulate_gpus: {spec}: cannot read the layout: {exc}") from exc
+        return _from_yaml(doc, spec)
     parts = spec.split(";")
     gpus: list[SimGpu] = []
     for item in filter(None, (p.strip() for p in parts[0].split(","))):
-        m = re.fullmatch(r"(\d+)\s*x\s*([^@]+?)(?:@(.+))?", item)
-        if not m or int(m.group(1)) < 1:
-            raise ConfigError(f"simulate_gpus: {item!r} is not COUNTxSIZE[@USED] (e.g. 2x80GiB@10GiB)")
+        m = re.fullmatch(r"(\d{1,3})\s*x\s*([^@]+?)(?:@(.+))?", item)
+        if not m or not 1 <= int(m.group(1)) <= 64:
+            raise ConfigError(f"simulate_gpus: {item!r} is not COUNTxSIZE[@USED] with 1-64 GPUs "
+                              "(e.g. 2x80GiB@10GiB)")
         total = parse_bytes(m.group(2), f"simulate_gpus: {item}")
         used = parse_bytes(m.group(3), f"simulate_gpus: {item}") if m.group(3) else 0
         if used > total:
@@ -82,8 +87,10 @@ def _from_yaml(doc: dict, where: str) -> SimSpec:
         gpus.append(SimGpu(parse_bytes(g.get("memory"), f"{where}: gpus[{i}].memory"),
                            parse_bytes(g.get("used_by_others", 0), f"{where}: gpus[{i}].used_by_others"),
                            str(g.get("name", "Simulated GPU"))))
-    engine = {str(k): parse_bytes(v, f"{where}: engine_memory.{k}")
-              for k, v in (doc.get("engine_memory") or {}).items()}
+    mem = doc.get("engine_memory") or {}
+    if not isinstance(mem, dict):
+        raise ConfigError(f"{where}: engine_memory: must map model names (or default) to bytes")
+    engine = {str(k): parse_bytes(v, f"{where}: engine_memory.{k}") for k, v in mem.items()}
     return SimSpec(tuple(gpus), engine)
 
 

@@ -26,6 +26,8 @@ CONFIG = {
         standin("emb", task="embed"),
         standin("slow", "delay=0.2"),
         standin("crashy", "crash-mid-stream"),
+        standin("halfway", "crash-mid-event"),
+        standin("halfway2", "crash-mid-event"),
         standin("broken", "fail-start"),
         standin("stuck", "hang-start", startup_timeout=3),
     ],
@@ -62,7 +64,7 @@ def series_count(gw: Gateway) -> int:
 def test_states_after_start(gw):
     states = gw.states()
     assert states == {"echo": "ready", "emb": "ready", "slow": "ready", "crashy": "ready",
-                      "broken": "failed", "stuck": "failed"}
+                      "halfway": "ready", "halfway2": "ready", "broken": "failed", "stuck": "failed"}
 
 
 def test_failed_start_answers_503_with_cause_and_leaves_no_process(gw):
@@ -130,6 +132,28 @@ def test_crash_mid_stream_ends_with_one_error_event(gw):
     assert gw.states()["crashy"] == "failed"
     r = gw.client.post("/v1/chat/completions", json=chat("crashy"))
     assert r.status_code == 503 and r.json()["error"]["code"] == "model_unavailable"
+
+
+@pytest.mark.parametrize("include_usage", [False, True])
+def test_engine_dying_mid_event_never_sends_half_an_event(gw, include_usage):
+    body = chat("halfway2" if include_usage else "halfway", stream=True,
+                **({"stream_options": {"include_usage": True}} if include_usage else {}))
+    with gw.client.stream("POST", "/v1/chat/completions", json=body) as r:
+        raw = b"".join(r.iter_raw())
+    events = sse_events(raw)
+    for event in events:  # every event is whole JSON: the half one was dropped
+        assert event.startswith(b"data: ")
+        json.loads(event[6:])
+    assert b'"error"' in events[-1] and b"choi" not in raw.replace(b'"choices"', b"")
+
+
+def test_odd_text_in_errors_is_still_json(gw):
+    r = gw.client.post("/v1/chat/completions", content=b'{"model": "\\ud800", "messages": '
+                       b'[{"role": "user", "content": "x"}]}', headers={"content-type": "application/json"})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    deep = b'{"model": "echo", "x": ' + b"[" * 3000 + b"]" * 3000 + b"}"
+    r = gw.client.post("/v1/chat/completions", content=deep)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
 
 
 @pytest.mark.parametrize("route,body", [

@@ -195,5 +195,43 @@ def test_reload_on_sighup_and_admin_reload(tmp_path):
         assert g.client.post("/admin/reload").json() == {"added": [], "removed": [], "changed": ["keep"]}
         cfg.write_text("models: [unclosed")
         r = g.client.post("/admin/reload")
-        assert r.status_code == 500 and "not valid YAML" in r.json()["error"]["message"]
+        assert r.status_code == 400 and "not valid YAML" in r.json()["error"]["message"]
+        assert r.json()["error"]["code"] == "invalid_config"
         assert g.proc.poll() is None  # a bad reload changes nothing and stops nothing
+
+
+def test_sigterm_answers_waiters_at_once_and_ends_long_streams_with_an_error_event(tmp_path):
+    models = [{"name": "slow", "path": "standin:delay=0.2", "preload": True},
+              {"name": "stuck", "path": "standin:hang-start", "startup_timeout": 60}]
+    g = gateway(tmp_path, models, shutdown_timeout=3)
+    try:
+        g.wait_states(30, done=("ready", "unloaded", "failed"))
+        out: dict = {}
+
+        def stream() -> None:
+            with httpx.stream("POST", g.url + "/v1/chat/completions", timeout=30,
+                              json=chat("slow", stream=True, max_tokens=100)) as r:
+                out["stream"] = b"".join(r.iter_raw())
+
+        def wait_cold() -> None:
+            out["cold"] = httpx.post(g.url + "/v1/completions", timeout=30,
+                                     json={"model": "stuck", "prompt": "x"})
+            out["cold_at"] = time.monotonic()
+
+        threads = [threading.Thread(target=stream), threading.Thread(target=wait_cold)]
+        for t in threads:
+            t.start()
+        time.sleep(1.0)
+        t0 = time.monotonic()
+        g.proc.send_signal(signal.SIGTERM)
+        for t in threads:
+            t.join()
+        cold = out["cold"]
+        assert cold.status_code == 503 and "shutting down" in cold.json()["error"]["message"]
+        assert out["cold_at"] - t0 < 1.5
+        events = out["stream"].rstrip(b"\n").split(b"\n\n")
+        assert b"[DONE]" not in out["stream"]
+        assert json.loads(events[-1][6:])["error"]["code"] == "server_shutting_down"
+        assert sum(b'"error"' in e for e in events) == 1
+    finally:
+        g.stop()

@@ -66,3 +66,36 @@ def test_yaml_file_errors(tmp_path):
         load_settings(bad)
     with pytest.raises(ConfigError, match="cannot read"):
         load_settings(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("text,where", [
+    ("models: [{name: a, path: x, 1: 2}]", "models[0].1: unknown field"),
+    ("1: a\nmodels: [{name: a, path: x}]", "1: unknown field"),
+    ("models: [{name: a, path: x, memory: " + "9" * 400 + "GiB}]", "models[0].memory"),
+    ("shutdown_timeout: .inf\nmodels: [{name: a, path: x}]", "shutdown_timeout"),
+    ("shutdown_timeout: .nan\nmodels: [{name: a, path: x}]", "shutdown_timeout"),
+    ("models: [{name: a, path: x, engine_args: &a {x: *a}}]", "invalid"),
+    ("simulate_gpus: abc\nmodels: [{name: a, path: x}]", "simulate_gpus"),
+    ("simulate_gpus: 99999999999999999999x1GiB\nmodels: [{name: a, path: x}]", "simulate_gpus"),
+    ("models: [{name: a, path: x, replicas: 100000000}]", "models[0].replicas"),
+    ("models: [{name: a, path: x, gpus: [0, 0]}]", "models[0].gpus"),
+])
+def test_odd_files_give_a_message_not_a_traceback(tmp_path, text, where):
+    f = tmp_path / "c.yaml"
+    f.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_settings(f)
+    assert where in str(info.value), str(info.value)
+
+
+def test_non_utf8_and_bad_simulated_layout_files(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_bytes(b"\xff\xfemodels: []")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_settings(f)
+    layout = tmp_path / "layout.yaml"
+    for doc in ("gpus: [", "gpus: [{memory: 8GiB}]\nengine_memory: [1]"):
+        layout.write_text(doc)
+        f.write_text(f"simulate_gpus: {layout}\nmodels: [{{name: a, path: x}}]")
+        with pytest.raises(ConfigError, match="simulate_gpus|engine_memory"):
+            load_settings(f)

@@ -269,3 +269,66 @@ def test_reconfigure_adds_removes_and_restarts():
         assert ("start", "c") in log
         await pool.stop_all()
     run(go())
+
+
+@pytest.mark.parametrize("config", ['{"num_attention_heads": "x"}',
+                                    '{"num_hidden_layers": 2, "num_attention_heads": 0, "hidden_size": 64}',
+                                    '[1, 2]', '{"text_config": 5}'])
+def test_odd_model_config_never_leaves_a_model_loading(tmp_path, config):
+    (tmp_path / "config.json").write_text(config)
+
+    async def go():
+        pool, _, log, _ = make_pool([ModelConfig(name="m", path=str(tmp_path))])
+        lease = await asyncio.wait_for(pool.acquire("m"), 5)  # the estimate falls back, it runs
+        lease.release()
+        await pool.stop_all()
+    run(go())
+
+
+def test_unloading_a_model_while_it_starts_is_not_a_failure():
+    async def go():
+        pool, _, log, engines = make_pool([model("a")])
+        gate = asyncio.Event()
+        original = FakeEngine.wait_healthy
+
+        async def slow_healthy(self, timeout, client):
+            await gate.wait()
+            return await original(self, timeout, client)
+
+        FakeEngine.wait_healthy = slow_healthy
+        try:
+            waiter = asyncio.create_task(pool.acquire("a"))
+            await until(lambda: "a" in engines)
+            await pool.unload("a")
+            entry = pool.entries["a"]
+            assert entry.failures == [] and entry.error is None
+            assert ("stop", "a") in log
+            gate.set()
+            lease = await asyncio.wait_for(waiter, 5)  # the waiter loads it again
+            assert log.count(("start", "a")) == 2
+            lease.release()
+        finally:
+            FakeEngine.wait_healthy = original
+        await pool.stop_all()
+    run(go())
+
+
+def test_quick_successive_reloads_apply_the_latest_configuration_once():
+    async def go():
+        pool, _, log, engines = make_pool([model("a")])
+        lease = await pool.acquire("a")  # in flight: changes wait for it
+        base = pool.settings
+        await pool.reconfigure(replace(base, models=()))                 # removed ...
+        assert (await pool.reconfigure(base))["added"] == ["a"]         # ... and back at once
+        await pool.reconfigure(replace(base, models=(model("a", ttl=100),)))
+        await pool.reconfigure(replace(base, models=(model("a", ttl=200),)))
+        lease.release()
+        await until(lambda: pool.entries["a"].config.ttl == 200)
+        await settle()
+        assert list(pool.entries) == ["a"]
+        running = [r for r in pool.entries["a"].replicas if r.state != ModelState.UNLOADED]
+        assert len(running) <= 1
+        assert (await pool.reconfigure(replace(base, models=(model("a", ttl=200),)))) == {
+            "added": [], "removed": [], "changed": []}
+        await pool.stop_all()
+    run(go())

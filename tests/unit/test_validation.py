@@ -54,3 +54,9 @@ def test_parse_body():
 def test_routes_for_task():
     assert routes_for_task("embed") == ("/v1/embeddings",)
     assert routes_for_task("generate") == ("/v1/chat/completions", "/v1/completions")
+
+
+def test_deep_nesting_is_a_400_not_a_crash():
+    deep = b'{"model": "m", "x": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+    with pytest.raises(InvalidRequest, match="nested too deeply"):
+        parse_body(deep)
