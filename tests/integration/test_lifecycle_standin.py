@@ -50,7 +50,7 @@ def gateway(tmp_path, models, **top) -> Gateway:
 
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory):
-    models = [{"name": "slow", "path": "standin:slow-start=2"},
+    models = [{"name": "slow", "path": "standin:slow-start=3"},
               {"name": "brief", "path": "standin:ok", "ttl": 1},
               {"name": "crashy", "path": "standin:crash-mid-stream"},
               {"name": "broken", "path": "standin:fail-start"}]
@@ -75,8 +75,8 @@ def test_concurrent_first_requests_share_one_cold_start(gw):
     threads = [threading.Thread(target=one) for _ in range(8)]
     for t in threads:
         t.start()
-    time.sleep(0.5)
-    assert gw.states()["slow"] == "loading"  # /v1/models and /health answer during the load
+    # /v1/models and /health answer during the load
+    assert wait_for(lambda: gw.states()["slow"] == "loading", 5)
     assert gw.client.get("/v1/models/slow").json()["state"] == "loading"
     for t in threads:
         t.join()
