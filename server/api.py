@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections import deque
 from typing import Any, Awaitable, Callable, TypeVar
@@ -20,15 +21,17 @@ from starlette.types import Receive, Scope, Send
 
 from server.admission import ModelGate, RateLimited, parse_priority, rate_check
 from server.auth import SCOPE_KEY, PermissionDenied, allowed
+from server.requestid import SCOPE_KEY as RID_KEY
 from server.errors import (ConfigError, InvalidRequest, ModelNotFound, RouteNotFound, VramgateError,
-                           error_body)
+                           anthropic_body, error_body)
+from server.sse import ANTHROPIC, OPENAI, RESPONSES
 from server.metrics import UNKNOWN_MODEL
 from server.pool import ModelState
 from server.proxy import open_upstream, read_body, read_error, relay_stream
-from server.validation import ROUTES, parse_body, validate
+from server.validation import ANTHROPIC_ROUTES, ROUTES, parse_body, validate
 
 T = TypeVar("T")
-FORWARDED_HEADERS = ("x-request-id",)
+log = logging.getLogger("vramgate.api")
 
 
 class ClientGone(Exception):
@@ -65,11 +68,40 @@ async def until_disconnect(aw: Awaitable[T], receive: Receive,
     raise ClientGone()
 
 
-def error_response(exc: VramgateError) -> Response:
-    """The error as plain JSON. ASCII-escaped, so any text in it (a model name with a lone
-    surrogate, say) can be sent."""
-    return Response(json.dumps(exc.envelope()), status_code=exc.status, headers=exc.headers(),
+class BodyTooLarge(VramgateError):
+    """413: the request body is larger than ``max_body_bytes``."""
+
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
+async def read_limited(request: Request, limit: int) -> bytes:
+    """The request body, or :class:`BodyTooLarge` as soon as it passes ``limit`` bytes (checked on
+    ``Content-Length`` first, then while reading, so a huge body is never held in memory)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge(f"The request body is {int(declared)} bytes; the limit is {limit}.",
+                           should_retry=False)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(f"The request body is over the limit of {limit} bytes.",
+                               should_retry=False)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def error_response(exc: VramgateError, route: str = "") -> Response:
+    """The error as plain JSON: the OpenAI envelope, or the Anthropic shape on the Anthropic
+    routes. ASCII-escaped, so any text in it (a model name with a lone surrogate) can be sent."""
+    body = anthropic_body(exc.status, exc.message) if route in ANTHROPIC_ROUTES else exc.envelope()
+    return Response(json.dumps(body), status_code=exc.status, headers=exc.headers(),
                     media_type="application/json")
+
+
+FLAVORS = {"/v1/responses": RESPONSES, "/v1/messages": ANTHROPIC}
 
 
 class RelayResponse(StreamingResponse):
@@ -107,7 +139,7 @@ async def inference(request: Request) -> Response:
     label = UNKNOWN_MODEL
     cleanups: list[Callable[[], None]] = []  # undone in reverse order when the answer ends
     try:
-        raw = await request.body()
+        raw = await read_limited(request, settings.max_body_bytes)
         body = parse_body(raw)
         parsed = validate(route, body)
         model = settings.resolve(parsed.model)
@@ -140,10 +172,8 @@ async def inference(request: Request) -> Response:
         cleanups.append(lease.release)
         metrics.in_flight.labels(label).inc()
         cleanups.append(metrics.in_flight.labels(label).dec)
-        headers = {"content-type": "application/json"}
-        for name in FORWARDED_HEADERS:
-            if name in request.headers:
-                headers[name] = request.headers[name]
+        headers = {"content-type": "application/json",
+                   "x-request-id": request.scope.get(RID_KEY) or ""}
         upstream = await until_disconnect(
             open_upstream(state.session, lease.base_url + route, raw, headers), receive,
             lambda r: r.close())
@@ -168,16 +198,21 @@ async def inference(request: Request) -> Response:
                 undo()
             metrics.observe(label, route, 200, time.perf_counter() - t0)
 
-        return RelayResponse(relay_stream(upstream, null_usage=parsed.include_usage, on_first=first,
-                                          closing=lambda: pool.closing),
+        flavor = FLAVORS.get(route, OPENAI)
+        return RelayResponse(relay_stream(upstream, null_usage=parsed.include_usage and flavor is OPENAI,
+                                          on_first=first, closing=lambda: pool.closing,
+                                          flavor=flavor),
                              finalize, status_code=200,
                              headers={"content-type": "text/event-stream", "cache-control": "no-cache",
                                       "x-accel-buffering": "no"})
     except VramgateError as exc:
         if exc.status in (429, 503) and exc.code:
             metrics.rejections.labels(label, exc.code).inc()
+        if exc.status >= 500:
+            log.warning("request %s for %s failed: %s %s", request.scope.get(RID_KEY), label,
+                        exc.status, exc.message.splitlines()[0])
         metrics.observe(label, route, exc.status, time.perf_counter() - t0)
-        return error_response(exc)
+        return error_response(exc, route)
     except ClientGone:
         metrics.observe(label, route, 499, time.perf_counter() - t0)
         return Response(status_code=499)

@@ -17,6 +17,7 @@ from starlette.middleware.cors import CORSMiddleware
 
 from server import api
 from server.auth import AuthMiddleware
+from server.requestid import RequestIdMiddleware
 from server.config import Settings
 from server.errors import ConfigError
 from server.gpus import Inventory, make_inventory
@@ -92,7 +93,7 @@ def create_app(settings: Settings, *, launcher: Launcher = default_launcher,
             await pool.stop_all()
             await session.close()
 
-    middleware = [Middleware(AuthMiddleware, auth=settings.auth)]
+    middleware = [Middleware(RequestIdMiddleware), Middleware(AuthMiddleware, auth=settings.auth)]
     if settings.auth.cors_origins:  # outermost: preflights need no key, and a 401 carries CORS headers
         middleware.insert(0, Middleware(CORSMiddleware, allow_origins=list(settings.auth.cors_origins),
                                         allow_methods=["*"], allow_headers=["*"],

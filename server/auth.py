@@ -7,7 +7,8 @@ dropped), so ``/V1//chat/completions/`` is judged like ``/v1/chat/completions`` 
 - ``/admin/...`` needs the admin key (or, when no admin key is set, any API key);
 - every other path, known or not, needs an API key once any key is configured.
 
-Keys come as ``Authorization: Bearer <key>`` and are compared in constant time against every
+Keys come as ``Authorization: Bearer <key>`` (or ``x-api-key: <key>``, as the ``anthropic`` client
+sends them) and are compared in constant time against every
 configured key (``hmac.compare_digest``). A key never appears in logs, metrics, reprs or errors.
 """
 
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from server.errors import VramgateError
+from server.errors import VramgateError, anthropic_body
 
 SCOPE_KEY = "vramgate.api_key"
 
@@ -147,10 +148,13 @@ class AuthMiddleware:
             if name == b"authorization":
                 header = value.decode("latin-1")
                 break
+            if name == b"x-api-key" and header is None:  # the anthropic client's way
+                header = "Bearer " + value.decode("latin-1")
         try:
             scope[SCOPE_KEY] = check(self.auth, scope["path"], header)
         except AuthError as exc:
-            body = json.dumps(exc.envelope()).encode()
+            anthropic = normalize_path(scope["path"]).startswith("/v1/messages")
+            body = json.dumps(anthropic_body(401, exc.message) if anthropic else exc.envelope()).encode()
             headers = [(b"content-type", b"application/json"),
                        (b"content-length", str(len(body)).encode()),
                        (b"www-authenticate", b"Bearer")]

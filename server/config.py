@@ -99,6 +99,7 @@ class Settings:
     place_wait_timeout: float = 10.0
     cpu_memory_budget: int | None = None
     auth: AuthConfig = AuthConfig()
+    max_body_bytes: int = 32 * 2**20
 
     @property
     def log_dir(self) -> Path:
@@ -191,7 +192,7 @@ _TOP_KEYS = {"host", "port", "data_dir", "models", "engine_module", "engine_pyth
              "shutdown_timeout", "engine_stop_grace", "load_wait_timeout", "placement",
              "gpu_headroom", "kv_cache_sequences", "simulate_gpus", "max_loaded_models",
              "place_wait_timeout", "cpu_memory_budget", "api_keys", "admin_key", "metrics_auth",
-             "cors_origins"}
+             "cors_origins", "max_body_bytes"}
 
 
 def parse_model(raw: Any, where: str) -> ModelConfig:
@@ -348,6 +349,8 @@ def parse_settings(raw: Any, *,
     if "place_wait_timeout" in raw:
         kw["place_wait_timeout"] = float(_number(raw["place_wait_timeout"], "place_wait_timeout",
                                                  positive=False))
+    if "max_body_bytes" in raw:
+        kw["max_body_bytes"] = parse_bytes(raw["max_body_bytes"], "max_body_bytes")
     if "cpu_memory_budget" in raw:
         kw["cpu_memory_budget"] = parse_bytes(raw["cpu_memory_budget"], "cpu_memory_budget")
     if "simulate_gpus" in raw or overrides.get("simulate_gpus"):

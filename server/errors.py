@@ -159,3 +159,15 @@ def normalize_upstream_error(status: int, body: bytes) -> UpstreamError:
         message = body.decode("utf-8", "replace")[:2000] or f"engine answered HTTP {status}"
     type_ = _TYPE_BY_STATUS.get(status, "server_error" if status >= 500 else "invalid_request_error")
     return UpstreamError(status, message, type_=type_, param=param, code=code)
+
+
+_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                    404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
+                    503: "overloaded_error", 529: "overloaded_error"}
+
+
+def anthropic_body(status: int, message: str) -> dict[str, Any]:
+    """The Anthropic API's error shape, ``{"type": "error", "error": {"type", "message"}}``, which
+    the official ``anthropic`` client parses on ``/v1/messages``."""
+    return {"type": "error", "error": {"type": _ANTHROPIC_TYPES.get(status, "api_error"),
+                                       "message": message}}

@@ -14,7 +14,7 @@ from typing import AsyncIterator, Callable
 import aiohttp
 
 from server.errors import ModelUnavailable, normalize_upstream_error
-from server.sse import DONE, EventSplitter, error_event, with_null_usage
+from server.sse import OPENAI, EventSplitter, StreamFlavor, with_null_usage
 
 # Engines answer slowly (a long generation); only the connection attempt is bounded.
 TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10)
@@ -62,18 +62,20 @@ async def read_error(resp: aiohttp.ClientResponse):
 
 async def relay_stream(resp: aiohttp.ClientResponse, *, null_usage: bool,
                        on_first: Callable[[], None] | None = None,
-                       closing: Callable[[], bool] = lambda: False) -> AsyncIterator[bytes]:
+                       closing: Callable[[], bool] = lambda: False,
+                       flavor: StreamFlavor = OPENAI) -> AsyncIterator[bytes]:
     """Yield the engine's SSE bytes as they arrive, whole events only, bytes unchanged.
 
     Chunks are cut at ``\n\n`` so that a failure never leaves half an event before the error
     event. With ``null_usage`` (the client asked ``stream_options.include_usage``) events get
     ``"usage":null`` where vLLM omits it (:func:`server.sse.with_null_usage`). If the engine fails
-    or ends the stream without ``[DONE]``, one OpenAI error event is sent and the body ends
+    or ends the stream without its proper last event (``flavor``: ``[DONE]`` for the OpenAI routes),
+    one error event in the route's shape is sent and the body ends
     (``closing()`` true: the gateway is shutting down, and says so). The upstream connection is
     closed in ``finally``, so vLLM aborts the request when the client goes away.
     """
     splitter = EventSplitter()
-    tail = b""
+    last = b""
     try:
         async for chunk in resp.content.iter_any():
             if on_first is not None:
@@ -84,21 +86,20 @@ async def relay_stream(resp: aiohttp.ClientResponse, *, null_usage: bool,
                 continue
             if null_usage:
                 events = [with_null_usage(e) for e in events]
-            out = b"".join(events)
-            tail = (tail + out)[-len(DONE):]
-            yield out
-        if tail != DONE:
+            last = events[-1]
+            yield b"".join(events)
+        if not flavor.complete(last):
             yield _failure("the engine ended the stream before it was complete",
-                           "engine_stream_incomplete", closing)
+                           "engine_stream_incomplete", closing, flavor)
     except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
         yield _failure(f"the engine connection failed mid-stream: {exc.__class__.__name__}",
-                       "engine_stream_failed", closing)
+                       "engine_stream_failed", closing, flavor)
     finally:
         resp.close()
 
 
-def _failure(message: str, code: str, closing: Callable[[], bool]) -> bytes:
+def _failure(message: str, code: str, closing: Callable[[], bool], flavor: StreamFlavor) -> bytes:
     if closing():
-        return error_event("the server is shutting down; the stream was cut short",
-                           code="server_shutting_down")
-    return error_event(message, code=code)
+        return flavor.error("the server is shutting down; the stream was cut short",
+                            "server_shutting_down")
+    return flavor.error(message, code)

@@ -54,3 +54,44 @@ def error_event(message: str, type_: str = "server_error", code: str | None = No
     """One SSE event carrying an OpenAI error object (the ``openai`` client raises on it)."""
     body: dict[str, Any] = {"error": {"message": message, "type": type_, "param": None, "code": code}}
     return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
+
+
+def _last_is(event: bytes, *needles: bytes) -> bool:
+    return any(n in event for n in needles)
+
+
+class StreamFlavor:
+    """How one API family ends a stream and reports an error in it.
+
+    - ``openai`` (chat, completions): ends with ``data: [DONE]``; errors as ``data: {"error": …}``.
+    - ``responses`` (``/v1/responses``): ends with a ``response.completed`` (or ``.failed``,
+      ``.incomplete``) event; errors as ``event: error`` + ``{"type": "error", "code", "message"}``.
+    - ``anthropic`` (``/v1/messages``): ends with ``event: message_stop``; errors as ``event: error``
+      + ``{"type": "error", "error": {"type": "api_error", "message"}}``.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def complete(self, last_event: bytes) -> bool:
+        """Did the engine end the stream properly, given its last whole event?"""
+        if self.name == "openai":
+            return last_event == DONE
+        if self.name == "responses":
+            return _last_is(last_event, b'"response.completed"', b'"response.failed"',
+                            b'"response.incomplete"')
+        return _last_is(last_event, b"event: message_stop", b'"type":"message_stop"',
+                        b'"type": "message_stop"')
+
+    def error(self, message: str, code: str) -> bytes:
+        """One error event in this family's shape."""
+        if self.name == "openai":
+            return error_event(message, code=code)
+        if self.name == "responses":
+            body = {"type": "error", "code": code, "message": message, "param": None}
+        else:
+            body = {"type": "error", "error": {"type": "api_error", "message": message}}
+        return b"event: error\ndata: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
+
+
+OPENAI, RESPONSES, ANTHROPIC = StreamFlavor("openai"), StreamFlavor("responses"), StreamFlavor("anthropic")

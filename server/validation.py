@@ -17,7 +17,11 @@ ROUTES = {
     "/v1/chat/completions": ("messages", "generate"),
     "/v1/completions": ("prompt", "generate"),
     "/v1/embeddings": ("input", "embed"),
+    "/v1/responses": ("input", "generate"),
+    "/v1/messages": ("messages", "generate"),             # Anthropic Messages API
+    "/v1/messages/count_tokens": ("messages", "generate"),  # Anthropic token counting
 }
+ANTHROPIC_ROUTES = ("/v1/messages", "/v1/messages/count_tokens")
 
 
 def routes_for_task(task: str) -> tuple[str, ...]:

@@ -141,6 +141,36 @@ def test_bad_requests(gw, client):
     assert "max_tokens" in info.value.message
 
 
+def test_responses_api(client):
+    r = client.responses.create(model="smollm2", input="Say hello", max_output_tokens=16)
+    assert r.output_text and r.model == CHAT
+    events = list(client.responses.create(model=CHAT, input="Say hello", max_output_tokens=8,
+                                          stream=True))
+    assert events[-1].type == "response.completed"
+    assert any(e.type == "response.output_text.delta" for e in events)
+
+
+def test_anthropic_messages_with_the_anthropic_client(gw):
+    import anthropic
+
+    claude = anthropic.Anthropic(base_url=gw.url, api_key="unused", max_retries=0)
+    msg = claude.messages.create(model="smollm2", max_tokens=16,
+                                 messages=[{"role": "user", "content": "Say hello"}])
+    assert msg.type == "message" and msg.content[0].text
+    with claude.messages.stream(model=CHAT, max_tokens=8,
+                                messages=[{"role": "user", "content": "Say hello"}]) as stream:
+        text = "".join(stream.text_stream)
+        final = stream.get_final_message()
+    assert final.stop_reason in ("max_tokens", "end_turn") and text == final.content[0].text
+    count = claude.messages.count_tokens(model=CHAT,
+                                         messages=[{"role": "user", "content": "Say hello"}])
+    assert count.input_tokens > 0
+    with pytest.raises(anthropic.NotFoundError) as info:  # errors in Anthropic's own shape
+        claude.messages.create(model="no-such-model", max_tokens=4,
+                               messages=[{"role": "user", "content": "hi"}])
+    assert info.value.body["error"]["type"] == "not_found_error"
+
+
 def engine_running(gw: Gateway) -> float:
     """``vllm:num_requests_running`` of the chat engine, read from its own /metrics (loopback)."""
     url = re.search(rf"engine for {CHAT}#0 ready on (http://127.0.0.1:\d+)", gw.log_text()).group(1)

@@ -53,7 +53,8 @@ def test_parse_body():
 
 def test_routes_for_task():
     assert routes_for_task("embed") == ("/v1/embeddings",)
-    assert routes_for_task("generate") == ("/v1/chat/completions", "/v1/completions")
+    assert routes_for_task("generate")[:2] == ("/v1/chat/completions", "/v1/completions")
+    assert "/v1/messages" in routes_for_task("generate")
 
 
 def test_deep_nesting_is_a_400_not_a_crash():
