@@ -19,6 +19,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from server import openapi
 from server.admission import ModelGate, RateLimited, parse_priority, rate_check
 from server.auth import SCOPE_KEY, PermissionDenied, allowed
 from server.requestid import SCOPE_KEY as RID_KEY
@@ -276,6 +277,11 @@ async def get_model(request: Request) -> JSONResponse:
     return JSONResponse(model_object(pool.entries[model.name], request.state.started, pool.clock()))
 
 
+async def openapi_json(request: Request) -> JSONResponse:
+    """GET /openapi.json: the OpenAPI document of these routes."""
+    return JSONResponse(openapi.document())
+
+
 async def health(request: Request) -> JSONResponse:
     """GET /health: 200 while the gateway runs, with each model's state."""
     states = {name: e.state.value for name, e in request.state.pool.entries.items()}
@@ -387,6 +393,7 @@ routes = [
     Route("/v1/models", list_models, methods=["GET"]),
     Route("/v1/models/{model_id:path}", get_model, methods=["GET"]),
     Route("/health", health, methods=["GET"]),
+    Route("/openapi.json", openapi_json, methods=["GET"]),
     Route("/admin/gpus", admin_gpus, methods=["GET"]),
     Route("/admin/models", admin_models, methods=["GET"]),
     Route("/admin/models/{name:path}/load", admin_load, methods=["POST"]),

@@ -75,6 +75,14 @@ class Standin:
         return b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
 
     async def generate(self, request: web.Request) -> web.StreamResponse:
+        try:
+            return await self._generate(request)
+        except (ValueError, TypeError, AttributeError) as exc:  # odd input: a 400, as vLLM answers
+            return web.json_response({"error": {"message": f"bad request: {exc}", "type":
+                                                "BadRequestError", "param": None, "code": 400}},
+                                     status=400)
+
+    async def _generate(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         if body.get("model") != self.name:
             return web.json_response({"error": {"message": f"The model `{body.get('model')}` does not "
@@ -130,6 +138,9 @@ class Standin:
 
     async def embeddings(self, request: web.Request) -> web.Response:
         body = await request.json()
+        if not isinstance(body, dict) or not isinstance(body.get("input"), (str, list)):
+            return web.json_response({"error": {"message": "bad input", "type": "BadRequestError",
+                                                "param": "input", "code": 400}}, status=400)
         inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
         data = [{"index": i, "object": "embedding", "embedding": [0.1] * 8} for i in range(len(inputs))]
         return web.json_response({"object": "list", "model": self.name, "data": data,
