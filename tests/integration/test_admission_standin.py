@@ -87,3 +87,29 @@ def test_requests_per_minute_per_key(gw):
     assert post(gw, "queued", 1).status_code == 200  # another key is not affected
     assert 'vramgate_rejections_total{model="queued",reason="rate_limit_exceeded"} 1.0' in \
         httpx.get(gw.url + "/metrics").text
+
+
+def test_a_queued_request_that_hangs_up_frees_its_place(gw):
+    holders = [threading.Thread(target=lambda: post(gw, "queued", max_tokens=40)) for _ in range(2)]
+    for t in holders:
+        t.start()
+    time.sleep(0.3)  # both slots busy for about 2 s
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(gw.url + "/v1/completions", headers=AUTH, timeout=httpx.Timeout(10, read=0.5),
+                   json={"model": "queued", "prompt": "x", "max_tokens": 1})
+    time.sleep(0.3)
+    assert 'vramgate_requests_queued{model="queued"} 0.0' in httpx.get(gw.url + "/metrics").text
+    for t in holders:
+        t.join()
+    assert post(gw, "queued", max_tokens=1).status_code == 200  # no slot leaked
+
+
+def test_body_limit_and_request_id(gw):
+    r = httpx.post(gw.url + "/v1/completions", headers={**AUTH, "x-request-id": "trace-123"},
+                   json={"model": "queued", "prompt": "x", "max_tokens": 1})
+    assert r.headers["x-request-id"] == "trace-123"
+    r = httpx.post(gw.url + "/v1/completions", headers=AUTH, json={"model": "nope", "prompt": "x"})
+    assert len(r.headers["x-request-id"]) == 32  # generated, also on errors
+    big = b'{"model": "queued", "prompt": "' + b"x" * (33 * 2**20) + b'"}'
+    r = httpx.post(gw.url + "/v1/completions", headers=AUTH, content=big)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"

@@ -63,6 +63,13 @@ def test_nothing_starts_before_the_first_request(gw):
     assert gw.descendants() == []
     listed = gw.client.get("/v1/models").json()["data"]
     assert {m["state"] for m in listed} == {"unloaded"} and gw.descendants() == []
+    # C10: a bad request for a model that is not loaded is a 400 and starts nothing.
+    for messages in ([], None, [{"role": "user"}]):
+        for stream in (False, True):
+            r = gw.client.post("/v1/chat/completions",
+                               json={"model": "slow", "messages": messages, "stream": stream})
+            assert r.status_code == 400 and r.json()["error"]["param"].startswith("messages")
+    assert gw.descendants() == [] and starts(gw, "slow") == 0
 
 
 def test_concurrent_first_requests_share_one_cold_start(gw):
