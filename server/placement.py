@@ -30,7 +30,7 @@ fraction is ``share / total`` rounded down to 4 decimals after rounding the shar
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 GiB = 2**30
 POLICIES = ("pack", "spread")

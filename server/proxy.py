@@ -8,7 +8,6 @@ are translated into the error tree here and nowhere else.
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import AsyncIterator, Callable
 
 import aiohttp

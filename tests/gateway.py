@@ -130,3 +130,11 @@ class Gateway:
         self.client.close()
         self.log.close()
         return self.proc.returncode
+
+
+def standin_gateway(tmp: Path, config: dict[str, Any]) -> Gateway:
+    """A gateway whose engines are the stand-in (``tests/standin_engine.py``), which writes its
+    records under ``tmp/standin``. ``config`` is the YAML document without ``engine_module``."""
+    (tmp / "standin").mkdir(exist_ok=True)
+    full = {"engine_module": "tests.standin_engine", "engine_stop_grace": 2, **config}
+    return Gateway(tmp, full, env={"STANDIN_DIR": str(tmp / "standin")})

@@ -8,10 +8,9 @@ import time
 import httpx
 import pytest
 
-from tests.gateway import Gateway
+from tests.gateway import standin_gateway
 
-CONFIG = {"engine_module": "tests.standin_engine", "engine_stop_grace": 2,
-          "api_keys": ["sk-open", {"key": "sk-slow", "rpm": 3}],
+CONFIG = {"api_keys": ["sk-open", {"key": "sk-slow", "rpm": 3}],
           "models": [{"name": "one", "path": "standin:delay=0.05", "preload": True,
                       "max_concurrency": 1, "max_queue": 0},
                      {"name": "queued", "path": "standin:delay=0.05", "preload": True,
@@ -21,9 +20,7 @@ AUTH = {"authorization": "Bearer sk-open"}
 
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("adm")
-    (tmp / "standin").mkdir()
-    with Gateway(tmp, CONFIG, env={"STANDIN_DIR": str(tmp / "standin")}) as g:
+    with standin_gateway(tmp_path_factory.mktemp("adm"), CONFIG) as g:
         g.wait_states(60)
         yield g
 

@@ -7,10 +7,9 @@ import httpx
 import openai
 import pytest
 
-from tests.gateway import Gateway
+from tests.gateway import standin_gateway
 
-CONFIG = {"engine_module": "tests.standin_engine", "engine_stop_grace": 2,
-          "api_keys": ["sk-user", {"key": "sk-limited", "models": ["small"]}],
+CONFIG = {"api_keys": ["sk-user", {"key": "sk-limited", "models": ["small"]}],
           "admin_key": "sk-admin", "cors_origins": ["https://ide.example"],
           "models": [{"name": "echo", "path": "standin:ok", "aliases": ["small"], "preload": True},
                      {"name": "other", "path": "standin:ok"}]}
@@ -19,9 +18,7 @@ CHAT = {"model": "echo", "messages": [{"role": "user", "content": "hi"}], "max_t
 
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("auth")
-    (tmp / "standin").mkdir()
-    with Gateway(tmp, CONFIG, env={"STANDIN_DIR": str(tmp / "standin")}) as g:
+    with standin_gateway(tmp_path_factory.mktemp("auth"), CONFIG) as g:
         g.wait_states(60)
         yield g
 

@@ -6,12 +6,11 @@ import json
 import signal
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.gateway import Gateway, alive, describe, wait_gone
+from tests.gateway import Gateway, alive, describe, standin_gateway, wait_gone
 
 
 def standin(name: str, mode: str = "ok", **extra) -> dict:
@@ -19,8 +18,6 @@ def standin(name: str, mode: str = "ok", **extra) -> dict:
 
 
 CONFIG = {
-    "engine_module": "tests.standin_engine",
-    "engine_stop_grace": 2,
     "models": [
         standin("echo", aliases=["small"]),
         standin("emb", task="embed"),
@@ -36,9 +33,7 @@ CONFIG = {
 
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("gw")
-    (tmp / "standin").mkdir()
-    with Gateway(tmp, CONFIG, env={"STANDIN_DIR": str(tmp / "standin")}) as gateway:
+    with standin_gateway(tmp_path_factory.mktemp("gw"), CONFIG) as gateway:
         gateway.wait_states(60)
         yield gateway
 
@@ -267,10 +262,7 @@ def _engine_pids(gw: Gateway) -> list[int]:
 
 
 def test_sigterm_stops_every_engine_even_one_ignoring_sigterm(tmp_path):
-    config = {"engine_module": "tests.standin_engine", "engine_stop_grace": 2,
-              "models": [standin("a"), standin("deaf", "ignore-sigterm")]}
-    (tmp_path / "standin").mkdir()
-    gw = Gateway(tmp_path, config, env={"STANDIN_DIR": str(tmp_path / "standin")})
+    gw = standin_gateway(tmp_path, {"models": [standin("a"), standin("deaf", "ignore-sigterm")]})
     try:
         assert gw.wait_states(60) == {"a": "ready", "deaf": "ready"}
         pids = _engine_pids(gw)
@@ -282,10 +274,7 @@ def test_sigterm_stops_every_engine_even_one_ignoring_sigterm(tmp_path):
 
 
 def test_sigkill_of_the_gateway_leaves_no_orphan(tmp_path):
-    config = {"engine_module": "tests.standin_engine", "engine_stop_grace": 2,
-              "models": [standin("a"), standin("b", task="embed")]}
-    (tmp_path / "standin").mkdir()
-    gw = Gateway(tmp_path, config, env={"STANDIN_DIR": str(tmp_path / "standin")})
+    gw = standin_gateway(tmp_path, {"models": [standin("a"), standin("b", task="embed")]})
     try:
         gw.wait_states(60)
         pids = _engine_pids(gw)

@@ -13,9 +13,8 @@ import httpx
 import pytest
 import yaml
 
-from tests.gateway import Gateway, alive
+from tests.gateway import Gateway, alive, standin_gateway
 
-BASE = {"engine_module": "tests.standin_engine", "engine_stop_grace": 2}
 
 
 def chat(model: str, **kw) -> dict:
@@ -41,9 +40,7 @@ def wait_for(cond, timeout: float = 10.0) -> bool:
 
 
 def gateway(tmp_path, models, **top) -> Gateway:
-    (tmp_path / "standin").mkdir(exist_ok=True)
-    gw = Gateway(tmp_path, {**BASE, "models": models, **top},
-                 env={"STANDIN_DIR": str(tmp_path / "standin")})
+    gw = standin_gateway(tmp_path, {"models": models, **top})
     gw.wait_up()
     return gw
 

@@ -9,19 +9,15 @@ from __future__ import annotations
 import json
 import time
 
-import pytest
-
-from tests.gateway import Gateway
+from tests.gateway import standin_gateway
 
 GiB = 2**30
 
 
 def run(tmp_path, models, simulate, **top):
-    (tmp_path / "standin").mkdir(exist_ok=True)
-    config = {"engine_module": "tests.standin_engine", "engine_stop_grace": 2,
-              "simulate_gpus": simulate, "gpu_headroom": "1GiB", "place_wait_timeout": 0,
-              "models": [{"preload": True, **m} for m in models], **top}
-    return Gateway(tmp_path, config, env={"STANDIN_DIR": str(tmp_path / "standin")})
+    return standin_gateway(tmp_path, {"simulate_gpus": simulate, "gpu_headroom": "1GiB",
+                                      "place_wait_timeout": 0,
+                                      "models": [{"preload": True, **m} for m in models], **top})
 
 
 def engine(tmp_path, name):

@@ -8,18 +8,15 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 
-from tests.gateway import Gateway
+from tests.gateway import standin_gateway
 
-CONFIG = {"engine_module": "tests.standin_engine", "engine_stop_grace": 2,
-          "models": [{"name": "echo", "path": "standin:ok", "preload": True, "aliases": ["a"]},
+CONFIG = {"models": [{"name": "echo", "path": "standin:ok", "preload": True, "aliases": ["a"]},
                      {"name": "emb", "path": "standin:ok", "task": "embed", "preload": True}]}
 
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("st")
-    (tmp / "standin").mkdir()
-    with Gateway(tmp, CONFIG, env={"STANDIN_DIR": str(tmp / "standin")}) as g:
+    with standin_gateway(tmp_path_factory.mktemp("st"), CONFIG) as g:
         g.wait_states(60)
         yield g
 
