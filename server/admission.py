@@ -17,24 +17,9 @@ import heapq
 import itertools
 from typing import Deque
 
-from server.errors import VramgateError
+from server.errors import CapacityError
 
 PRIORITIES = {"interactive": 0, "high": 0, "normal": 5, "batch": 10, "low": 10}
-
-
-class CapacityError(VramgateError):
-    """503: the model's queue is full, or the request waited in it too long."""
-
-    status = 503
-    type = "server_error"
-
-
-class RateLimited(VramgateError):
-    """429: the key used up its requests per minute."""
-
-    status = 429
-    type = "rate_limit_exceeded"
-    code = "rate_limit_exceeded"
 
 
 def parse_priority(value: str | None) -> int:

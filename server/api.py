@@ -20,11 +20,12 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from server import openapi
-from server.admission import ModelGate, RateLimited, parse_priority, rate_check
-from server.auth import SCOPE_KEY, PermissionDenied, allowed
+from server.admission import ModelGate, parse_priority, rate_check
+from server.auth import SCOPE_KEY, allowed
 from server.requestid import SCOPE_KEY as RID_KEY
-from server.errors import (ConfigError, InvalidRequest, ModelNotFound, RouteNotFound, VramgateError,
-                           anthropic_body, error_body)
+from server.errors import (BodyTooLarge, ConfigError, InvalidRequest, ModelNotFound, PermissionDenied,
+                           RateLimited, RouteNotFound,
+                           VramgateError, anthropic_body, error_body)
 from server.sse import ANTHROPIC, OPENAI, RESPONSES
 from server.metrics import UNKNOWN_MODEL
 from server.pool import ModelState
@@ -67,14 +68,6 @@ async def until_disconnect(aw: Awaitable[T], receive: Receive,
     if cleanup is not None and not isinstance(result, BaseException):
         cleanup(result)
     raise ClientGone()
-
-
-class BodyTooLarge(VramgateError):
-    """413: the request body is larger than ``max_body_bytes``."""
-
-    status = 413
-    type = "invalid_request_error"
-    code = "request_too_large"
 
 
 async def read_limited(request: Request, limit: int) -> bytes:

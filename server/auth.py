@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from server.errors import VramgateError, anthropic_body
+from server.errors import AuthError, anthropic_body
 
 SCOPE_KEY = "vramgate.api_key"
 
@@ -49,28 +49,6 @@ class AuthConfig:
     @property
     def enabled(self) -> bool:
         return bool(self.api_keys or self.admin_key)
-
-
-class AuthError(VramgateError):
-    """401: no key, or a key that is not configured."""
-
-    status = 401
-    type = "invalid_request_error"
-    code = "invalid_api_key"
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, should_retry=False)
-
-
-class PermissionDenied(VramgateError):
-    """403: a valid key that may not use this model."""
-
-    status = 403
-    type = "permission_error"
-    code = "model_not_allowed"
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, param="model", should_retry=False)
 
 
 def normalize_path(path: str) -> str:

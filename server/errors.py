@@ -5,11 +5,16 @@
     VramgateError                      (500 server_error)
     ├── InvalidRequest                 (400 invalid_request_error; param names the field)
     │   └── ModelNotFound              (404 invalid_request_error, code model_not_found)
+    ├── AuthError                      (401 invalid_request_error, code invalid_api_key)
+    ├── PermissionDenied               (403 permission_error, code model_not_allowed)
     ├── RouteNotFound                  (404 invalid_request_error, code not_found)
+    ├── BodyTooLarge                   (413 invalid_request_error, code request_too_large)
+    ├── RateLimited                    (429 rate_limit_exceeded, Retry-After)
+    ├── CapacityError                  (503 server_error, code queue_full / queue_timeout)
     ├── ModelUnavailable               (503 server_error, code model_unavailable, Retry-After)
     │   └── EngineStartError           (503, carries the engine log's last lines)
     ├── UpstreamError                  (an engine's own error, relayed with its status)
-    └── ConfigError                    (not HTTP: a configuration file or flag is wrong)
+    └── ConfigError                    (a configuration file or flag is wrong; the CLI prints it)
 
 Every HTTP-facing error renders as ``{"error": {"message", "type", "param", "code"}}``, the shape the
 official OpenAI clients parse (``openai.APIStatusError`` exposes ``.status_code``, ``.code``,
@@ -73,6 +78,51 @@ class ModelNotFound(InvalidRequest):
     def __init__(self, model: str) -> None:
         super().__init__(f"The model '{model}' does not exist. GET /v1/models lists the models "
                          "this server serves.", param="model")
+
+
+class AuthError(VramgateError):
+    """401: no key, or a key that is not configured."""
+
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, should_retry=False)
+
+
+class PermissionDenied(VramgateError):
+    """403: a valid key that may not use this model."""
+
+    status = 403
+    type = "permission_error"
+    code = "model_not_allowed"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, param="model", should_retry=False)
+
+
+class BodyTooLarge(VramgateError):
+    """413: the request body is larger than ``max_body_bytes``."""
+
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class RateLimited(VramgateError):
+    """429: the key used up its requests per minute."""
+
+    status = 429
+    type = "rate_limit_exceeded"
+    code = "rate_limit_exceeded"
+
+
+class CapacityError(VramgateError):
+    """503: the model's queue is full, or the request waited in it too long."""
+
+    status = 503
+    type = "server_error"
 
 
 class RouteNotFound(VramgateError):
