@@ -48,6 +48,7 @@ def gateway(tmp_path, models, **top) -> Gateway:
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory):
     models = [{"name": "slow", "path": "standin:slow-start=3"},
+              {"name": "cold", "path": "standin:slow-start=2"},
               {"name": "brief", "path": "standin:ok", "ttl": 1},
               {"name": "crashy", "path": "standin:crash-mid-stream"},
               {"name": "broken", "path": "standin:fail-start"}]
@@ -86,6 +87,16 @@ def test_concurrent_first_requests_share_one_cold_start(gw):
         t.join()
     assert results == [200] * 8
     assert starts(gw, "slow") == 1
+
+
+def test_a_caller_gone_during_the_cold_start_never_reaches_the_engine(gw):
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(gw.url + "/v1/chat/completions", json=chat("cold", max_tokens=2),
+                   timeout=httpx.Timeout(10, read=0.5))
+    assert wait_for(lambda: gw.states()["cold"] == "ready", 10)  # the load itself goes on
+    time.sleep(0.3)
+    assert stats(gw, "cold")["started"] == 0  # ... but the request never reached the engine
+    assert 'vramgate_requests_in_flight{model="cold"} 0.0' in gw.client.get("/metrics").text
 
 
 def test_idle_model_unloads_after_its_ttl_and_reloads_on_the_next_request(gw):
