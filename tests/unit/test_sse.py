@@ -26,3 +26,20 @@ def test_error_event_is_one_openai_error():
     assert ev.startswith(b"data: ") and ev.endswith(b"\n\n") and ev.count(b"\n") == 2
     assert json.loads(ev[6:]) == {"error": {"message": "boom", "type": "server_error", "param": None,
                                             "code": "engine_stream_failed"}}
+
+
+def test_stream_flavors_know_their_last_event_and_error_shape():
+    from server.sse import ANTHROPIC, OPENAI, RESPONSES
+    assert OPENAI.complete(b"data: [DONE]\n\n") and not OPENAI.complete(b'data: {"a":1}\n\n')
+    done = b'event: response.completed\ndata: {"type":"response.completed","response":{}}\n\n'
+    assert RESPONSES.complete(done) and not RESPONSES.complete(b'event: response.output_text.delta\n'
+                                                               b'data: {"type":"x"}\n\n')
+    stop = b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
+    assert ANTHROPIC.complete(stop) and not ANTHROPIC.complete(b"event: ping\ndata: {}\n\n")
+    for flavor in (RESPONSES, ANTHROPIC):
+        ev = flavor.error("boom", "engine_stream_failed")
+        assert ev.startswith(b"event: error\ndata: ") and ev.endswith(b"\n\n")
+        body = json.loads(ev.split(b"data: ", 1)[1])
+        assert body["type"] == "error"
+    assert json.loads(ANTHROPIC.error("boom", "x").split(b"data: ", 1)[1])["error"]["message"] == "boom"
+    assert json.loads(RESPONSES.error("boom", "x").split(b"data: ", 1)[1])["code"] == "x"
