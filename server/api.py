@@ -124,7 +124,7 @@ def gate_for(state: Any, model: Any) -> ModelGate:
 
 
 async def inference(request: Request) -> Response:
-    """POST /v1/chat/completions, /v1/completions, /v1/embeddings."""
+    """Every inference route (``ROUTES``): parse, validate, admit, lease an engine, forward, relay."""
     route = request.scope["route"].path
     state = request.state
     pool, metrics = state.pool, state.metrics
