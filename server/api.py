@@ -9,10 +9,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 from collections import deque
 from typing import Any, Awaitable, Callable, TypeVar
 
+import aiohttp
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -22,6 +24,9 @@ from starlette.types import Receive, Scope, Send
 from server import openapi
 from server.admission import ModelGate, parse_priority, rate_check
 from server.auth import SCOPE_KEY, allowed
+from server.enginemetrics import merge
+from server.engines import log_tail
+from server.gpus.nvml import read_inventory
 from server.requestid import SCOPE_KEY as RID_KEY
 from server.errors import (BodyTooLarge, ConfigError, InvalidRequest, ModelNotFound, PermissionDenied,
                            RateLimited, RouteNotFound,
@@ -34,6 +39,23 @@ from server.validation import ANTHROPIC_ROUTES, ROUTES, parse_body, validate
 
 T = TypeVar("T")
 log = logging.getLogger("vramgate.api")
+access = logging.getLogger("vramgate.access")
+_TOKENS = re.compile(rb'"(prompt_tokens|completion_tokens)":\s*(\d+)')
+
+
+def usage_tokens(body: bytes) -> dict[str, int]:
+    """``prompt_tokens``/``completion_tokens`` from the end of an engine's JSON answer (where vLLM
+    puts ``usage``), found without parsing the whole body."""
+    return {k.decode(): int(v) for k, v in _TOKENS.findall(body[-2048:])}
+
+
+def access_line(fmt: str, **fields: Any) -> str:
+    """One access-log line: ``json`` (one object) or ``text`` (``key=value`` pairs); fields that
+    are ``None`` are left out."""
+    kept = {k: v for k, v in fields.items() if v is not None}
+    if fmt == "json":
+        return json.dumps(kept, separators=(",", ":"))
+    return " ".join(f"{k}={v}" for k, v in kept.items())
 
 
 class ClientGone(Exception):
@@ -132,6 +154,21 @@ async def inference(request: Request) -> Response:
     t0 = time.perf_counter()
     label = UNKNOWN_MODEL
     cleanups: list[Callable[[], None]] = []  # undone in reverse order when the answer ends
+    timing: dict[str, float] = {}
+
+    def done(status: int, tokens: dict[str, int] | None = None) -> None:
+        seconds = time.perf_counter() - t0
+        metrics.observe(label, route, status, seconds)
+        for kind, count in (tokens or {}).items():
+            metrics.tokens.labels(label, kind.split("_")[0]).inc(count)
+        if access.isEnabledFor(logging.INFO):
+            key = request.scope.get(SCOPE_KEY)
+            access.info(access_line(
+                settings.log_format, request_id=request.scope.get(RID_KEY), route=route,
+                model=label, status=status, duration_s=round(seconds, 4),
+                ttft_s=round(timing["ttft"], 4) if "ttft" in timing else None,
+                key=key.name if key is not None else None, **(tokens or {})))
+
     try:
         raw = await read_limited(request, settings.max_body_bytes)
         body = parse_body(raw)
@@ -179,18 +216,19 @@ async def inference(request: Request) -> Response:
         if not parsed.stream:
             data = await until_disconnect(read_body(upstream), receive)
             status = upstream.status
-            metrics.observe(label, route, status, time.perf_counter() - t0)
+            done(status, usage_tokens(data))
             return Response(data, status_code=status,
                             media_type=upstream.headers.get("content-type", "application/json"))
         held, cleanups = cleanups, []  # the stream's finalize undoes them
 
         def first() -> None:
-            metrics.ttft.labels(label, route).observe(time.perf_counter() - t0)
+            timing["ttft"] = time.perf_counter() - t0
+            metrics.ttft.labels(label, route).observe(timing["ttft"])
 
         def finalize() -> None:
             for undo in reversed(held):
                 undo()
-            metrics.observe(label, route, 200, time.perf_counter() - t0)
+            done(200)
 
         flavor = FLAVORS.get(route, OPENAI)
         return RelayResponse(relay_stream(upstream, null_usage=parsed.include_usage and flavor is OPENAI,
@@ -205,10 +243,10 @@ async def inference(request: Request) -> Response:
         if exc.status >= 500:
             log.warning("request %s for %s failed: %s %s", request.scope.get(RID_KEY), label,
                         exc.status, exc.message.splitlines()[0])
-        metrics.observe(label, route, exc.status, time.perf_counter() - t0)
+        done(exc.status)
         return error_response(exc, route)
     except ClientGone:
-        metrics.observe(label, route, 499, time.perf_counter() - t0)
+        done(499)
         return Response(status_code=499)
     finally:
         for undo in reversed(cleanups):
@@ -281,13 +319,33 @@ async def health(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ok", "models": states})
 
 
+async def _scrape(session: Any, url: str) -> str:
+    try:
+        async with session.get(url + "/metrics", timeout=aiohttp.ClientTimeout(total=2)) as resp:
+            return await resp.text() if resp.status == 200 else ""
+    except (aiohttp.ClientError, OSError, asyncio.TimeoutError):
+        return ""  # an engine that does not answer in time is left out of this scrape
+
+
 async def metrics_endpoint(request: Request) -> Response:
-    """GET /metrics: Prometheus text exposition of the gateway's own registry."""
-    metrics = request.state.metrics
-    metrics.set_states({name: e.state.value for name, e in request.state.pool.entries.items()})
-    for name, gate in request.state.gates.items():
+    """GET /metrics: the gateway's own registry (requests, latency, states, devices), then every
+    ready engine's ``vllm:*`` metrics with ``model`` and ``replica`` labels added."""
+    state = request.state
+    metrics, pool = state.metrics, state.pool
+    metrics.set_states({name: e.state.value for name, e in pool.entries.items()})
+    for name, gate in state.gates.items():
         metrics.queued.labels(name).set(gate.queued)
-    return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+    snap = await pool.snapshot()
+    gpus = await asyncio.to_thread(read_inventory) if snap.source == "nvml" and any(
+        d.kind == "cuda" for d in snap.devices) else []
+    metrics.set_devices(snap.devices, pool.bookings(), gpus)
+    ready = [(e.config.name, r) for e in list(pool.entries.values()) for r in e.replicas
+             if r.base_url]
+    texts = await asyncio.gather(*(_scrape(state.session, r.base_url) for _, r in ready))
+    engines = merge(({"model": name, "replica": str(r.index)}, text)
+                    for (name, r), text in zip(ready, texts))
+    return Response(metrics.render() + engines.encode(),
+                    media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
 def inventory_view(snapshot: Any, bookings: tuple, headroom: int) -> list[dict[str, Any]]:
@@ -359,6 +417,23 @@ async def admin_unload(request: Request) -> JSONResponse:
     return JSONResponse(model_object(entry, request.state.started, request.state.pool.clock()))
 
 
+async def admin_logs(request: Request) -> Response:
+    """GET /admin/models/{name}/logs[?lines=N]: the last N lines (default 200, at most 5000) of
+    each of the model's engine logs, as text."""
+    try:
+        entry = _admin_entry(request)
+    except VramgateError as exc:
+        return error_response(exc)
+    raw = request.query_params.get("lines", "200")
+    lines = min(5000, int(raw)) if raw.isdigit() and int(raw) > 0 else 200
+    settings = request.state.pool.settings
+    name = entry.config.name.replace("/", "_")
+    files = [settings.log_dir / f"{name}.log"] + [
+        settings.log_dir / f"{name}-{r.index}.log" for r in entry.replicas]
+    parts = [f"==> {f} <==\n{log_tail(f, lines)}\n" for f in files if f.exists()]
+    return Response("".join(parts) or "(no engine log yet)\n", media_type="text/plain; charset=utf-8")
+
+
 async def admin_reload(request: Request) -> JSONResponse:
     """POST /admin/reload: read the configuration again and apply it (as SIGHUP does)."""
     try:
@@ -391,6 +466,7 @@ routes = [
     Route("/admin/models", admin_models, methods=["GET"]),
     Route("/admin/models/{name:path}/load", admin_load, methods=["POST"]),
     Route("/admin/models/{name:path}/unload", admin_unload, methods=["POST"]),
+    Route("/admin/models/{name:path}/logs", admin_logs, methods=["GET"]),
     Route("/admin/reload", admin_reload, methods=["POST"]),
     Route("/metrics", metrics_endpoint, methods=["GET"]),
 ]

@@ -199,6 +199,26 @@ def unload(name: str, url: str, key: str | None, force: bool) -> None:
     click.echo(f"{data['id']}: {data['state']}")
 
 
+@main.command()
+@click.argument("name")
+@_url
+@_key
+@click.option("-n", "--lines", default=200, show_default=True, type=click.IntRange(1, 5000))
+def logs(name: str, url: str, key: str | None, lines: int) -> None:
+    """The last lines of model NAME's engine log(s) on a running server."""
+    import httpx
+
+    headers = {"authorization": f"Bearer {key}"} if key else {}
+    try:
+        resp = httpx.get(f"{url.rstrip('/')}/admin/models/{quote(name, safe='')}/logs",
+                         params={"lines": lines}, headers=headers, timeout=30)
+    except httpx.HTTPError as exc:
+        raise click.ClickException(f"cannot reach {url}: {exc}") from None
+    if resp.status_code >= 400:
+        raise click.ClickException(resp.json().get("error", {}).get("message", f"HTTP {resp.status_code}"))
+    click.echo(resp.text, nl=False)
+
+
 def _settings_or_exit(config_path: Path | None, data_dir: Path | None, **overrides):
     from server.models import embedded_models
     try:

@@ -100,6 +100,7 @@ class Settings:
     cpu_memory_budget: int | None = None
     auth: AuthConfig = AuthConfig()
     max_body_bytes: int = 32 * 2**20
+    log_format: str = "text"
 
     @property
     def log_dir(self) -> Path:
@@ -192,7 +193,7 @@ _TOP_KEYS = {"host", "port", "data_dir", "models", "engine_module", "engine_pyth
              "shutdown_timeout", "engine_stop_grace", "load_wait_timeout", "placement",
              "gpu_headroom", "kv_cache_sequences", "simulate_gpus", "max_loaded_models",
              "place_wait_timeout", "cpu_memory_budget", "api_keys", "admin_key", "metrics_auth",
-             "cors_origins", "max_body_bytes"}
+             "cors_origins", "max_body_bytes", "log_format"}
 
 
 def parse_model(raw: Any, where: str) -> ModelConfig:
@@ -349,6 +350,10 @@ def parse_settings(raw: Any, *,
     if "place_wait_timeout" in raw:
         kw["place_wait_timeout"] = float(_number(raw["place_wait_timeout"], "place_wait_timeout",
                                                  positive=False))
+    if "log_format" in raw:
+        if raw["log_format"] not in ("text", "json"):
+            raise ConfigError(f"log_format: must be text or json, got {raw['log_format']!r}")
+        kw["log_format"] = raw["log_format"]
     if "max_body_bytes" in raw:
         kw["max_body_bytes"] = parse_bytes(raw["max_body_bytes"], "max_body_bytes")
     if "cpu_memory_budget" in raw:

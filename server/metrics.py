@@ -35,6 +35,9 @@ class Metrics:
                               "Streamed requests: time from arrival to the first byte from the engine.",
                               ["model", "route"], namespace=ns, buckets=LATENCY_BUCKETS,
                               registry=self.registry)
+        self.tokens = Counter("tokens", "Tokens of answered requests, by model and kind (prompt, "
+                              "completion), from the engine's usage (non-streamed answers).",
+                              ["model", "kind"], namespace=ns, registry=self.registry)
         self.in_flight = Gauge("requests_in_flight", "Requests holding a lease on an engine.",
                                ["model"], namespace=ns, registry=self.registry)
         self.queued = Gauge("requests_queued", "Requests waiting for a concurrency slot.",
@@ -53,6 +56,51 @@ class Metrics:
             for route in routes:
                 for cls in ("2xx", "4xx", "5xx"):
                     self.requests.labels(name, route, cls)
+
+        gpu = ["gpu"]
+        self.gpu_total = Gauge("gpu_memory_total_bytes", "GPU memory, as NVML reports it.", gpu,
+                               namespace=ns, registry=self.registry)
+        self.gpu_used = Gauge("gpu_memory_used_bytes", "GPU memory in use (all processes).", gpu,
+                              namespace=ns, registry=self.registry)
+        self.gpu_free = Gauge("gpu_memory_free_bytes", "GPU memory free.", gpu, namespace=ns,
+                              registry=self.registry)
+        self.gpu_reserved = Gauge("gpu_memory_reserved_bytes",
+                                  "GPU memory vramgate has booked for its engines.", gpu,
+                                  namespace=ns, registry=self.registry)
+        self.gpu_util = Gauge("gpu_utilization_ratio", "GPU utilisation, 0 to 1.", gpu,
+                              namespace=ns, registry=self.registry)
+        self.gpu_temp = Gauge("gpu_temperature_celsius", "GPU temperature.", gpu, namespace=ns,
+                              registry=self.registry)
+        self.gpu_power = Gauge("gpu_power_watts", "GPU power draw.", gpu, namespace=ns,
+                               registry=self.registry)
+        self.cpu_reserved = Gauge("cpu_memory_reserved_bytes",
+                                  "RAM vramgate has booked for its CPU engines.", namespace=ns,
+                                  registry=self.registry)
+
+    def set_devices(self, devices, bookings, gpus=()) -> None:
+        """Device gauges from a snapshot's ``devices``, the pool's ``bookings`` and, where NVML is
+        real, its ``GpuInfo`` readings (utilisation, temperature, power)."""
+        reserved: dict[str, int] = {}
+        for b in bookings:
+            for dev in b.devices:
+                reserved[dev] = reserved.get(dev, 0) + b.bytes_per_device
+        for d in devices:
+            if d.kind == "cpu":
+                self.cpu_reserved.set(reserved.get("cpu", 0))
+                continue
+            g = str(d.index)
+            self.gpu_total.labels(g).set(d.total_bytes)
+            self.gpu_free.labels(g).set(d.free_bytes)
+            self.gpu_used.labels(g).set(d.total_bytes - d.free_bytes)
+            self.gpu_reserved.labels(g).set(reserved.get(d.id, 0))
+        for info in gpus:
+            g = str(info.index)
+            if info.utilization_pct is not None:
+                self.gpu_util.labels(g).set(info.utilization_pct / 100)
+            if info.temperature_c is not None:
+                self.gpu_temp.labels(g).set(info.temperature_c)
+            if info.power_w is not None:
+                self.gpu_power.labels(g).set(info.power_w)
 
     def observe(self, model: str, route: str, status: int, seconds: float) -> None:
         """Count one answered request and its duration in seconds."""

@@ -136,6 +136,13 @@ class Standin:
         finally:
             self.count("running", -1)
 
+    async def metrics(self, request: web.Request) -> web.Response:
+        labels = f'engine="0",model_name="{self.name}"'
+        return web.Response(text="# HELP vllm:num_requests_running Requests running.\n"
+                                 "# TYPE vllm:num_requests_running gauge\n"
+                                 f"vllm:num_requests_running{{{labels}}} {self.stats['running']}.0\n"
+                                 "# TYPE python_info gauge\npython_info 1.0\n")
+
     async def embeddings(self, request: web.Request) -> web.Response:
         body = await request.json()
         if not isinstance(body, dict) or not isinstance(body.get("input"), (str, list)):
@@ -157,6 +164,7 @@ def main(argv: list[str]) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     app = web.Application()
     app.router.add_get("/health", standin.health)
+    app.router.add_get("/metrics", standin.metrics)
     app.router.add_post("/v1/chat/completions", standin.generate)
     app.router.add_post("/v1/completions", standin.generate)
     app.router.add_post("/v1/embeddings", standin.embeddings)

@@ -282,3 +282,49 @@ def test_sigkill_of_the_gateway_leaves_no_orphan(tmp_path):
         gw.stop(signal.SIGKILL)
     left = wait_gone(pids, 15)
     assert left == [], describe(left)
+
+
+def test_engine_metrics_are_re_exported_with_model_labels(gw):
+    text = gw.client.get("/metrics").text
+    assert 'vllm:num_requests_running{model="echo",replica="0",engine="0",model_name="echo"} 0.0' in text
+    assert text.count("# TYPE vllm:num_requests_running gauge") == 1
+    assert "python_info" not in text  # only the engines' vllm:* families
+    assert "vramgate_cpu_memory_reserved_bytes" in text
+
+
+def test_labels_stay_bounded(gw):
+    """C19: random model names, users and paths add no series."""
+    import random
+    import string
+    before = series_count(gw)
+
+    def word() -> str:
+        return "".join(random.choices(string.ascii_lowercase, k=12))
+
+    with httpx.Client(base_url=gw.url, timeout=10) as c:
+        for _ in range(300):
+            c.post("/v1/chat/completions", json=chat(word()))
+            c.post(f"/v1/{word()}", json=chat("echo"))
+        for _ in range(100):
+            c.post("/v1/chat/completions", json=chat("echo", max_tokens=1, user=word()))
+    after = series_count(gw)
+    assert after == before, (before, after)
+
+
+def test_access_log_line_and_engine_logs(gw):
+    r = gw.client.post("/v1/completions", headers={"x-request-id": "acc-42"},
+                       json={"model": "small", "prompt": "x", "max_tokens": 3})
+    assert r.status_code == 200
+    line = next(l for l in gw.log_text().splitlines() if "request_id=acc-42" in l)
+    for part in ("route=/v1/completions", "model=echo", "status=200", "prompt_tokens=3",
+                 "completion_tokens=3", "duration_s="):
+        assert part in line, line
+    logs = gw.client.get("/admin/models/echo/logs", params={"lines": 5}).text
+    assert "echo.log" in logs and "standin: echo listening" in gw.client.get(
+        "/admin/models/echo/logs").text
+    from click.testing import CliRunner
+
+    from server.cli import main
+    res = CliRunner().invoke(main, ["logs", "echo", "--url", gw.url, "-n", "50"])
+    assert res.exit_code == 0 and "standin: echo listening" in res.output
+    assert 'vramgate_tokens_total{kind="completion",model="echo"}' in gw.client.get("/metrics").text

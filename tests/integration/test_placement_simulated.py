@@ -58,6 +58,9 @@ def test_other_tenants_count_and_engines_get_the_planned_arguments(tmp_path):
         msg = r.json()["error"]["message"]
         assert "toobig needs 101.50 GiB" in msg and "cuda:0 5.50 GiB of 80.00 GiB" in msg  # n took 9.5
         assert engine(tmp_path, "toobig") is None
+        metrics = gw.client.get("/metrics").text
+        assert 'vramgate_gpu_memory_total_bytes{gpu="1"} 8.589934592e+10' in metrics
+        assert 'vramgate_gpu_memory_reserved_bytes{gpu="1"}' in metrics
         gpus = gw.client.get("/admin/gpus").json()
         assert [g["id"] for g in gpus["devices"]][:2] == ["cuda:0", "cuda:1"]
         assert gpus["devices"][1]["reserved_bytes"] == int(0.3938 * 80 * GiB + 0.999)

@@ -34,3 +34,12 @@ def test_non_json_and_detail_bodies():
     err = normalize_upstream_error(422, json.dumps({"detail": "field required"}).encode())
     assert err.message == "field required" and err.type == "invalid_request_error"
     assert normalize_upstream_error(502, b"").message == "engine answered HTTP 502"
+
+
+def test_access_line_and_usage_tokens():
+    from server.api import access_line, usage_tokens
+    body = b'{"choices": [], "usage": {"prompt_tokens": 7, "total_tokens": 9, "completion_tokens": 2}}'
+    assert usage_tokens(body) == {"prompt_tokens": 7, "completion_tokens": 2}
+    assert usage_tokens(b"{}") == {}
+    assert access_line("text", a=1, b=None, c="x") == "a=1 c=x"
+    assert json.loads(access_line("json", a=1, b=None)) == {"a": 1}
