@@ -5,4 +5,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/install.sh
+# The observability tests run a real Prometheus (Debian's package: prometheus and promtool).
+if ! command -v promtool >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "vramgate: installing Prometheus (Debian package) for the tests" >&2
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus) >/dev/null
+  else
+    echo "vramgate: promtool/prometheus not found: install Prometheus (e.g. apt-get install prometheus)" >&2
+    echo "          or the observability tests will fail" >&2
+  fi
+fi
 exec "${VRAMGATE_VENV:-.venv}/bin/python" -m pytest "$@"

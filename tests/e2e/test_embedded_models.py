@@ -12,6 +12,7 @@ import os
 import re
 import signal
 import struct
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -212,6 +213,61 @@ def test_client_disconnect_aborts_generation_at_the_engine(gw, stream):
     assert wait_value(lambda: engine_running(gw), 0.0, 3)  # ... and was aborted there
     text = gw.client.get("/metrics").text
     assert f'vramgate_requests_in_flight{{model="{CHAT}"}} 0.0' in text
+
+
+def test_real_prometheus_evaluates_the_dashboard_and_alert_rules(gw, client, tmp_path):
+    """A real Prometheus scrapes the gateway (and so its engines' metrics) and evaluates every
+    query of deploy/'s dashboard and alert rules: all evaluate, the main panels have data."""
+    import yaml
+
+    from tests.gateway import ROOT, free_port
+    from tests.unit.test_deploy import dashboard_exprs
+
+    port = free_port()
+    cfg = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+           "rule_files": [str(ROOT / "deploy" / "alerts.yml")],
+           "scrape_configs": [{"job_name": "vramgate",
+                               "static_configs": [{"targets": [f"127.0.0.1:{gw.port}"]}]}]}
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(cfg))
+    prom = subprocess.Popen(["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}",
+                             f"--storage.tsdb.path={tmp_path / 'data'}",
+                             f"--web.listen-address=127.0.0.1:{port}"],
+                            stdout=subprocess.DEVNULL, stderr=open(tmp_path / "prom.log", "wb"))
+    api = f"http://127.0.0.1:{port}/api/v1/query"
+    try:
+        def query(expr: str) -> dict:
+            return httpx.get(api, params={"query": expr}, timeout=10).json()
+
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if query('up{job="vramgate"}')["data"]["result"]:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        for _ in range(6):  # traffic spread over several scrapes, so rate() has data
+            client.chat.completions.create(model=CHAT, messages=HELLO, max_tokens=4)
+            list(client.chat.completions.create(model=CHAT, messages=HELLO, max_tokens=4, stream=True))
+            client.embeddings.create(model=EMBED, input="x")
+            time.sleep(1)
+        rules = yaml.safe_load((ROOT / "deploy" / "alerts.yml").read_text())
+        exprs = dashboard_exprs() + [r["expr"] for g in rules["groups"] for r in g["rules"]]
+        results = {}
+        for expr in exprs:
+            answer = query(expr.replace("$model", ".*"))
+            assert answer["status"] == "success", (expr, answer)
+            results[expr] = answer["data"]["result"]
+        main = [e for e in dashboard_exprs() if any(k in e for k in (
+            "vramgate_requests_total", "vllm:generation_tokens_total", "vramgate_model_state",
+            "vllm:kv_cache_usage_perc", "vramgate_time_to_first_token_seconds_bucket"))]
+        assert len(main) >= 5
+        for expr in main:
+            assert results[expr], f"no data for {expr}"
+        assert query('up{job="vramgate"}')["data"]["result"][0]["value"][1] == "1"
+    finally:
+        prom.terminate()
+        prom.wait(10)
 
 
 def test_zz_sigterm_leaves_no_engine(gw):
