@@ -333,6 +333,8 @@ async def metrics_endpoint(request: Request) -> Response:
     state = request.state
     metrics, pool = state.metrics, state.pool
     metrics.set_states({name: e.state.value for name, e in pool.entries.items()})
+    metrics.loaded.set(sum(1 for _, r in pool.replicas()
+                           if r.state in (ModelState.LOADING, ModelState.READY)))
     for name, gate in state.gates.items():
         metrics.queued.labels(name).set(gate.queued)
     snap = await pool.snapshot()

@@ -44,9 +44,9 @@ def create_app(settings: Settings, *, launcher: Launcher = default_launcher,
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict]:
-        pool = ModelPool(settings, devices, launcher=launcher)
         metrics = Metrics({m.name: routes_for_task(m.task) for m in settings.models},
                           [s.value for s in ModelState])
+        pool = ModelPool(settings, devices, launcher=launcher, events=metrics)
         session = new_session()
 
         async def do_reload() -> dict:

@@ -10,8 +10,10 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import disable_created_metrics
 
+from server.validation import ROUTES
+
 UNKNOWN_MODEL = "unknown"
-INFERENCE_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+INFERENCE_ROUTES = tuple(ROUTES)
 # Latency buckets in seconds: 5 ms up to 10 minutes (CPU engines and long generations).
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
@@ -48,15 +50,19 @@ class Metrics:
         self.model_state = Gauge("model_state", "1 for the state each model is in, else 0.",
                                  ["model", "state"], namespace=ns, registry=self.registry)
         self._states = states
-        for route in INFERENCE_ROUTES:
-            self.requests.labels(UNKNOWN_MODEL, route, "4xx")
-        for name, routes in models.items():
-            self.in_flight.labels(name)
-            self.queued.labels(name)
-            for route in routes:
-                for cls in ("2xx", "4xx", "5xx"):
-                    self.requests.labels(name, route, cls)
-
+        self.engine_starts = Counter("engine_starts", "Engine processes started.", ["model"],
+                                     namespace=ns, registry=self.registry)
+        self.engine_failures = Counter("engine_failures", "Engines that failed to start, exited or "
+                                       "failed their health checks.", ["model"], namespace=ns,
+                                       registry=self.registry)
+        self.engine_stops = Counter("engine_stops", "Engines stopped by vramgate, by reason "
+                                    "(evicted, idle, unload).", ["model", "reason"], namespace=ns,
+                                    registry=self.registry)
+        self.load_seconds = Histogram("engine_load_seconds", "Engine start to healthy.", ["model"],
+                                      namespace=ns, buckets=(5, 10, 20, 30, 45, 60, 90, 120, 180,
+                                                             300, 600, 1200), registry=self.registry)
+        self.loaded = Gauge("engines_loaded", "Engines running (loading or ready).", namespace=ns,
+                            registry=self.registry)
         gpu = ["gpu"]
         self.gpu_total = Gauge("gpu_memory_total_bytes", "GPU memory, as NVML reports it.", gpu,
                                namespace=ns, registry=self.registry)
@@ -76,6 +82,32 @@ class Metrics:
         self.cpu_reserved = Gauge("cpu_memory_reserved_bytes",
                                   "RAM vramgate has booked for its CPU engines.", namespace=ns,
                                   registry=self.registry)
+        for route in INFERENCE_ROUTES:
+            self.requests.labels(UNKNOWN_MODEL, route, "4xx")
+        for name, routes in models.items():
+            self.in_flight.labels(name)
+            self.queued.labels(name)
+            self.engine_starts.labels(name)
+            self.engine_failures.labels(name)
+            self.load_seconds.labels(name)
+            for reason in ("evicted", "idle", "unload"):
+                self.engine_stops.labels(name, reason)
+            for route in routes:
+                for cls in ("2xx", "4xx", "5xx"):
+                    self.requests.labels(name, route, cls)
+
+    # The pool's lifecycle events (see ModelPool's ``events``).
+    def engine_started(self, model: str) -> None:
+        self.engine_starts.labels(model).inc()
+
+    def engine_failed(self, model: str) -> None:
+        self.engine_failures.labels(model).inc()
+
+    def engine_stopped(self, model: str, reason: str) -> None:
+        self.engine_stops.labels(model, reason).inc()
+
+    def engine_ready(self, model: str, seconds: float) -> None:
+        self.load_seconds.labels(model).observe(seconds)
 
     def set_devices(self, devices, bookings, gpus=()) -> None:
         """Device gauges from a snapshot's ``devices``, the pool's ``bookings`` and, where NVML is

@@ -197,13 +197,23 @@ def dry_run(settings: Settings, snap: Snapshot) -> list[tuple[Requirement, Plan 
     return out
 
 
+class Events:
+    """Receives the pool's lifecycle events (the metrics implement it); this one ignores them."""
+
+    def engine_started(self, model: str) -> None: ...
+    def engine_failed(self, model: str) -> None: ...
+    def engine_stopped(self, model: str, reason: str) -> None: ...
+    def engine_ready(self, model: str, seconds: float) -> None: ...
+
+
 class ModelPool:
     """Models and their engines, by canonical name. Create inside the running event loop; call
     ``start()`` once, ``stop_all()`` at the end. ``clock`` gives seconds (monotonic)."""
 
     def __init__(self, settings: Settings, inventory: Inventory, *,
                  launcher: Launcher = default_launcher, clock: Callable[[], float] = time.monotonic,
-                 health_interval: float = 5.0, reap_interval: float = 1.0) -> None:
+                 health_interval: float = 5.0, reap_interval: float = 1.0,
+                 events: Events = Events()) -> None:
         self.settings = settings
         self.inventory = inventory
         self.launcher = launcher
@@ -218,6 +228,7 @@ class ModelPool:
         self._device_locks: dict[str, asyncio.Lock] = {}
         self._background: set[asyncio.Task] = set()
         self.starts = 0  # engines started so far (a counter for metrics and tests)
+        self.events = events
 
     @property
     def policy(self) -> Policy:
@@ -284,6 +295,7 @@ class ModelPool:
         rep.plan, rep.booked_bytes, rep.measured_bytes, rep.ready_since = None, 0, None, None
         rep.state = ModelState.UNLOADED
         now = self.clock()
+        self.events.engine_failed(entry.config.name)
         entry.failures = [t for t in entry.failures if now - t < 3600] + [now]
         entry.error = error
         if restart_delay(entry.failures, now) is None:
@@ -317,7 +329,7 @@ class ModelPool:
                             fmt(victim.booked_bytes), victim.device, self.clock() - victim.last_used,
                             model.name, result.why)
                 # shielded: if this placement is cancelled, the victim still stops completely
-                await asyncio.shield(self._stop_replica(victim))
+                await asyncio.shield(self._stop_replica(victim, "evicted"))
             rep.plan, rep.requirement, rep.booked_bytes = result, req, result.bytes_per_device
             log.info("placed %s on %s: %s", rep.key, "+".join(result.devices), result.why)
             return result
@@ -366,6 +378,7 @@ class ModelPool:
                     await stack.enter_async_context(lock)
                 log.info("starting engine for %s: %s", rep.key, " ".join(launch.argv))
                 self.starts += 1
+                self.events.engine_started(model.name)
                 await proc.start()
                 await proc.wait_healthy(model.startup_timeout, self.http)
         except (EngineStartError, OSError) as exc:
@@ -376,6 +389,7 @@ class ModelPool:
             self._failed(entry, rep, error)
             return
         rep.load_seconds = time.monotonic() - t0
+        self.events.engine_ready(model.name, rep.load_seconds)
         rep.ready_since = rep.last_used = self.clock()
         await self._measure(rep)  # before READY: the books are right once anyone sees it ready
         if rep.state != ModelState.LOADING:  # unloaded or evicted meanwhile
@@ -426,9 +440,11 @@ class ModelPool:
                      fmt(estimate) if estimate else "unknown", fmt(rep.plan.bytes_per_device))
             rep.measured_bytes = rep.booked_bytes = measured
 
-    async def _stop_replica(self, rep: Replica) -> None:
+    async def _stop_replica(self, rep: Replica, reason: str = "unload") -> None:
         """Stop one replica: cancel its owning task (wherever it is: placing, starting, watching),
-        then stop its engine, and return its reservation."""
+        then stop its engine, and return its reservation. ``reason`` goes to the events."""
+        if rep.process and rep.process.returncode is None:
+            self.events.engine_stopped(rep.model, reason)
         rep.state = ModelState.STOPPING
         task = rep.task
         if task and not task.done() and task is not asyncio.current_task():
@@ -456,7 +472,7 @@ class ModelPool:
         for rep in victims:
             log.info("unloading %s: idle for %.0f s (ttl %g s)", rep.key, now - rep.last_used,
                      self.entries[rep.model].config.ttl)
-            await self._stop_replica(rep)
+            await self._stop_replica(rep, "idle")
         return keys
 
     async def _reaper(self) -> None:

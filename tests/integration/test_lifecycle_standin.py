@@ -109,6 +109,8 @@ def test_idle_model_unloads_after_its_ttl_and_reloads_on_the_next_request(gw):
     assert "brief" not in " ".join(cpu["models"])
     r = gw.client.post("/v1/completions", json={"model": "brief", "prompt": "x", "max_tokens": 2})
     assert r.status_code == 200 and starts(gw, "brief") == 2
+    assert 'vramgate_engine_stops_total{model="brief",reason="idle"} 1.0' in gw.client.get(
+        "/metrics").text
 
 
 def test_crashed_engine_fails_its_stream_and_restarts_on_a_later_request(gw):
@@ -123,6 +125,10 @@ def test_crashed_engine_fails_its_stream_and_restarts_on_a_later_request(gw):
         r = gw.client.post("/v1/chat/completions", json=chat("crashy", max_tokens=2))
     assert r.status_code == 200, r.text
     assert starts(gw, "crashy") == 2
+    text = gw.client.get("/metrics").text
+    assert 'vramgate_engine_failures_total{model="crashy"} 1.0' in text
+    assert 'vramgate_engine_starts_total{model="crashy"} 2.0' in text
+    assert 'vramgate_engine_load_seconds_count{model="crashy"} 2.0' in text
 
 
 def test_failed_start_backs_off_instead_of_looping(gw):
@@ -186,6 +192,9 @@ def test_a_second_model_waits_for_the_first_ones_stream_instead_of_cutting_it(tm
         assert r.status_code == 200, r.text
         assert g.states() == {"x": "unloaded", "y": "ready"}
         assert "evicting x" in g.log_text()
+        text = g.client.get("/metrics").text
+        assert 'vramgate_engine_stops_total{model="x",reason="evicted"} 1.0' in text
+        assert "vramgate_engines_loaded 1.0" in text
 
 
 def test_reload_on_sighup_and_admin_reload(tmp_path):
