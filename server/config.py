@@ -262,6 +262,12 @@ def parse_model(raw: Any, where: str) -> ModelConfig:
     )
 
 
+# YAML key → Settings field, for byte counts ("4GiB"); and keys that take one of a few words.
+_BYTE_FIELDS = {"gpu_headroom": "gpu_headroom_bytes", "max_body_bytes": "max_body_bytes",
+                "cpu_memory_budget": "cpu_memory_budget"}
+_CHOICE_FIELDS = {"placement": ("pack", "spread"), "log_format": ("text", "json")}
+
+
 def parse_auth(raw: dict[str, Any], env_keys: tuple[str, ...] = (),
                env_admin_key: str | None = None) -> AuthConfig:
     """``api_keys`` (strings, or mappings with ``key``, ``name``, ``models``, ``rpm``), ``admin_key``,
@@ -332,32 +338,22 @@ def parse_settings(raw: Any, *,
     for key in ("engine_module", "engine_python"):
         if key in raw:
             kw[key] = _str(raw[key], key)
-    for key in ("shutdown_timeout", "engine_stop_grace", "load_wait_timeout"):
+    for key in ("shutdown_timeout", "engine_stop_grace", "load_wait_timeout", "place_wait_timeout"):
         if key in raw:
-            kw[key] = float(_number(raw[key], key))
-    if "placement" in raw:
-        if raw["placement"] not in ("pack", "spread"):
-            raise ConfigError(f"placement: must be pack or spread, got {raw['placement']!r}")
-        kw["placement"] = raw["placement"]
-    if "gpu_headroom" in raw:
-        kw["gpu_headroom_bytes"] = parse_bytes(raw["gpu_headroom"], "gpu_headroom")
-    if "kv_cache_sequences" in raw:
-        kw["kv_cache_sequences"] = int(_number(raw["kv_cache_sequences"], "kv_cache_sequences",
-                                               integer=True))
-    if "max_loaded_models" in raw:
-        kw["max_loaded_models"] = int(_number(raw["max_loaded_models"], "max_loaded_models",
-                                              integer=True))
-    if "place_wait_timeout" in raw:
-        kw["place_wait_timeout"] = float(_number(raw["place_wait_timeout"], "place_wait_timeout",
-                                                 positive=False))
-    if "log_format" in raw:
-        if raw["log_format"] not in ("text", "json"):
-            raise ConfigError(f"log_format: must be text or json, got {raw['log_format']!r}")
-        kw["log_format"] = raw["log_format"]
-    if "max_body_bytes" in raw:
-        kw["max_body_bytes"] = parse_bytes(raw["max_body_bytes"], "max_body_bytes")
-    if "cpu_memory_budget" in raw:
-        kw["cpu_memory_budget"] = parse_bytes(raw["cpu_memory_budget"], "cpu_memory_budget")
+            kw[key] = float(_number(raw[key], key, positive=key != "place_wait_timeout"))
+            if kw[key] < 0:
+                raise ConfigError(f"{key}: must not be negative")
+    for key in ("kv_cache_sequences", "max_loaded_models"):
+        if key in raw:
+            kw[key] = int(_number(raw[key], key, integer=True))
+    for key, field_name in _BYTE_FIELDS.items():
+        if key in raw:
+            kw[field_name] = parse_bytes(raw[key], key)
+    for key, choices in _CHOICE_FIELDS.items():
+        if key in raw:
+            if raw[key] not in choices:
+                raise ConfigError(f"{key}: must be {' or '.join(choices)}, got {raw[key]!r}")
+            kw[key] = raw[key]
     if "simulate_gpus" in raw or overrides.get("simulate_gpus"):
         spec = overrides.get("simulate_gpus") or _str(raw["simulate_gpus"], "simulate_gpus")
         from server.gpus.simulated import parse_spec

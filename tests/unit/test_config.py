@@ -42,6 +42,9 @@ def test_full_model_entry():
     ({"port": 70000, "models": [{"name": "a", "path": "p"}]}, "port: must be between"),
     ({"models": []}, "models: must be a non-empty list"),
     ({"mdoels": []}, "mdoels: unknown field"),
+    ({"models": [{"name": "a", "path": "p"}], "place_wait_timeout": -1}, "place_wait_timeout"),
+    ({"models": [{"name": "a", "path": "p"}], "placement": "random"}, "placement: must be"),
+    ({"models": [{"name": "a", "path": "p"}], "log_format": "xml"}, "log_format: must be"),
     ([1, 2], "(top level)"),
 ])
 def test_errors_name_the_field_path(raw, where):
