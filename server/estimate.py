@@ -83,12 +83,17 @@ def read_config(model_path: str) -> dict[str, Any] | None:
 BAD_CONFIG = (KeyError, ValueError, TypeError, ZeroDivisionError, AttributeError, OverflowError)
 
 
-# Memory needed on every device beyond weights and KV cache. GPU: the CUDA context and cuBLAS
-# workspaces (about 0.5 GiB), CUDA graphs (up to about 0.5 GiB at vLLM's default capture sizes) and
-# the activation peak of vLLM's profiling run at its default batch of tokens (about 0.5 GiB for 7-8B
-# models). CPU: the engine's Python process, torch and tokenizer.
-GPU_OVERHEAD_BYTES = 3 * GiB // 2
+# Memory needed on every device beyond weights and KV cache, inside vLLM's budget. GPU: CUDA graphs
+# (up to about 0.5 GiB at vLLM's default capture sizes) and the activation peak of vLLM's profiling
+# run at its default batch of tokens (about 0.5 GiB for 7-8B models). CPU: the engine's Python
+# process, torch and tokenizer.
+GPU_OVERHEAD_BYTES = GiB
 CPU_OVERHEAD_BYTES = 512 * MiB
+# Outside vLLM's budget on every GPU: the engine's CUDA context (and NCCL buffers under tensor
+# parallel), created before vLLM measures free memory (placement module doc). torch's CUDA context
+# alone measured 621 MiB by NVML on an H200 (driver 580.159, torch 2.11+cu130; tests/gpu/check_nvml.py);
+# the rest of the GiB covers NCCL communicators under tensor parallel.
+CUDA_CONTEXT_BYTES = GiB
 
 
 def safetensors_data_bytes(path: Path) -> int:
@@ -186,4 +191,5 @@ def requirement_for(model: "ModelConfig", kind: str, *, kv_sequences: int, avail
     return Requirement(model=model.name, weight_bytes=weights, kv_cache_bytes=kv,
                        overhead_bytes=GPU_OVERHEAD_BYTES if kind == "cuda" else CPU_OVERHEAD_BYTES,
                        attention_heads=heads, kind=kind, allowed_devices=allowed,
-                       tensor_parallel_size=model.tensor_parallel_size)
+                       tensor_parallel_size=model.tensor_parallel_size,
+                       context_bytes=CUDA_CONTEXT_BYTES if kind == "cuda" else 0)

@@ -24,7 +24,11 @@ enough, the result is a :class:`NoFit` whose reason gives the numbers.
 
 For vLLM on a GPU the plan carries ``--gpu-memory-utilization``: vLLM 0.32 reads it as a fraction
 of the GPU's *total* memory and refuses to start when free memory is below fraction × total, so the
-fraction is ``share / total`` rounded down to 4 decimals after rounding the share up to cover the need.
+fraction is ``need / total`` rounded up to 4 decimals. vLLM measures that free memory *after* its
+process has created its CUDA context (``gpu_worker.init_device``: ``MemorySnapshot`` then
+``request_memory``), and the context stays outside the fraction's budget, so an engine takes
+``context_bytes + ceil(fraction × total)`` on each GPU: that is what the plan books and what must
+be available.
 """
 
 from __future__ import annotations
@@ -74,9 +78,10 @@ class Booking:
 @dataclass(frozen=True)
 class Requirement:
     """What a model needs. ``weight_bytes`` and ``kv_cache_bytes`` are totals, split evenly over the
-    ``tp`` devices; ``overhead_bytes`` is needed on every device (CUDA context, activations, CUDA
-    graphs). ``None`` weights mean unknown: the model gets the most available device, all of it.
-    ``attention_heads`` limits tensor parallel sizes to its divisors."""
+    ``tp`` devices; ``overhead_bytes`` is needed on every device inside vLLM's budget (activations,
+    CUDA graphs); ``context_bytes`` on every GPU outside it (the engine's CUDA context, created
+    before vLLM measures free memory). ``None`` weights mean unknown: the model gets the most
+    available device, all of it. ``attention_heads`` limits tensor parallel sizes to its divisors."""
 
     model: str
     weight_bytes: int | None
@@ -86,6 +91,7 @@ class Requirement:
     kind: str = "cuda"
     allowed_devices: tuple[str, ...] | None = None
     tensor_parallel_size: int | None = None
+    context_bytes: int = 0
 
     def per_device_bytes(self, tp: int) -> int:
         assert self.weight_bytes is not None
@@ -164,13 +170,14 @@ def _try_place(req: Requirement, devices: tuple[Device, ...], avail: dict[str, i
         return None, 0
     if req.weight_bytes is None:  # unknown size: the most available device, all of it
         dev = max(candidates, key=lambda d: avail[d.id])
-        share = avail[dev.id]
+        context = req.context_bytes if dev.kind == "cuda" else 0
+        share = avail[dev.id] - context
         if share <= 0:
             return None, -share
         frac = None
         if dev.kind == "cuda":  # round down: the share must not exceed what is available
             frac = math.floor(share / dev.total_bytes * 10_000) / 10_000
-            share = int(frac * dev.total_bytes)
+            share = math.ceil(frac * dev.total_bytes) + context
         return Plan(req.model, (dev.id,), 1, share, frac,
                     why=f"size unknown: all {fmt(share)} available on {dev.id}"), 0
     sizes = (req.tensor_parallel_size,) if req.tensor_parallel_size else TP_SIZES
@@ -181,10 +188,13 @@ def _try_place(req: Requirement, devices: tuple[Device, ...], avail: dict[str, i
             continue
         need = req.per_device_bytes(tp)
 
-        def granted(d: Device) -> int:  # what vLLM really takes: the rounded fraction × total
-            return math.ceil(_fraction(need, d.total_bytes) * d.total_bytes) if d.kind == "cuda" else need
+        def granted(d: Device) -> int:  # what vLLM really takes: its context + fraction × total
+            if d.kind != "cuda":
+                return need
+            return req.context_bytes + math.ceil(_fraction(need, d.total_bytes) * d.total_bytes)
 
-        fitting = [d for d in candidates if avail[d.id] >= granted(d) and need <= d.total_bytes]
+        fitting = [d for d in candidates
+                   if avail[d.id] >= granted(d) and need + req.context_bytes <= d.total_bytes]
         for size in {d.total_bytes for d in candidates}:  # how far the best same-size set is
             shorts = sorted(granted(d) - avail[d.id] for d in candidates if d.total_bytes == size)
             if len(shorts) >= tp:
@@ -205,7 +215,8 @@ def _try_place(req: Requirement, devices: tuple[Device, ...], avail: dict[str, i
         frac = max(_fraction(need, d.total_bytes) for d in chosen) if req.kind == "cuda" else None
         share = max(granted(d) for d in chosen)
         left = ", ".join(f"{d.id} {fmt(avail[d.id])} available" for d in chosen)
-        why = f"needs {fmt(need)} per device at tensor parallel {tp} ({policy.name}: {left})"
+        ctx = f" + {fmt(req.context_bytes)} CUDA context" if req.kind == "cuda" and req.context_bytes else ""
+        why = f"needs {fmt(need)}{ctx} per device at tensor parallel {tp} ({policy.name}: {left})"
         return Plan(req.model, tuple(d.id for d in chosen), tp, share, frac, why=why), 0
     return None, 0 if best_short is math.inf else int(best_short)
 
@@ -247,6 +258,8 @@ def plan(req: Requirement, devices: tuple[Device, ...], bookings: tuple[Booking,
         where = f" among {', '.join(req.allowed_devices)}" if req.allowed_devices else ""
         return NoFit(req.model, f"no {req.kind} device{where} to place {req.model} on")
     need = req.per_device_bytes(1) if req.weight_bytes is not None else 0
+    if req.kind == "cuda":
+        need += req.context_bytes
     rooms = ", ".join(f"{d.id} {fmt(avail[d.id])} of {fmt(d.total_bytes)}" for d in kinds)
     return NoFit(req.model, f"{req.model} needs {fmt(need)} on one device (less per device with "
                             f"tensor parallel); available after other processes, vramgate's "

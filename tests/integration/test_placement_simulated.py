@@ -7,6 +7,7 @@ vLLM command line is covered by the e2e suite.
 from __future__ import annotations
 
 import json
+import math
 import time
 
 from tests.gateway import standin_gateway
@@ -42,13 +43,14 @@ def test_other_tenants_count_and_engines_get_the_planned_arguments(tmp_path):
     with run(tmp_path, models, "1x80GiB@64GiB,1x80GiB") as gw:
         assert gw.wait_states(60) == {"m": "ready", "n": "ready", "toobig": "unloaded"}
         m, n = engine(tmp_path, "m"), engine(tmp_path, "n")
-        # m needs 30 GiB + 1.5 GiB overhead: only GPU 1 has it; the fraction is of the 80 GiB total.
+        # m needs 30 GiB + 1 GiB overhead inside the fraction (of the 80 GiB total) + 1 GiB CUDA
+        # context outside it: only GPU 1 has that.
         assert m["cuda_visible_devices"] == "1"
-        assert arg(m, "--gpu-memory-utilization") == "0.3938"
+        assert arg(m, "--gpu-memory-utilization") == "0.3875"
         assert "--tensor-parallel-size" not in m["argv"] and "--enforce-eager" not in m["argv"]
-        # n (9.5 GiB) fits in GPU 0's remaining 16 GiB - 1 GiB headroom: pack takes the tight fit.
+        # n (8 + 1 + 1 GiB) fits in GPU 0's remaining 16 GiB - 1 GiB headroom: pack takes the tight fit.
         assert n["cuda_visible_devices"] == "0"
-        assert arg(n, "--gpu-memory-utilization") == "0.1188"
+        assert arg(n, "--gpu-memory-utilization") == "0.1125"
         assert model(gw, "m")["replicas"][0]["placement"]["devices"] == ["cuda:1"]
         # Nothing fits: a prompt 503 with the numbers, no process started.
         t0 = time.monotonic()
@@ -56,14 +58,14 @@ def test_other_tenants_count_and_engines_get_the_planned_arguments(tmp_path):
         assert time.monotonic() - t0 < 5
         assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1
         msg = r.json()["error"]["message"]
-        assert "toobig needs 101.50 GiB" in msg and "cuda:0 5.50 GiB of 80.00 GiB" in msg  # n took 9.5
+        assert "toobig needs 102.00 GiB" in msg and "cuda:0 5.00 GiB of 80.00 GiB" in msg  # n took 10
         assert engine(tmp_path, "toobig") is None
         metrics = gw.client.get("/metrics").text
         assert 'vramgate_gpu_memory_total_bytes{gpu="1"} 8.589934592e+10' in metrics
         assert 'vramgate_gpu_memory_reserved_bytes{gpu="1"}' in metrics
         gpus = gw.client.get("/admin/gpus").json()
         assert [g["id"] for g in gpus["devices"]][:2] == ["cuda:0", "cuda:1"]
-        assert gpus["devices"][1]["reserved_bytes"] == int(0.3938 * 80 * GiB + 0.999)
+        assert gpus["devices"][1]["reserved_bytes"] == GiB + math.ceil(0.3875 * 80 * GiB)
 
 
 def test_a_model_still_starting_is_already_booked(tmp_path):
@@ -82,22 +84,22 @@ def test_a_model_still_starting_is_already_booked(tmp_path):
 
 
 def test_measured_usage_replaces_the_estimate_and_evictions_are_logged(tmp_path):
-    # C18: A is estimated at 21.5 GiB but uses 4 GiB once up; B then fits beside it.
+    # C18: A is estimated at 22 GiB but uses 4 GiB once up; B then fits beside it.
     models = [{"name": "A", "path": "standin:ok", "memory": "20GiB"},
               {"name": "B", "path": "standin:slow-start=1", "memory": "20GiB"},
               {"name": "C", "path": "standin:slow-start=1", "memory": "30GiB"}]
     with run(tmp_path, models, "1x40GiB;engine.A=4GiB;engine.B=20GiB") as gw:
         states = gw.wait_states(30)
-        assert states["A"] == "ready" and states["B"] == "unloaded"  # A was still booked at 21.5 GiB
+        assert states["A"] == "ready" and states["B"] == "unloaded"  # A was still booked at 22 GiB
         assert model(gw, "A")["replicas"][0]["placement"]["measured_bytes"] == 4 * GiB
         assert model(gw, "A")["replicas"][0]["placement"]["reserved_bytes"] == 4 * GiB
         r = gw.client.post("/v1/completions", json={"model": "B", "prompt": "x", "max_tokens": 2})
         assert r.status_code == 200, r.text
         assert gw.states()["A"] == "ready"  # B fitted without evicting A
-        # C (31.5 GiB) only fits once both idle engines are gone: least recently used first.
+        # C (32 GiB) only fits once both idle engines are gone: least recently used first.
         r = gw.client.post("/v1/completions", json={"model": "C", "prompt": "x", "max_tokens": 2})
         assert r.status_code == 200, r.text
         assert gw.states() == {"A": "unloaded", "B": "unloaded", "C": "ready"}
         log = gw.log_text()
         assert "evicting A (4.00 GiB on cuda:0" in log and "evicting B (20.00 GiB on cuda:0" in log
-        assert "needs 31.50 GiB per device" in log
+        assert "needs 31.00 GiB + 1.00 GiB CUDA context per device" in log

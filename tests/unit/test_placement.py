@@ -1,5 +1,7 @@
 """The pure planner: table tests and a property test over random layouts and request sequences."""
 
+import math
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -109,6 +111,23 @@ def test_unknown_size_takes_the_most_available_gpu_whole():
     assert p.gpu_memory_utilization == 0.975
 
 
+def test_the_cuda_context_is_booked_outside_vllms_fraction():
+    """vLLM checks free memory after creating its CUDA context and budgets the fraction on top."""
+    devices = (gpu(0, 80, free_gib=20),)
+    need = Requirement("m", 10 * GiB, 0, overhead_bytes=GiB, context_bytes=GiB // 2)
+    r = plan(need, devices, ())
+    assert r.gpu_memory_utilization == math.ceil(11 / 80 * 10_000) / 10_000
+    assert r.bytes_per_device == GiB // 2 + math.ceil(r.gpu_memory_utilization * 80 * GiB)
+    # 11 GiB of need fits 11.4 GiB free without the context, not with it
+    tight = (gpu(0, 80, free_gib=11.4),)
+    assert isinstance(plan(Requirement("m", 10 * GiB, 0, overhead_bytes=GiB), tight, ()), Plan)
+    assert isinstance(plan(need, tight, ()), NoFit)
+    # unknown size: all that is left once the context is made
+    r = plan(Requirement("u", None, context_bytes=GiB // 2), devices, ())
+    assert r.gpu_memory_utilization == math.floor(19.5 / 80 * 10_000) / 10_000
+    assert r.bytes_per_device <= 20 * GiB
+
+
 def test_cpu_placement():
     cpu = Device("cpu", "cpu", 24 * GiB, 20 * GiB)
     p = plan(Requirement("m", GiB, GiB, overhead_bytes=GiB // 2, kind="cpu"), (gpu(0, 80), cpu), ())
@@ -124,20 +143,26 @@ requests = st.lists(st.tuples(st.floats(0.5, 200), st.sampled_from([None, 8, 12,
 
 
 @settings(max_examples=300, deadline=None)
-@given(layouts, requests, st.integers(0, 2))
-def test_never_over_commits(layout, reqs, headroom_gib):
-    """Whatever the layout and sequence, every GPU's bookings stay within its free memory."""
+@given(layouts, requests, st.integers(0, 2), st.sampled_from([0, 300 * 2**20, 2**30]))
+def test_never_over_commits(layout, reqs, headroom_gib, context):
+    """Whatever the layout and sequence, every GPU's bookings stay within its free memory, and
+    vLLM's own start check (free after its CUDA context ≥ fraction × total) passes."""
     devices = tuple(gpu(i, total, free_gib=total * (1 - used))
                     for i, (total, used) in enumerate(layout))
     policy_headroom = headroom_gib * GiB
     bookings: list[Booking] = []
     for n, (gib, heads, idle, policy) in enumerate(reqs):
-        r = plan(Requirement(f"m{n}", int(gib * GiB), 0, overhead_bytes=GiB // 2, attention_heads=heads),
+        r = plan(Requirement(f"m{n}", int(gib * GiB), 0, overhead_bytes=GiB // 2, attention_heads=heads,
+                             context_bytes=context),
                  devices, tuple(bookings), Policy(policy, policy_headroom))
         if isinstance(r, NoFit):
             assert r.short_bytes > 0 or "no cuda device" in r.reason
             continue
         bookings = [b for b in bookings if b.model not in r.evict]
+        room = available(devices, tuple(bookings), policy_headroom)
+        for d in r.devices:  # what vLLM's request_memory() checks once its context exists
+            total = next(x.total_bytes for x in devices if x.id == d)
+            assert room[d] - context >= math.ceil(r.gpu_memory_utilization * total)
         assert all(not b.starting for b in bookings if b.model in r.evict)
         bookings.append(Booking(r.model, r.devices, r.bytes_per_device, idle=idle, last_used=n))
         used = {d for b in bookings for d in b.devices}
@@ -145,5 +170,5 @@ def test_never_over_commits(layout, reqs, headroom_gib):
             assert dev_id not in used or room >= 0, (dev_id, room)
         dev = {d.id: d for d in devices}
         for d in r.devices:  # vLLM gets at least the need, within the GPU's total
-            assert r.gpu_memory_utilization * dev[d].total_bytes >= r.bytes_per_device - 1
+            assert r.gpu_memory_utilization * dev[d].total_bytes >= r.bytes_per_device - context - 1
             assert r.gpu_memory_utilization <= 1
