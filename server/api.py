@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
 import time
 from collections import deque
 from typing import Any, Awaitable, Callable, TypeVar
@@ -31,24 +30,15 @@ from server.requestid import SCOPE_KEY as RID_KEY
 from server.errors import (BodyTooLarge, ConfigError, InvalidRequest, ModelNotFound, PermissionDenied,
                            RateLimited, RouteNotFound,
                            VramgateError, anthropic_body, error_body)
-from server.sse import ANTHROPIC, OPENAI, RESPONSES
+from server.sse import ANTHROPIC, OPENAI, RESPONSES, StreamTap, usage_counts
 from server.metrics import UNKNOWN_MODEL
 from server.pool import ModelState
 from server.proxy import open_upstream, read_body, read_error, relay_stream
-from server.validation import ANTHROPIC_ROUTES, ROUTES, parse_body, validate
+from server.validation import ANTHROPIC_ROUTES, ROUTES, engine_body, parse_body, validate
 
 T = TypeVar("T")
 log = logging.getLogger("vramgate.api")
 access = logging.getLogger("vramgate.access")
-_TOKENS = re.compile(rb'"(prompt_tokens|completion_tokens)":\s*(\d+)')
-
-
-def usage_tokens(body: bytes) -> dict[str, int]:
-    """``prompt_tokens``/``completion_tokens`` from the end of an engine's JSON answer (where vLLM
-    puts ``usage``), found without parsing the whole body."""
-    return {k.decode(): int(v) for k, v in _TOKENS.findall(body[-2048:])}
-
-
 def access_line(fmt: str, **fields: Any) -> str:
     """One access-log line: ``json`` (one object) or ``text`` (``key=value`` pairs); fields that
     are ``None`` are left out."""
@@ -160,14 +150,15 @@ async def inference(request: Request) -> Response:
         seconds = time.perf_counter() - t0
         metrics.observe(label, route, status, seconds)
         for kind, count in (tokens or {}).items():
-            metrics.tokens.labels(label, kind.split("_")[0]).inc(count)
+            metrics.tokens.labels(label, kind).inc(count)
         if access.isEnabledFor(logging.INFO):
             key = request.scope.get(SCOPE_KEY)
             access.info(access_line(
                 settings.log_format, request_id=request.scope.get(RID_KEY), route=route,
                 model=label, status=status, duration_s=round(seconds, 4),
                 ttft_s=round(timing["ttft"], 4) if "ttft" in timing else None,
-                key=key.name if key is not None else None, **(tokens or {})))
+                key=key.name if key is not None else None,
+                **{f"{kind}_tokens": n for kind, n in (tokens or {}).items()}))
 
     try:
         raw = await read_limited(request, settings.max_body_bytes)
@@ -191,9 +182,8 @@ async def inference(request: Request) -> Response:
                 raise RateLimited(f"Rate limit reached: {key.rpm} requests per minute for this key. "
                                   f"Try again in {wait:.1f} s.", retry_after=wait)
             times.append(time.monotonic())
-        if parsed.model != model.name:  # an alias: the engine only knows its served name
-            body["model"] = model.name
-            raw = json.dumps(body).encode()
+        flavor = FLAVORS.get(route, OPENAI)
+        raw = engine_body(raw, parsed, model.name, want_usage=flavor is OPENAI)
         receive = request.receive
         gate = gate_for(state, model)
         await until_disconnect(gate.enter(parse_priority(request.headers.get("x-priority"))),
@@ -216,7 +206,7 @@ async def inference(request: Request) -> Response:
         if not parsed.stream:
             data = await until_disconnect(read_body(upstream), receive)
             status = upstream.status
-            done(status, usage_tokens(data))
+            done(status, usage_counts(data[-2048:]))  # vLLM puts usage last
             return Response(data, status_code=status,
                             media_type=upstream.headers.get("content-type", "application/json"))
         held, cleanups = cleanups, []  # the stream's finalize undoes them
@@ -225,15 +215,19 @@ async def inference(request: Request) -> Response:
             timing["ttft"] = time.perf_counter() - t0
             metrics.ttft.labels(label, route).observe(timing["ttft"])
 
+        tap = StreamTap(flavor, null_usage=parsed.include_usage and flavor is OPENAI,
+                        drop_usage=not parsed.include_usage)
+
         def finalize() -> None:
             for undo in reversed(held):
                 undo()
-            done(200)
+            itl = metrics.itl.labels(label)
+            for gap in tap.gaps:
+                itl.observe(gap)
+            done(200, tap.tokens)
 
-        flavor = FLAVORS.get(route, OPENAI)
-        return RelayResponse(relay_stream(upstream, null_usage=parsed.include_usage and flavor is OPENAI,
-                                          on_first=first, closing=lambda: pool.closing,
-                                          flavor=flavor),
+        return RelayResponse(relay_stream(upstream, tap=tap, on_first=first,
+                                          closing=lambda: pool.closing),
                              finalize, status_code=200,
                              headers={"content-type": "text/event-stream", "cache-control": "no-cache",
                                       "x-accel-buffering": "no"})

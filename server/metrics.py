@@ -16,6 +16,10 @@ UNKNOWN_MODEL = "unknown"
 INFERENCE_ROUTES = tuple(ROUTES)
 # Latency buckets in seconds: 5 ms up to 10 minutes (CPU engines and long generations).
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+# Seconds between tokens: vLLM's own inter_token_latency_seconds buckets, from 10 ms to 80 s, with
+# 1 and 5 ms added below for small models and fast GPUs.
+ITL_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0,
+               2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 
 
 class Metrics:
@@ -37,8 +41,12 @@ class Metrics:
                               "Streamed requests: time from arrival to the first byte from the engine.",
                               ["model", "route"], namespace=ns, buckets=LATENCY_BUCKETS,
                               registry=self.registry)
+        self.itl = Histogram("inter_token_latency_seconds",
+                             "Streamed requests: time between successive token events sent to the "
+                             "client (the first token excluded).", ["model"], namespace=ns,
+                             buckets=ITL_BUCKETS, registry=self.registry)
         self.tokens = Counter("tokens", "Tokens of answered requests, by model and kind (prompt, "
-                              "completion), from the engine's usage (non-streamed answers).",
+                              "completion), from the engine's usage (streamed answers too).",
                               ["model", "kind"], namespace=ns, registry=self.registry)
         self.in_flight = Gauge("requests_in_flight", "Requests holding a lease on an engine.",
                                ["model"], namespace=ns, registry=self.registry)
@@ -90,6 +98,7 @@ class Metrics:
             self.engine_starts.labels(name)
             self.engine_failures.labels(name)
             self.load_seconds.labels(name)
+            self.itl.labels(name)
             for reason in ("evicted", "idle", "unload"):
                 self.engine_stops.labels(name, reason)
             for route in routes:

@@ -8,12 +8,13 @@ are translated into the error tree here and nowhere else.
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import AsyncIterator, Callable
 
 import aiohttp
 
 from server.errors import ModelUnavailable, normalize_upstream_error
-from server.sse import OPENAI, EventSplitter, StreamFlavor, with_null_usage
+from server.sse import EventSplitter, StreamFlavor, StreamTap
 
 # Engines answer slowly (a long generation); only the connection attempt is bounded.
 TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10)
@@ -59,22 +60,23 @@ async def read_error(resp: aiohttp.ClientResponse):
     return normalize_upstream_error(resp.status, await read_body(resp))
 
 
-async def relay_stream(resp: aiohttp.ClientResponse, *, null_usage: bool,
+async def relay_stream(resp: aiohttp.ClientResponse, *, tap: StreamTap,
                        on_first: Callable[[], None] | None = None,
-                       closing: Callable[[], bool] = lambda: False,
-                       flavor: StreamFlavor = OPENAI) -> AsyncIterator[bytes]:
+                       closing: Callable[[], bool] = lambda: False) -> AsyncIterator[bytes]:
     """Yield the engine's SSE bytes as they arrive, whole events only, bytes unchanged.
 
     Chunks are cut at ``\n\n`` so that a failure never leaves half an event before the error
-    event. With ``null_usage`` (the client asked ``stream_options.include_usage``) events get
-    ``"usage":null`` where vLLM omits it (:func:`server.sse.with_null_usage`). If the engine fails
-    or ends the stream without its proper last event (``flavor``: ``[DONE]`` for the OpenAI routes),
-    one error event in the route's shape is sent and the body ends
-    (``closing()`` true: the gateway is shutting down, and says so). The upstream connection is
-    closed in ``finally``, so vLLM aborts the request when the client goes away.
+    event. Each read's events go through ``tap`` (:class:`server.sse.StreamTap`: token usage,
+    inter-token gaps, the usage chunk the client did not ask for removed, ``"usage":null`` where
+    the client asked). If the engine fails or ends the stream without its proper last event (the
+    tap's flavor: ``[DONE]`` for the OpenAI routes), one error event in the route's shape is sent
+    and the body ends (``closing()`` true: the gateway is shutting down, and says so). The upstream
+    connection is closed in ``finally``, so vLLM aborts the request when the client goes away.
     """
     splitter = EventSplitter()
+    flavor = tap.flavor
     last = b""
+    clock = time.perf_counter
     try:
         async for chunk in resp.content.iter_any():
             if on_first is not None:
@@ -83,10 +85,10 @@ async def relay_stream(resp: aiohttp.ClientResponse, *, null_usage: bool,
             events = splitter.feed(chunk)
             if not events:
                 continue
-            if null_usage:
-                events = [with_null_usage(e) for e in events]
             last = events[-1]
-            yield b"".join(events)
+            events = tap.feed(events, clock())
+            if events:
+                yield b"".join(events)
         if not flavor.complete(last):
             yield _failure("the engine ended the stream before it was complete",
                            "engine_stream_incomplete", closing, flavor)

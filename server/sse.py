@@ -6,6 +6,7 @@ vLLM frames each event as ``data: <one-line JSON>\\n\\n`` and ends with ``data: 
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 DONE = b"data: [DONE]\n\n"
@@ -48,6 +49,64 @@ def with_null_usage(event: bytes) -> bytes:
     if not end.endswith(b"}"):
         return event
     return end[:-1] + _NULL_USAGE + b"}" + event[len(end):]
+
+
+_USAGE_OBJ = b'"usage":{'
+_EMPTY_CHOICES = b'"choices":[]'
+_TOKEN_FIELDS = re.compile(rb'"(prompt_tokens|completion_tokens|input_tokens|output_tokens)":\s*(\d+)')
+_TOKEN_KIND = {b"prompt_tokens": "prompt", b"input_tokens": "prompt",
+               b"completion_tokens": "completion", b"output_tokens": "completion"}
+
+
+def usage_counts(text: bytes) -> dict[str, int]:
+    """``{"prompt": n, "completion": m}`` from the token fields in ``text`` (OpenAI's
+    ``prompt_tokens``/``completion_tokens``, the Responses and Anthropic APIs' ``input_tokens``/
+    ``output_tokens``); where a field repeats, the largest value (Anthropic's cumulative counts)."""
+    out: dict[str, int] = {}
+    for name, value in _TOKEN_FIELDS.findall(text):
+        kind = _TOKEN_KIND[name]
+        out[kind] = max(out.get(kind, 0), int(value))
+    return out
+
+
+class StreamTap:
+    """What the gateway learns from a stream on its way through, and the one change it makes.
+
+    - ``tokens``: prompt/completion tokens from the engine's usage (OpenAI routes: the
+      ``choices: []`` usage chunk; Responses/Anthropic: their ``usage`` objects).
+    - ``gaps``: seconds between successive token events as the gateway forwards them (the first
+      token excluded; events that arrive in one read count 0, as the client sees them).
+    - ``drop_usage``: the gateway asked the engine for ``include_usage`` on the client's behalf, so
+      the usage chunk is removed (cases C01); ``null_usage``: the client asked, so other chunks get
+      ``"usage":null`` (:func:`with_null_usage`).
+
+    ``feed`` works on whole events and never re-encodes the ones it forwards.
+    """
+
+    def __init__(self, flavor: "StreamFlavor", *, null_usage: bool = False,
+                 drop_usage: bool = False) -> None:
+        self.flavor, self.null_usage, self.drop_usage = flavor, null_usage, drop_usage
+        self.tokens: dict[str, int] = {}
+        self.gaps: list[float] = []
+        self._last: float | None = None
+
+    def feed(self, events: list[bytes], now: float) -> list[bytes]:
+        """The events to forward, of ``events`` that arrived at ``now`` (seconds, monotonic)."""
+        out = []
+        openai = self.flavor.name == "openai"
+        for event in events:
+            if _USAGE_OBJ in event:
+                self.tokens.update(usage_counts(event))
+                if openai and _EMPTY_CHOICES in event:
+                    if not self.drop_usage:
+                        out.append(event)
+                    continue
+            if event != DONE and (openai or b"delta" in event):
+                if self._last is not None:
+                    self.gaps.append(now - self._last)
+                self._last = now
+            out.append(with_null_usage(event) if self.null_usage else event)
+        return out
 
 
 def error_event(message: str, type_: str = "server_error", code: str | None = None) -> bytes:

@@ -123,3 +123,30 @@ def validate(route: str, body: dict[str, Any]) -> ParsedRequest:
                                  param="stream_options", code="invalid_value")
         include_usage = options.get("include_usage") is True
     return ParsedRequest(body=body, model=model, stream=stream, include_usage=include_usage)
+
+
+_USAGE_OPTION = b'{"stream_options":{"include_usage":true},'
+
+
+def engine_body(raw: bytes, parsed: ParsedRequest, served_name: str, *, want_usage: bool) -> bytes:
+    """The body to send the engine (pure): ``raw`` untouched where nothing changes.
+
+    ``served_name`` replaces an alias (an engine only knows its served name). ``want_usage``: the
+    gateway asks for ``stream_options.include_usage`` on a stream whose client did not (for its
+    token metrics; the usage chunk is then dropped on the way back, cases C01). Without an alias
+    and without ``stream_options`` in the body the option is spliced in at the byte level (no
+    re-encoding of a long prompt); otherwise the object is encoded again. A client that set other
+    stream options (vLLM's ``continuous_usage_stats``) keeps exactly what it asked for.
+    """
+    options = parsed.body.get("stream_options")
+    inject = want_usage and parsed.stream and not parsed.include_usage and (
+        options is None or set(options) <= {"include_usage"})
+    if parsed.model == served_name and not inject:
+        return raw
+    if parsed.model == served_name and options is None:
+        start = raw.index(b"{")
+        return raw[:start] + _USAGE_OPTION + raw[start + 1:]
+    body = dict(parsed.body, model=served_name)
+    if inject:
+        body["stream_options"] = {"include_usage": True}
+    return json.dumps(body).encode()

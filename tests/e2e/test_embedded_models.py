@@ -69,12 +69,20 @@ def test_stream_with_usage_matches_the_non_streamed_usage(client):
     assert text == plain.choices[0].message.content
 
 
-def test_stream_without_usage_has_no_usage_chunk(client):
+def test_stream_without_usage_has_no_usage_chunk(gw, client):
+    """C01: the gateway asks vLLM for usage (its token metrics) and drops that chunk."""
+    def counted() -> float:
+        line = next(l for l in gw.client.get("/metrics").text.splitlines()
+                    if l.startswith(f'vramgate_tokens_total{{kind="completion",model="{CHAT}"}}'))
+        return float(line.rsplit(" ", 1)[1])
+
+    before = counted()
     chunks = list(client.chat.completions.create(model="smollm2", messages=HELLO, max_tokens=8,
-                                                 stream=True))
+                                                 stream=True, extra_body={"ignore_eos": True}))
     assert chunks and all(c.choices for c in chunks) and all(c.usage is None for c in chunks)
-    assert chunks[-1].choices[0].finish_reason in ("length", "stop")
+    assert chunks[-1].choices[0].finish_reason == "length"
     assert all(c.model == CHAT for c in chunks)  # aliases answer with the canonical name
+    assert counted() - before == 8
 
 
 def test_completions_stop_string_never_leaks(client):

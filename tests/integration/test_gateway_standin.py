@@ -328,3 +328,28 @@ def test_access_log_line_and_engine_logs(gw):
     res = CliRunner().invoke(main, ["logs", "echo", "--url", gw.url, "-n", "50"])
     assert res.exit_code == 0 and "standin: echo listening" in res.output
     assert 'vramgate_tokens_total{kind="completion",model="echo"}' in gw.client.get("/metrics").text
+
+
+def metric(gw: Gateway, name: str) -> float:
+    text = gw.client.get("/metrics").text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+
+
+@pytest.mark.parametrize("route,body", [
+    ("/v1/chat/completions", chat("small", stream=True, max_tokens=6)),
+    ("/v1/completions", {"model": "echo", "prompt": "x", "stream": True, "max_tokens": 6}),
+])
+def test_streamed_tokens_are_counted_without_a_usage_chunk_for_the_client(gw, route, body):
+    """C01 with the gateway's own metrics: it asks the engine for usage, counts the tokens, and the
+    client that did not ask still gets no usage chunk."""
+    tokens = 'vramgate_tokens_total{kind="completion",model="echo"}'
+    itl = 'vramgate_inter_token_latency_seconds_count{model="echo"}'
+    before, itl_before = metric(gw, tokens), metric(gw, itl)
+    raw = gw.client.post(route, json=body, headers={"x-request-id": "tok-" + route[-4:]}).content
+    events = sse_events(raw)
+    assert events[-1] == b"data: [DONE]" and len(events) == 7  # 6 words, no usage chunk
+    assert all(b'"usage"' not in e for e in events)
+    assert metric(gw, tokens) - before == 6
+    assert metric(gw, itl) - itl_before == 5  # gaps between 6 tokens
+    line = next(l for l in gw.log_text().splitlines() if "request_id=tok-" + route[-4:] in l)
+    assert "completion_tokens=6" in line and "prompt_tokens=3" in line and "ttft_s=" in line

@@ -36,10 +36,13 @@ def test_non_json_and_detail_bodies():
     assert normalize_upstream_error(502, b"").message == "engine answered HTTP 502"
 
 
-def test_access_line_and_usage_tokens():
-    from server.api import access_line, usage_tokens
+def test_access_line_and_usage_counts():
+    from server.api import access_line
+    from server.sse import usage_counts
     body = b'{"choices": [], "usage": {"prompt_tokens": 7, "total_tokens": 9, "completion_tokens": 2}}'
-    assert usage_tokens(body) == {"prompt_tokens": 7, "completion_tokens": 2}
-    assert usage_tokens(b"{}") == {}
+    assert usage_counts(body) == {"prompt": 7, "completion": 2}
+    assert usage_counts(b"{}") == {}
+    responses = b'"usage":{"input_tokens":5,"input_tokens_details":{"cached_tokens":0},"output_tokens":3}'
+    assert usage_counts(responses) == {"prompt": 5, "completion": 3}
     assert access_line("text", a=1, b=None, c="x") == "a=1 c=x"
     assert json.loads(access_line("json", a=1, b=None)) == {"a": 1}

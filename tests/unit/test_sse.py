@@ -43,3 +43,42 @@ def test_stream_flavors_know_their_last_event_and_error_shape():
         assert body["type"] == "error"
     assert json.loads(ANTHROPIC.error("boom", "x").split(b"data: ", 1)[1])["error"]["message"] == "boom"
     assert json.loads(RESPONSES.error("boom", "x").split(b"data: ", 1)[1])["code"] == "x"
+
+
+CHUNK = b'data: {"id":"c","choices":[{"index":0,"delta":{"content":"%s"}}]}\n\n'
+USAGE = (b'data: {"id":"c","choices":[],"usage":{"prompt_tokens":7,"total_tokens":10,'
+         b'"completion_tokens":3}}\n\n')
+
+
+def test_tap_drops_the_usage_chunk_it_asked_for_and_counts_it():
+    """C01: the gateway's own usage request never reaches a client that did not ask."""
+    from server.sse import DONE, OPENAI, StreamTap
+    tap = StreamTap(OPENAI, drop_usage=True)
+    assert tap.feed([CHUNK % b"a"], 1.0) == [CHUNK % b"a"]
+    assert tap.feed([CHUNK % b"b", CHUNK % b"c"], 1.5) == [CHUNK % b"b", CHUNK % b"c"]
+    assert tap.feed([USAGE], 1.6) == []
+    assert tap.feed([DONE], 1.7) == [DONE]
+    assert tap.tokens == {"prompt": 7, "completion": 3}
+    assert tap.gaps == [0.5, 0.0]  # from the first token; DONE and usage are not tokens
+
+
+def test_tap_keeps_the_usage_chunk_a_client_asked_for():
+    from server.sse import DONE, OPENAI, StreamTap
+    tap = StreamTap(OPENAI, null_usage=True)
+    out = tap.feed([CHUNK % b"a", USAGE, DONE], 2.0)
+    assert out[0].endswith(b',"usage":null}\n\n') and out[1:] == [USAGE, DONE]
+    assert tap.tokens == {"prompt": 7, "completion": 3}
+
+
+def test_tap_keeps_continuous_usage_chunks_and_reads_other_flavors():
+    from server.sse import ANTHROPIC, OPENAI, StreamTap
+    cont = b'data: {"choices":[{"delta":{"content":"x"}}],"usage":{"prompt_tokens":7,"completion_tokens":1}}\n\n'
+    tap = StreamTap(OPENAI, drop_usage=True)
+    assert tap.feed([cont], 0.0) == [cont]  # a token chunk that carries usage is never dropped
+    start = b'event: message_start\ndata: {"message":{"usage":{"input_tokens":9,"output_tokens":1}}}\n\n'
+    delta = b'event: content_block_delta\ndata: {"delta":{"text":"hi"}}\n\n'
+    end = b'event: message_delta\ndata: {"delta":{},"usage":{"output_tokens":4}}\n\n'
+    tap = StreamTap(ANTHROPIC, drop_usage=True)
+    assert tap.feed([start, delta], 1.0) == [start, delta]
+    assert tap.feed([end], 1.25) == [end]
+    assert tap.tokens == {"prompt": 9, "completion": 4} and tap.gaps == [0.25]

@@ -61,3 +61,30 @@ def test_deep_nesting_is_a_400_not_a_crash():
     deep = b'{"model": "m", "x": ' + b"[" * 5000 + b"]" * 5000 + b"}"
     with pytest.raises(InvalidRequest, match="nested too deeply"):
         parse_body(deep)
+
+
+def test_engine_body_asks_for_usage_without_touching_the_rest():
+    import json as _json
+
+    from server.validation import engine_body
+    raw = b' {"model": "m", "stream": true, "messages": [{"role": "user", "content": "\\u00e9 x"}]}'
+    p = validate("/v1/chat/completions", _json.loads(raw))
+    out = engine_body(raw, p, "m", want_usage=True)
+    assert _json.loads(out) == dict(_json.loads(raw), stream_options={"include_usage": True})
+    assert out.endswith(raw[2:])  # spliced in, the rest byte for byte
+    assert engine_body(raw, p, "m", want_usage=False) is raw
+    alias = engine_body(raw, p, "served", want_usage=True)
+    assert _json.loads(alias)["model"] == "served"
+    assert _json.loads(alias)["stream_options"] == {"include_usage": True}
+    for options in ({"include_usage": True}, {"include_usage": True, "continuous_usage_stats": True},
+                    {"continuous_usage_stats": False}):
+        body = {"model": "m", "stream": True, "prompt": "x", "stream_options": options}
+        raw2 = _json.dumps(body).encode()
+        out = engine_body(raw2, validate("/v1/completions", body), "m", want_usage=True)
+        assert out == raw2  # the client's own stream options are kept as they are
+    body = {"model": "m", "stream": True, "prompt": "x", "stream_options": {"include_usage": False}}
+    out = engine_body(_json.dumps(body).encode(), validate("/v1/completions", body), "m", want_usage=True)
+    assert _json.loads(out)["stream_options"] == {"include_usage": True}
+    plain = {"model": "m", "prompt": "x"}
+    raw3 = _json.dumps(plain).encode()
+    assert engine_body(raw3, validate("/v1/completions", plain), "m", want_usage=True) is raw3
