@@ -1,0 +1,106 @@
+"""An engine that answers at once: the stand-in behind the gateway-ceiling benchmark.
+
+Speaks enough of vLLM's OpenAI server for a proxy in front of it: ``/health``, ``/metrics``,
+``/v1/models``, ``/v1/chat/completions`` and ``/v1/completions`` (non-streamed, or ``CHUNKS``
+content chunks, the usage chunk on request, then ``[DONE]``). Started by the gateway exactly like
+vLLM (``engine_module: loadtest.instant_engine``) or by hand for another proxy:
+
+    python -m loadtest.instant_engine --model x --served-model-name instant --port 9001
+
+``INSTANT_CHUNKS`` (default 16) sets the chunks per stream. Every answer is pre-encoded: the
+engine does as little per request as aiohttp allows, so the proxy in front is what is measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+from aiohttp import web
+
+CHUNKS = int(os.environ.get("INSTANT_CHUNKS", "16"))
+
+
+def build(name: str) -> dict[str, bytes]:
+    """Every answer's bytes, made once."""
+    created = int(time.time())
+    usage = {"prompt_tokens": 8, "completion_tokens": CHUNKS, "total_tokens": 8 + CHUNKS}
+    out: dict[str, bytes] = {}
+    for kind, obj, delta in (("chat", "chat.completion", None), ("text", "text_completion", None)):
+        choice = ({"index": 0, "message": {"role": "assistant", "content": "tok " * CHUNKS},
+                   "finish_reason": "length"} if kind == "chat" else
+                  {"index": 0, "text": "tok " * CHUNKS, "finish_reason": "length"})
+        out[kind] = json.dumps({"id": "x", "object": obj, "created": created, "model": name,
+                                "choices": [choice], "usage": usage}).encode()
+        chunk_obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+        chunks = []
+        for i in range(CHUNKS):
+            c = ({"index": 0, "delta": {"content": "tok "}, "finish_reason": None} if kind == "chat"
+                 else {"index": 0, "text": "tok ", "finish_reason": None})
+            if i == CHUNKS - 1:
+                c["finish_reason"] = "length"
+            chunks.append(b"data: " + json.dumps({"id": "x", "object": chunk_obj, "created": created,
+                                                  "model": name, "choices": [c]}).encode() + b"\n\n")
+        out[kind + "_chunks"] = chunks  # type: ignore[assignment]
+        out[kind + "_usage"] = b"data: " + json.dumps({"id": "x", "object": chunk_obj, "created": created,
+                                                       "model": name, "choices": [],
+                                                       "usage": usage}).encode() + b"\n\n"
+    return out
+
+
+def app_for(name: str) -> web.Application:
+    answers = build(name)
+
+    async def health(_: web.Request) -> web.Response:
+        return web.Response(text="")
+
+    async def metrics(_: web.Request) -> web.Response:
+        return web.Response(text="", content_type="text/plain")
+
+    async def models(_: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": name, "object": "model"}]})
+
+    async def complete(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        kind = "chat" if request.path.endswith("chat/completions") else "text"
+        if not body.get("stream"):
+            return web.Response(body=answers[kind], content_type="application/json")
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await resp.prepare(request)
+        for chunk in answers[kind + "_chunks"]:  # type: ignore[union-attr]
+            await resp.write(chunk)
+        if (body.get("stream_options") or {}).get("include_usage"):
+            await resp.write(answers[kind + "_usage"])
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/v1/models", models)
+    app.router.add_post("/v1/chat/completions", complete)
+    app.router.add_post("/v1/completions", complete)
+    return app
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", required=True)
+    p.add_argument("--served-model-name", required=True)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, required=True)
+    args, _ = p.parse_known_args()  # vLLM's other flags are accepted and ignored
+    try:
+        import uvloop
+        uvloop.install()
+    except ImportError:
+        pass
+    web.run_app(app_for(args.served_model_name), host=args.host, port=args.port, print=None,
+                access_log=None)
+
+
+if __name__ == "__main__":
+    main()

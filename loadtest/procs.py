@@ -1,0 +1,112 @@
+"""Processes the benchmarks start and stop: the gateway, a bare engine, LiteLLM's proxy; and the CPU
+time a process tree used (what "per core" figures divide by)."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    """A loopback TCP port that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Proc:
+    """A child process in its own session, its output in ``log``; ``stop()`` ends its whole tree."""
+
+    def __init__(self, argv: list[str], log: Path, env: dict[str, str] | None = None,
+                 cwd: Path = ROOT) -> None:
+        self.log = log
+        self._fh = open(log, "wb")
+        self.proc = subprocess.Popen(argv, stdout=self._fh, stderr=subprocess.STDOUT, cwd=cwd,
+                                     env={**os.environ, **(env or {})}, start_new_session=True)
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def cpu_seconds(self, children: bool = False) -> float:
+        """User + system CPU seconds of the process (and, with ``children``, its descendants)."""
+        procs = [psutil.Process(self.proc.pid)]
+        if children:
+            procs += procs[0].children(recursive=True)
+        total = 0.0
+        for p in procs:
+            try:
+                t = p.cpu_times()
+                total += t.user + t.system
+            except psutil.Error:
+                pass
+        return total
+
+    def stop(self, timeout: float = 30) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(timeout)
+            except (subprocess.TimeoutExpired, ProcessLookupError):
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.proc.wait()
+        self._fh.close()
+
+
+def wait_http(url: str, proc: Proc, timeout: float, ok=lambda r: r.status_code == 200) -> None:
+    """Poll ``url`` until ``ok(response)``; raises RuntimeError with the log's end on timeout or exit."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.proc.poll() is not None:
+            raise RuntimeError(f"{proc.log.name} exited ({proc.proc.returncode}):\n{proc.text()[-3000:]}")
+        try:
+            if ok(httpx.get(url, timeout=5)):
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"{url} not ready after {timeout:.0f} s:\n{proc.text()[-3000:]}")
+
+
+def start_gateway(config: dict[str, Any], tmp: Path, *, data_dir: Path | None = None,
+                  ready_timeout: float = 600) -> tuple[Proc, str]:
+    """``vramgate serve`` on a free port with ``config``; returns once every model is ready."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "config.yaml").write_text(yaml.safe_dump(config))
+    port = free_port()
+    argv = [sys.executable, "-m", "server", "serve", "--config", str(tmp / "config.yaml"),
+            "--port", str(port), "--data-dir", str(data_dir or tmp / "data")]
+    proc = Proc(argv, tmp / "gateway.log")
+    url = f"http://127.0.0.1:{port}"
+
+    def all_ready(r: httpx.Response) -> bool:
+        states = {m["id"]: m.get("state") for m in r.json()["data"]}
+        if any(s == "failed" for s in states.values()):
+            raise RuntimeError(f"a model failed to start:\n{proc.text()[-3000:]}")
+        return bool(states) and all(s == "ready" for s in states.values())
+
+    wait_http(url + "/v1/models", proc, ready_timeout, all_ready)
+    return proc, url
+
+
+def engine_url(gateway: Proc, model: str) -> str:
+    """The loopback URL of ``model``'s first engine, from the gateway's log."""
+    m = re.search(rf"engine for {re.escape(model)}#0 ready on (http://127\.0\.0\.1:\d+)", gateway.text())
+    if not m:
+        raise RuntimeError(f"no ready engine for {model} in the gateway log")
+    return m.group(1)
