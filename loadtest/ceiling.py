@@ -1,15 +1,22 @@
-"""Gateway ceiling: how many requests/s and streamed chunks/s the gateway sustains per core, side by
-side with LiteLLM's proxy, both in front of an engine that answers at once.
+"""Gateway ceiling: how many requests/s and streamed chunks/s the gateway sustains per core, and
+what it adds to one request, side by side with LiteLLM's proxy and with the floor (the least a
+Python proxy can do: ``loadtest/floor_proxy.py``), each in front of an engine that answers at once.
 
-    python -m loadtest.ceiling [--requests 2000] [--concurrency 32] [--rounds 2]
+    python -m loadtest.ceiling [--requests 2000] [--concurrency 32] [--rounds 2] [--pairs 300]
 
 LiteLLM's proxy is installed in its own virtualenv (``loadtest/.venv-litellm``, once, by this
 script). Each proxy gets its own instant engine (``loadtest/instant_engine.py``, 16 chunks a
-stream). Targets alternate within each round (vramgate, LiteLLM, vramgate, ...) so machine noise
-hits both alike. "Per core" = answered requests ÷ CPU seconds the proxy process tree used during
-the run (user + system, psutil): the load generator and the engines are not counted, so the figure
-holds on a machine where they share the cores. Prints the table and the ratios; writes
-``loadtest/results/ceiling.{json,md}``.
+stream). Two phases:
+
+1. Added latency at concurrency 1: ``--pairs`` pairs of identical requests, the engine directly and
+   through the proxy, order flipped every pair; the median of the per-pair differences (time to
+   the whole answer, and to the first chunk of a stream).
+2. Throughput: ``--requests`` at ``--concurrency``, targets alternating within each round so that
+   machine noise hits all alike. "Per core" = answered requests ÷ CPU seconds the proxy's process
+   tree used during the run (user + system, psutil): the load generator and the engines are not
+   counted, so the figure holds on a machine where they share the cores.
+
+Prints the tables and the ratios; writes ``loadtest/results/ceiling.{json,md}``.
 """
 
 from __future__ import annotations
@@ -17,20 +24,24 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import click
 
-from loadtest.loadgen import machine, payload, run_level, summarize
-from loadtest.procs import ROOT, Proc, free_port, start_gateway, wait_http
+from loadtest.loadgen import machine, one_request, payload, run_level, summarize
+from loadtest.procs import ROOT, Proc, engine_url, free_port, start_gateway, wait_http
 
 LITELLM_VENV = Path(os.environ.get("LITELLM_VENV", ROOT / "loadtest" / ".venv-litellm"))
 LITELLM_SPEC = os.environ.get("LITELLM_SPEC", "litellm[proxy]")
 CHUNKS = 16
+KEY = "sk-bench-0123456789abcdef0123456789abcdef"  # both proxies check a key (LiteLLM refuses to start without one)
+AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 def ensure_litellm() -> Path:
@@ -50,23 +61,62 @@ def litellm_version() -> str:
     return out.stdout.strip()
 
 
-def start_litellm(tmp: Path) -> tuple[Proc, Proc, str]:
+def start_litellm(tmp: Path) -> tuple[Proc, Proc, str, str]:
     """An instant engine and LiteLLM's proxy (one worker) in front of it."""
     exe = ensure_litellm()
-    eport, pport = free_port(), free_port()
-    engine = Proc([sys.executable, "-m", "loadtest.instant_engine", "--model", "instant",
-                   "--served-model-name", "instant", "--port", str(eport)], tmp / "litellm-engine.log",
-                  env={"INSTANT_CHUNKS": str(CHUNKS)})
-    wait_http(f"http://127.0.0.1:{eport}/health", engine, 30)
+    engine, direct = start_engine(tmp, "litellm")
+    pport = free_port()
     cfg = {"model_list": [{"model_name": "instant", "litellm_params": {
-        "model": "openai/instant", "api_base": f"http://127.0.0.1:{eport}/v1", "api_key": "none"}}]}
+        "model": "openai/instant", "api_base": f"{direct}/v1", "api_key": "none"}}],
+        "general_settings": {"master_key": KEY}}
     (tmp / "litellm.yaml").write_text(json.dumps(cfg))
     proxy = Proc([str(exe), "--config", str(tmp / "litellm.yaml"), "--host", "127.0.0.1",
                   "--port", str(pport), "--num_workers", "1"], tmp / "litellm.log",
                  env={"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_TELEMETRY": "False",
                       "LITELLM_LOG": "ERROR"})
-    wait_http(f"http://127.0.0.1:{pport}/health/liveliness", proxy, 180)
-    return engine, proxy, f"http://127.0.0.1:{pport}"
+    wait_http(f"http://127.0.0.1:{pport}/health/liveliness", proxy, 180, headers=AUTH)
+    return engine, proxy, direct, f"http://127.0.0.1:{pport}"
+
+
+def start_engine(tmp: Path, name: str) -> tuple[Proc, str]:
+    """An instant engine on a free port."""
+    port = free_port()
+    engine = Proc([sys.executable, "-m", "loadtest.instant_engine", "--model", "instant",
+                   "--served-model-name", "instant", "--port", str(port)], tmp / f"{name}-engine.log",
+                  env={"INSTANT_CHUNKS": str(CHUNKS)})
+    wait_http(f"http://127.0.0.1:{port}/health", engine, 30)
+    return engine, f"http://127.0.0.1:{port}"
+
+
+def start_floor(tmp: Path) -> tuple[Proc, Proc, str, str]:
+    """An instant engine and the floor proxy in front of it."""
+    engine, direct = start_engine(tmp, "floor")
+    port = free_port()
+    proxy = Proc([sys.executable, "-m", "loadtest.floor_proxy", "--upstream", direct,
+                  "--port", str(port)], tmp / "floor.log")
+    wait_http(f"http://127.0.0.1:{port}/v1/models", proxy, 30)
+    return engine, proxy, direct, f"http://127.0.0.1:{port}"
+
+
+async def added_latency(direct: str, proxy: str, pairs: int, stream: bool) -> dict[str, float]:
+    """Median per-pair difference proxy − direct (seconds) at concurrency 1, with both medians."""
+    body = payload("instant", "chat", stream, CHUNKS, "Say hello.", False)
+    diffs, d, p = [], [], []
+    async with aiohttp.ClientSession(headers=AUTH) as session:
+        for i in range(pairs + 20):  # the first 20 pairs warm connections up
+            order = [direct, proxy] if i % 2 else [proxy, direct]
+            got = {}
+            for url in order:
+                r = await one_request(session, url + "/v1/chat/completions", body)
+                if not r.ok:
+                    raise RuntimeError(f"{url}: {r.status} {r.error}")
+                got[url] = r.ttft if stream else r.end - r.start
+            if i >= 20:
+                diffs.append(got[proxy] - got[direct])
+                d.append(got[direct])
+                p.append(got[proxy])
+    return {"added_s": statistics.median(diffs), "direct_s": statistics.median(d),
+            "proxy_s": statistics.median(p)}
 
 
 def measure(target: str, url: str, proc: Proc, children: bool, stream: bool, requests: int,
@@ -75,7 +125,8 @@ def measure(target: str, url: str, proc: Proc, children: bool, stream: bool, req
     body = payload("instant", "chat", stream, CHUNKS, "Say hello.", False)
     cpu0 = proc.cpu_seconds(children)
     results, wall = asyncio.run(run_level(url + "/v1/chat/completions", lambda i: body,
-                                          concurrency=concurrency, requests=requests))
+                                          concurrency=concurrency, requests=requests,
+                                          headers=AUTH))
     cpu = proc.cpu_seconds(children) - cpu0
     row = summarize(results, wall, target=target, mode="stream" if stream else "plain",
                     concurrency=concurrency)
@@ -100,22 +151,21 @@ def table(rows: list[dict[str, Any]]) -> str:
     return head
 
 
-def ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
-    """vramgate ÷ LiteLLM per mode, summed over rounds: requests per core, chunks per core, req/s."""
+def ratios(rows: list[dict[str, Any]], other: str) -> dict[str, float]:
+    """vramgate ÷ ``other`` per mode, summed over rounds: requests per core and req/s."""
     out = {}
     for mode in ("plain", "stream"):
-        def total(target: str, key: str) -> float:
-            return sum(r[key] or 0 for r in rows if r["target"] == target and r["mode"] == mode)
+        mine = {t: [r for r in rows if r["target"] == t and r["mode"] == mode] for t in ("vramgate", other)}
+        if not mine[other]:
+            continue
 
-        def per_core(target: str) -> float:
-            ok = sum(r["requests"] - r["errors"] for r in rows if r["target"] == target and r["mode"] == mode)
-            return ok / max(total(target, "cpu_s"), 1e-9)
+        def per_core(t: str) -> float:
+            ok = sum(r["requests"] - r["errors"] for r in mine[t])
+            return ok / max(sum(r["cpu_s"] for r in mine[t]), 1e-9)
 
-        if per_core("litellm"):
-            out[f"{mode}: req/s per core, vramgate ÷ litellm"] = per_core("vramgate") / per_core("litellm")
-        n = sum(1 for r in rows if r["target"] == "litellm" and r["mode"] == mode)
-        if n and total("litellm", "req_per_s"):
-            out[f"{mode}: req/s, vramgate ÷ litellm"] = total("vramgate", "req_per_s") / total("litellm", "req_per_s")
+        out[f"{mode}: req/s per core, vramgate ÷ {other}"] = per_core("vramgate") / per_core(other)
+        out[f"{mode}: req/s, vramgate ÷ {other}"] = (sum(r["req_per_s"] for r in mine["vramgate"])
+                                                    / sum(r["req_per_s"] for r in mine[other]))
     return out
 
 
@@ -124,34 +174,56 @@ def ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
               help="Requests per run.")
 @click.option("--concurrency", type=click.IntRange(1), default=32, show_default=True)
 @click.option("--rounds", type=click.IntRange(1), default=2, show_default=True)
+@click.option("--pairs", type=click.IntRange(1), default=300, show_default=True,
+              help="Request pairs for the added-latency phase.")
 @click.option("--out", type=click.Path(path_type=Path), default=ROOT / "loadtest" / "results" / "ceiling",
               show_default=True)
-def main(requests: int, concurrency: int, rounds: int, out: Path) -> None:
-    """vramgate's gateway ceiling against LiteLLM's proxy, per core, in one run."""
+def main(requests: int, concurrency: int, rounds: int, pairs: int, out: Path) -> None:
+    """vramgate's gateway against LiteLLM's proxy and the floor proxy, in one run."""
     tmp = Path(tempfile.mkdtemp(prefix="vramgate-ceiling-"))
     procs: list[Proc] = []
     try:
-        gw, gw_url = start_gateway({"engine_module": "loadtest.instant_engine", "models": [
+        gw, gw_url = start_gateway({"engine_module": "loadtest.instant_engine", "api_keys": [KEY], "models": [
             {"name": "instant", "path": "instant", "preload": True, "max_concurrency": 4096,
              "max_queue": 4096}]}, tmp / "gw", ready_timeout=60)
         procs.append(gw)
-        engine, proxy, ll_url = start_litellm(tmp)
-        procs += [engine, proxy]
+        targets = [("vramgate", engine_url(gw_url, "instant", AUTH), gw_url, gw, False)]
+        f_engine, floor, f_direct, f_url = start_floor(tmp)
+        procs += [f_engine, floor]
+        targets.append(("floor", f_direct, f_url, floor, False))
+        l_engine, proxy, l_direct, l_url = start_litellm(tmp)
+        procs += [l_engine, proxy]
+        targets.append(("litellm", l_direct, l_url, proxy, True))
+
+        latency = []
+        for stream in (False, True):
+            for target, direct, url, _, _ in targets:
+                lat = asyncio.run(added_latency(direct, url, pairs, stream))
+                lat.update(target=target, mode="stream (first chunk)" if stream else "plain (whole answer)")
+                latency.append(lat)
+                click.echo(f"{target:9s} {lat['mode']:22s} adds {lat['added_s'] * 1000:7.3f} ms "
+                           f"(direct {lat['direct_s'] * 1000:.3f} ms, through it {lat['proxy_s'] * 1000:.3f} ms)")
         rows = []
         for rnd in range(rounds):
             for stream in (False, True):
-                for target, url, proc, children in (("vramgate", gw_url, gw, False),
-                                                    ("litellm", ll_url, proxy, True)):
+                for target, _, url, proc, children in targets:
                     row = measure(target, url, proc, children, stream, requests, concurrency)
                     row["round"] = rnd + 1
                     rows.append(row)
                     click.echo(table([row]).splitlines()[-1])
-        r = ratios(rows)
+        r = {**ratios(rows, "litellm"), **ratios(rows, "floor")}
         meta = {"machine": machine(), "litellm": litellm_version(), "chunks_per_stream": CHUNKS,
-                "requests": requests, "concurrency": concurrency, "rounds": rounds, "ratios": r}
+                "requests": requests, "concurrency": concurrency, "rounds": rounds, "pairs": pairs,
+                "latency": latency, "ratios": r}
         out.parent.mkdir(parents=True, exist_ok=True)
         out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-        text = table(rows) + "\n" + "\n".join(f"- {k}: **{v:.1f}×**" for k, v in r.items()) + "\n"
+        lat_table = ("| proxy | request | added ms (median of pairs) | direct ms | through the proxy ms |\n"
+                     "|---|---|---|---|---|\n" + "".join(
+                         f"| {x['target']} | {x['mode']} | **{x['added_s'] * 1000:.3f}** | "
+                         f"{x['direct_s'] * 1000:.3f} | {x['proxy_s'] * 1000:.3f} |\n" for x in latency))
+        text = (f"Added latency at concurrency 1 ({pairs} pairs):\n\n{lat_table}\n"
+                f"Throughput at concurrency {concurrency}:\n\n{table(rows)}\n"
+                + "\n".join(f"- {k}: **{v:.2f}×**" for k, v in r.items()) + "\n")
         out.with_suffix(".md").write_text(f"# Gateway ceiling (LiteLLM {meta['litellm']})\n\n" + text)
         click.echo("\n" + text)
         click.echo(f"machine: {meta['machine']}")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -145,12 +146,13 @@ def summarize(results: Sequence[Result], wall: float, **labels: Any) -> dict[str
 async def run_level(url: str, make_body: Callable[[int], dict[str, Any]], *, concurrency: int | None = None,
                     rate: float | None = None, requests: int, seed: int = 0,
                     progress: Callable[[], None] | None = None,
-                    session: aiohttp.ClientSession | None = None) -> tuple[list[Result], float]:
+                    session: aiohttp.ClientSession | None = None,
+                    headers: dict[str, str] | None = None) -> tuple[list[Result], float]:
     """Run ``requests`` requests, either ``concurrency`` at a time (a closed loop) or arriving as a
     Poisson process of ``rate`` per second (an open loop). Returns the results and the wall time."""
     own = session is None
     if own:
-        session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+        session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), headers=headers,
                                         timeout=aiohttp.ClientTimeout(total=600))
     results: list[Result] = []
     try:
@@ -181,6 +183,7 @@ async def run_level(url: str, make_body: Callable[[int], dict[str, Any]], *, con
             await session.close()
 
 
+LATENCY = re.compile(r"_p\d+_s$")  # latency columns, shown in ms
 COLUMNS = [("target", "target", "{}"), ("concurrency", "conc", "{}"), ("rate", "rate/s", "{}"),
            ("requests", "req", "{}"), ("errors", "err", "{}"), ("req_per_s", "req/s", "{:.2f}"),
            ("output_tok_per_s", "out tok/s", "{:.1f}"), ("ttft_p50_s", "TTFT p50 ms", "{:.1f}"),
@@ -200,7 +203,7 @@ def markdown(rows: Sequence[dict[str, Any]]) -> str:
             if v is None:
                 cells.append("")
             else:
-                cells.append(fmt.format(v * 1000 if key.endswith("_s") and key != "wall_s" else v))
+                cells.append(fmt.format(v * 1000 if LATENCY.search(key) else v))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

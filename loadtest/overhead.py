@@ -86,7 +86,7 @@ def main(concurrency: str, max_tokens: int, waves: int, rounds: int, pairs: int,
                                             "aliases": list(chat.aliases), "max_concurrency": 256,
                                             "max_queue": 1024}]}, tmp, data_dir=data_dir())
     try:
-        direct = engine_url(gw, CHAT)
+        direct = engine_url(gw_url, CHAT)
         click.echo(f"engine {direct}, gateway {gw_url}", err=True)
         ttft = asyncio.run(ttft_pairs(direct, gw_url, pairs, 4))
         click.echo(f"added TTFT p50 at concurrency 1: {ttft['added_ttft_p50_s'] * 1000:+.2f} ms "

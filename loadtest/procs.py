@@ -4,7 +4,6 @@ time a process tree used (what "per core" figures divide by)."""
 from __future__ import annotations
 
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -68,14 +67,15 @@ class Proc:
         self._fh.close()
 
 
-def wait_http(url: str, proc: Proc, timeout: float, ok=lambda r: r.status_code == 200) -> None:
+def wait_http(url: str, proc: Proc, timeout: float, ok=lambda r: r.status_code == 200,
+              headers: dict[str, str] | None = None) -> None:
     """Poll ``url`` until ``ok(response)``; raises RuntimeError with the log's end on timeout or exit."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.proc.poll() is not None:
             raise RuntimeError(f"{proc.log.name} exited ({proc.proc.returncode}):\n{proc.text()[-3000:]}")
         try:
-            if ok(httpx.get(url, timeout=5)):
+            if ok(httpx.get(url, timeout=5, headers=headers)):
                 return
         except httpx.HTTPError:
             pass
@@ -84,13 +84,14 @@ def wait_http(url: str, proc: Proc, timeout: float, ok=lambda r: r.status_code =
 
 
 def start_gateway(config: dict[str, Any], tmp: Path, *, data_dir: Path | None = None,
-                  ready_timeout: float = 600) -> tuple[Proc, str]:
-    """``vramgate serve`` on a free port with ``config``; returns once every model is ready."""
+                  ready_timeout: float = 600, args: tuple[str, ...] = ()) -> tuple[Proc, str]:
+    """``vramgate serve`` on a free port with ``config``; returns once every model is ready (with
+    ``api_keys`` in the config, the first one is used to ask)."""
     tmp.mkdir(parents=True, exist_ok=True)
     (tmp / "config.yaml").write_text(yaml.safe_dump(config))
     port = free_port()
     argv = [sys.executable, "-m", "server", "serve", "--config", str(tmp / "config.yaml"),
-            "--port", str(port), "--data-dir", str(data_dir or tmp / "data")]
+            "--port", str(port), "--data-dir", str(data_dir or tmp / "data"), *args]
     proc = Proc(argv, tmp / "gateway.log")
     url = f"http://127.0.0.1:{port}"
 
@@ -100,13 +101,16 @@ def start_gateway(config: dict[str, Any], tmp: Path, *, data_dir: Path | None = 
             raise RuntimeError(f"a model failed to start:\n{proc.text()[-3000:]}")
         return bool(states) and all(s == "ready" for s in states.values())
 
-    wait_http(url + "/v1/models", proc, ready_timeout, all_ready)
+    keys = config.get("api_keys") or []
+    headers = {"Authorization": f"Bearer {keys[0]}"} if keys else None
+    wait_http(url + "/v1/models", proc, ready_timeout, all_ready, headers)
     return proc, url
 
 
-def engine_url(gateway: Proc, model: str) -> str:
-    """The loopback URL of ``model``'s first engine, from the gateway's log."""
-    m = re.search(rf"engine for {re.escape(model)}#0 ready on (http://127\.0\.0\.1:\d+)", gateway.text())
-    if not m:
-        raise RuntimeError(f"no ready engine for {model} in the gateway log")
-    return m.group(1)
+def engine_url(gateway_url: str, model: str, headers: dict[str, str] | None = None) -> str:
+    """The loopback URL of ``model``'s first engine (``GET /admin/models``)."""
+    models = httpx.get(gateway_url + "/admin/models", headers=headers, timeout=10).json()["data"]
+    rep = next(m for m in models if m["id"] == model)["replicas"][0]
+    if not rep.get("url"):
+        raise RuntimeError(f"no running engine for {model}: {rep}")
+    return rep["url"]

@@ -71,6 +71,14 @@ class ModelGate:
     def queued(self) -> int:
         return sum(1 for *_, f in self._heap if not f.done())
 
+    def try_enter(self) -> bool:
+        """Take a slot now if one is free and nobody waits (no await: the common case costs no
+        task); ``False`` means call :meth:`enter`."""
+        if self.max_concurrency is None or (self.running < self.max_concurrency and not self._heap):
+            self.running += 1
+            return True
+        return False
+
     async def enter(self, priority: int) -> None:
         """Wait for a slot; raises :class:`CapacityError` (queue full, or ``timeout`` seconds)."""
         verdict = decide(self.running, self.queued, self.max_concurrency, self.max_queue)

@@ -29,11 +29,11 @@ from server.gpus.nvml import read_inventory
 from server.requestid import SCOPE_KEY as RID_KEY
 from server.errors import (BodyTooLarge, ConfigError, InvalidRequest, ModelNotFound, PermissionDenied,
                            RateLimited, RouteNotFound,
-                           VramgateError, anthropic_body, error_body)
+                           VramgateError, anthropic_body, error_body, normalize_upstream_error)
 from server.sse import ANTHROPIC, OPENAI, RESPONSES, StreamTap, usage_counts
 from server.metrics import UNKNOWN_MODEL
 from server.pool import ModelState
-from server.proxy import open_upstream, read_body, read_error, relay_stream
+from server.proxy import forward, relay_stream
 from server.validation import ANTHROPIC_ROUTES, ROUTES, engine_body, parse_body, validate
 
 T = TypeVar("T")
@@ -61,25 +61,35 @@ async def until_disconnect(aw: Awaitable[T], receive: Receive,
                            cleanup: Callable[[T], Any] | None = None) -> T:
     """Await ``aw`` unless the client disconnects first: then cancel it and raise :class:`ClientGone`.
 
-    If ``aw`` completed anyway while being cancelled, ``cleanup(result)`` undoes it (a lease, a
-    connection), so nothing leaks.
+    ``aw`` runs inline in the request's own task (no task of its own: this is on every request's
+    path); a watcher task reads ``receive`` and, on ``http.disconnect``, cancels the request's task
+    while it is still inside ``aw``. ``aw`` must be cancel-safe. If ``aw`` was a task that finished
+    anyway while being cancelled, ``cleanup(result)`` undoes it (a lease, a connection).
     """
-    task = asyncio.ensure_future(aw)
+    current = asyncio.current_task()
+    assert current is not None
+    state = {"active": True, "gone": False}
+
+    def on_disconnect(watch: asyncio.Future) -> None:
+        if state["active"] and not watch.cancelled() and watch.exception() is None:
+            state["gone"] = True
+            current.cancel()
+
     watch = asyncio.ensure_future(_disconnected(receive))
+    watch.add_done_callback(on_disconnect)
     try:
-        done, _ = await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+        return await aw
     except asyncio.CancelledError:
-        task.cancel()
-        raise
+        if not state["gone"]:
+            raise
+        current.uncancel()
+        if cleanup is not None and isinstance(aw, asyncio.Future) and aw.done() \
+                and not aw.cancelled() and aw.exception() is None:
+            cleanup(aw.result())
+        raise ClientGone() from None
     finally:
+        state["active"] = False
         watch.cancel()
-    if task in done:
-        return task.result()
-    task.cancel()
-    result = (await asyncio.gather(task, return_exceptions=True))[0]
-    if cleanup is not None and not isinstance(result, BaseException):
-        cleanup(result)
-    raise ClientGone()
 
 
 async def read_limited(request: Request, limit: int) -> bytes:
@@ -186,25 +196,33 @@ async def inference(request: Request) -> Response:
         raw = engine_body(raw, parsed, model.name, want_usage=flavor is OPENAI)
         receive = request.receive
         gate = gate_for(state, model)
-        await until_disconnect(gate.enter(parse_priority(request.headers.get("x-priority"))),
-                               receive, lambda _: gate.leave())
+        # The common case (a free slot, a ready engine) awaits nothing here; only a real wait is
+        # raced against the client hanging up.
+        if not gate.try_enter():
+            await until_disconnect(gate.enter(parse_priority(request.headers.get("x-priority"))),
+                                   receive, lambda _: gate.leave())
         cleanups.append(gate.leave)
-        lease = await until_disconnect(pool.acquire(model.name), receive, lambda l: l.release())
+        lease = pool.try_acquire(model.name) or await until_disconnect(
+            pool.acquire(model.name), receive, lambda l: l.release())
         cleanups.append(lease.release)
-        metrics.in_flight.labels(label).inc()
-        cleanups.append(metrics.in_flight.labels(label).dec)
+        in_flight = metrics.in_flight.labels(label)
+        in_flight.inc()
+        cleanups.append(in_flight.dec)
         headers = {"content-type": "application/json",
                    "x-request-id": request.scope.get(RID_KEY) or ""}
-        upstream = await until_disconnect(
-            open_upstream(state.session, lease.base_url + route, raw, headers), receive,
-            lambda r: r.close())
-        cleanups.append(upstream.close)
-        state.upstreams.add(upstream)
-        cleanups.append(lambda: state.upstreams.discard(upstream))
+
+        def opened(resp: aiohttp.ClientResponse) -> None:  # closed with the answer, or at shutdown
+            cleanups.append(resp.close)
+            state.upstreams.add(resp)
+            cleanups.append(lambda: state.upstreams.discard(resp))
+
+        # One race against the client per request: opening, plus reading a whole answer.
+        upstream, data = await until_disconnect(
+            forward(state.session, lease.base_url + route, raw, headers, opened,
+                    read=not parsed.stream), receive)
         if upstream.status >= 400:
-            raise await read_error(upstream)
+            raise normalize_upstream_error(upstream.status, data)
         if not parsed.stream:
-            data = await until_disconnect(read_body(upstream), receive)
             status = upstream.status
             done(status, usage_counts(data[-2048:]))  # vLLM puts usage last
             return Response(data, status_code=status,
@@ -247,11 +265,33 @@ async def inference(request: Request) -> Response:
             undo()
 
 
+class InferenceFastPath:
+    """Pure ASGI, innermost: ``POST`` to an inference route goes straight to :func:`inference`,
+    past Starlette's router and exception middleware (the same handler, the same answers, less
+    work on every request: ``loadtest/README.md``). Everything else goes on to Starlette.
+    Unexpected errors still reach Starlette's outermost ``ServerErrorMiddleware``."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.routes = {r.path: r for r in routes if isinstance(r, Route) and r.endpoint is inference}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        route = self.routes.get(scope["path"]) if scope["type"] == "http" else None
+        if route is None or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        scope["route"] = route
+        scope["endpoint"] = inference
+        response = await inference(Request(scope, receive, send))
+        await response(scope, receive, send)
+
+
 def replica_object(rep: Any, now: float) -> dict[str, Any]:
     """One engine replica as the admin API shows it (bytes, seconds)."""
+    running = rep.process is not None and rep.process.returncode is None
     out: dict[str, Any] = {"index": rep.index, "state": rep.state.value, "in_flight": rep.in_flight,
-                           "pid": rep.process.pid if rep.process and rep.process.returncode is None
-                           else None,
+                           "pid": rep.process.pid if running else None,
+                           "url": rep.process.launch.base_url if running else None,
                            "uptime_s": round(now - rep.ready_since, 1) if rep.ready_since else None,
                            "idle_s": round(now - rep.last_used, 1) if rep.ready_since else None,
                            "load_s": round(rep.load_seconds, 1) if rep.load_seconds else None}

@@ -93,7 +93,8 @@ def create_app(settings: Settings, *, launcher: Launcher = default_launcher,
             await pool.stop_all()
             await session.close()
 
-    middleware = [Middleware(RequestIdMiddleware), Middleware(AuthMiddleware, auth=settings.auth)]
+    middleware = [Middleware(RequestIdMiddleware), Middleware(AuthMiddleware, auth=settings.auth),
+                  Middleware(api.InferenceFastPath)]
     if settings.auth.cors_origins:  # outermost: preflights need no key, and a 401 carries CORS headers
         middleware.insert(0, Middleware(CORSMiddleware, allow_origins=list(settings.auth.cors_origins),
                                         allow_methods=["*"], allow_headers=["*"],

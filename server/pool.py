@@ -483,6 +483,19 @@ class ModelPool:
             except Exception:  # the reaper must outlive one bad round; the error is logged
                 log.exception("idle reaper")
 
+    def try_acquire(self, name: str) -> Lease | None:
+        """A lease at once when ``name`` has a ready replica (no await: the common case costs no
+        task), else ``None``: then call :meth:`acquire`, which starts, waits and explains."""
+        entry = self.entries.get(name)
+        if entry is None or self.closing:
+            return None
+        key = pick_replica(self.views(entry))
+        if key is None:
+            return None
+        rep = next(r for r in entry.replicas if r.key == key)
+        rep.in_flight += 1
+        return Lease(self, entry, rep)
+
     async def acquire(self, name: str, timeout: float | None = None) -> Lease:
         """A lease on a ready replica of canonical model ``name`` (the one with the fewest requests
         in flight), starting the model if needed and waiting while it loads.

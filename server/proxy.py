@@ -13,7 +13,7 @@ from typing import AsyncIterator, Callable
 
 import aiohttp
 
-from server.errors import ModelUnavailable, normalize_upstream_error
+from server.errors import ModelUnavailable
 from server.sse import EventSplitter, StreamFlavor, StreamTap
 
 # Engines answer slowly (a long generation); only the connection attempt is bounded.
@@ -55,9 +55,17 @@ async def read_body(resp: aiohttp.ClientResponse) -> bytes:
     return data
 
 
-async def read_error(resp: aiohttp.ClientResponse):
-    """The engine's error answer as an :class:`~server.errors.UpstreamError` (status kept)."""
-    return normalize_upstream_error(resp.status, await read_body(resp))
+async def forward(session: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str],
+                  opened: Callable[[aiohttp.ClientResponse], None], *,
+                  read: bool) -> tuple[aiohttp.ClientResponse, bytes]:
+    """Send ``body`` to the engine at ``url``; ``opened(response)`` as soon as its headers are in
+    (the caller closes it when done). Returns the response and, with ``read`` or an error status,
+    its whole body (else ``b""``: the caller streams it). Raises as :func:`open_upstream` does."""
+    resp = await open_upstream(session, url, body, headers)
+    opened(resp)
+    if read or resp.status >= 400:
+        return resp, await read_body(resp)
+    return resp, b""
 
 
 async def relay_stream(resp: aiohttp.ClientResponse, *, tap: StreamTap,

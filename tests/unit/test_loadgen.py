@@ -18,7 +18,7 @@ def test_summary_counts_rates_and_percentiles():
     assert row["ttft_p50_s"] == pytest.approx(0.2) and row["e2e_p50_s"] == pytest.approx(2.0)
     assert row["itl_p50_s"] == pytest.approx(0.02) and row["itl_p99_s"] == pytest.approx(0.0298)
     table = markdown([row])
-    assert "| t | 2 |" in table and "| 200.0 |" in table  # TTFT p50 in ms
+    assert "| t | 2 | 3 | 1 | 1.00 | 15.0 | 200.0 |" in table  # rates as they are, TTFT p50 in ms
     assert summarize([], 1.0)["ttft_p50_s"] is None
 
 
