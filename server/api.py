@@ -11,12 +11,12 @@ import json
 import logging
 import time
 from collections import deque
-from typing import Any, Awaitable, Callable, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 import aiohttp
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
@@ -120,17 +120,35 @@ def error_response(exc: VramgateError, route: str = "") -> Response:
 FLAVORS = {"/v1/responses": RESPONSES, "/v1/messages": ANTHROPIC}
 
 
-class RelayResponse(StreamingResponse):
-    """A streamed engine answer whose ``finalize`` runs exactly once, however the stream ends
-    (complete, engine failure, client disconnect, or never started)."""
+SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
+               (b"x-accel-buffering", b"no")]
 
-    def __init__(self, content: Any, finalize: Callable[[], None], **kw: Any) -> None:
-        super().__init__(content, **kw)
+
+class RelayResponse:
+    """A streamed engine answer (ASGI): ``content``'s chunks as they come, then the end of the body.
+
+    ``finalize`` runs exactly once however the stream ends (complete, engine failure, client
+    disconnect, or never started). A client that hangs up cancels the relay at once (one watcher
+    on ``receive``, :func:`until_disconnect`), which closes the engine connection, so vLLM aborts
+    the request. Leaner than Starlette's ``StreamingResponse``, which runs a task group of two
+    tasks for each stream.
+    """
+
+    def __init__(self, content: AsyncIterator[bytes], finalize: Callable[[], None]) -> None:
+        self.body_iterator = content
         self._finalize = finalize
+
+    async def _pump(self, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": list(SSE_HEADERS)})
+        async for chunk in self.body_iterator:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            await super().__call__(scope, receive, send)
+            await until_disconnect(self._pump(send), receive)
+        except (ClientGone, OSError):
+            pass  # the client left: nothing more to send
         finally:
             await self.body_iterator.aclose()  # type: ignore[attr-defined]
             self._finalize()
@@ -245,10 +263,7 @@ async def inference(request: Request) -> Response:
             done(200, tap.tokens)
 
         return RelayResponse(relay_stream(upstream, tap=tap, on_first=first,
-                                          closing=lambda: pool.closing),
-                             finalize, status_code=200,
-                             headers={"content-type": "text/event-stream", "cache-control": "no-cache",
-                                      "x-accel-buffering": "no"})
+                                          closing=lambda: pool.closing), finalize)
     except VramgateError as exc:
         if exc.status in (429, 503) and exc.code:
             metrics.rejections.labels(label, exc.code).inc()
