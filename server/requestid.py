@@ -3,8 +3,9 @@ response, forwarded to the engine, and put in the gateway's log lines about the 
 
 from __future__ import annotations
 
+import itertools
+import os
 import re
-import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -12,11 +13,16 @@ SCOPE_KEY = "vramgate.request_id"
 _SANE = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
 
 
+_PREFIX = os.urandom(8).hex()  # random per process ...
+_COUNTER = itertools.count()     # ... then a counter: unique, and cheaper than uuid4 per request
+
+
 def request_id(given: str | None) -> str:
-    """The client's id when it is 1–128 safe characters, else a new one (32 hex digits)."""
+    """The client's id when it is 1–128 safe characters, else a new one (32 hex digits: 16 random
+    per process, then a 16-digit counter)."""
     if given and _SANE.match(given):
         return given
-    return uuid.uuid4().hex
+    return f"{_PREFIX}{next(_COUNTER):016x}"
 
 
 class RequestIdMiddleware:
