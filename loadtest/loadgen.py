@@ -209,22 +209,31 @@ def markdown(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def plot(rows: Sequence[dict[str, Any]], path: Path, title: str) -> bool:
-    """Latency (TTFT and end-to-end p50) against output tokens/s, one line per target, as a PNG.
-    Returns False where matplotlib is not installed (``pip install matplotlib``)."""
+    """Latency (TTFT and end-to-end p50) against output tokens/s, one line per target, one point
+    per load level (the median over that level's runs), as a PNG. Returns False where matplotlib
+    is not installed (``pip install matplotlib``)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return False
+    import statistics
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for target in dict.fromkeys(r.get("target", "") for r in rows):
-        mine = [r for r in rows if r.get("target", "") == target and r["output_tok_per_s"] > 0]
-        x = [r["output_tok_per_s"] for r in mine]
+        levels: dict[Any, list[dict[str, Any]]] = {}
+        for r in rows:
+            if r.get("target", "") == target and r["output_tok_per_s"] > 0:
+                levels.setdefault(r.get("concurrency") or r.get("rate"), []).append(r)
+        points = sorted(levels.items(), key=lambda kv: kv[0] or 0)
+        x = [statistics.median(r["output_tok_per_s"] for r in runs) for _, runs in points]
         for ax, key in zip(axes, ("ttft_p50_s", "e2e_p50_s")):
-            ax.plot(x, [(r[key] or 0) * 1000 for r in mine], marker="o", label=target or "server")
+            y = [statistics.median((r[key] or 0) * 1000 for r in runs) for _, runs in points]
+            ax.plot(x, y, marker="o", label=target or "server")
+            for (level, _), xi, yi in zip(points, x, y):
+                ax.annotate(str(level), (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=8)
     for ax, name in zip(axes, ("TTFT p50 (ms)", "end-to-end p50 (ms)")):
-        ax.set_xlabel("output tokens/s")
+        ax.set_xlabel("output tokens/s (labels: concurrency or rate)")
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
         ax.legend()

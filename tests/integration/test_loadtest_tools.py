@@ -1,0 +1,46 @@
+"""The benchmark tools work: the instant engine behind the real gateway and behind the floor proxy,
+driven by the load generator (the benchmarks themselves run by hand: loadtest/README.md)."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+import httpx
+
+from loadtest.loadgen import payload, run_level, summarize
+from loadtest.procs import Proc, engine_url, free_port, start_gateway, wait_http
+
+
+def drive(url: str, stream: bool, n: int = 20) -> dict:
+    results, wall = asyncio.run(run_level(url + "/v1/chat/completions",
+                                          lambda i: payload("instant", "chat", stream, 16, "hi", False),
+                                          concurrency=4, requests=n))
+    row = summarize(results, wall)
+    assert row["errors"] == 0, [r.error for r in results if r.error][:1]
+    return row
+
+
+def test_gateway_floor_proxy_and_load_generator_on_the_instant_engine(tmp_path):
+    gw, url = start_gateway({"engine_module": "loadtest.instant_engine", "models": [
+        {"name": "instant", "path": "instant", "preload": True}]}, tmp_path / "gw", ready_timeout=60)
+    floor = None
+    try:
+        for stream in (False, True):
+            row = drive(url, stream)
+            assert row["output_tok_per_s"] > 0 and row["ttft_p50_s"] > 0
+            if stream:
+                assert row["itl_p50_s"] is not None  # 16 chunks a stream: 15 gaps each
+        direct = engine_url(url, "instant")
+        port = free_port()
+        floor = Proc([sys.executable, "-m", "loadtest.floor_proxy", "--upstream", direct,
+                      "--port", str(port)], tmp_path / "floor.log")
+        wait_http(f"http://127.0.0.1:{port}/v1/models", floor, 30)
+        assert drive(f"http://127.0.0.1:{port}", True)["requests"] == 20
+        metrics = httpx.get(url + "/metrics").text
+        assert 'vramgate_tokens_total{kind="completion",model="instant"} 640.0' in metrics  # 40 × 16
+    finally:
+        if floor is not None:
+            floor.stop()
+        gw.stop()
+    assert gw.proc.returncode is not None
