@@ -23,6 +23,11 @@ from aiohttp import web
 CHUNKS = int(os.environ.get("INSTANT_CHUNKS", "16"))
 
 
+def dumps(obj: object) -> bytes:
+    """Compact JSON, as vLLM writes it."""
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
 def build(name: str) -> dict[str, bytes]:
     """Every answer's bytes, made once."""
     created = int(time.time())
@@ -32,8 +37,8 @@ def build(name: str) -> dict[str, bytes]:
         choice = ({"index": 0, "message": {"role": "assistant", "content": "tok " * CHUNKS},
                    "finish_reason": "length"} if kind == "chat" else
                   {"index": 0, "text": "tok " * CHUNKS, "finish_reason": "length"})
-        out[kind] = json.dumps({"id": "x", "object": obj, "created": created, "model": name,
-                                "choices": [choice], "usage": usage}).encode()
+        out[kind] = dumps({"id": "x", "object": obj, "created": created, "model": name,
+                           "choices": [choice], "usage": usage})
         chunk_obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
         chunks = []
         for i in range(CHUNKS):
@@ -41,12 +46,11 @@ def build(name: str) -> dict[str, bytes]:
                  else {"index": 0, "text": "tok ", "finish_reason": None})
             if i == CHUNKS - 1:
                 c["finish_reason"] = "length"
-            chunks.append(b"data: " + json.dumps({"id": "x", "object": chunk_obj, "created": created,
-                                                  "model": name, "choices": [c]}).encode() + b"\n\n")
+            chunks.append(b"data: " + dumps({"id": "x", "object": chunk_obj, "created": created,
+                                             "model": name, "choices": [c]}) + b"\n\n")
         out[kind + "_chunks"] = chunks  # type: ignore[assignment]
-        out[kind + "_usage"] = b"data: " + json.dumps({"id": "x", "object": chunk_obj, "created": created,
-                                                       "model": name, "choices": [],
-                                                       "usage": usage}).encode() + b"\n\n"
+        out[kind + "_usage"] = b"data: " + dumps({"id": "x", "object": chunk_obj, "created": created,
+                                                  "model": name, "choices": [], "usage": usage}) + b"\n\n"
     return out
 
 

@@ -99,12 +99,15 @@ async def one_request(session: aiohttp.ClientSession, url: str, body: dict[str, 
                 for event in events:
                     if not event.startswith(b"data: ") or event == b"data: [DONE]":
                         continue
-                    if b'"usage":{' in event:
-                        res.output_tokens = json.loads(event[6:])["usage"]["completion_tokens"]
-                    if b'"choices":[]' in event or b'"error"' in event[:20]:
-                        if b'"error"' in event[:20]:
+                    if b'"usage"' in event or b'"error"' in event[:20]:
+                        data = json.loads(event[6:])
+                        if data.get("error"):
                             res.error = event[:200].decode(errors="replace")
-                        continue
+                            continue
+                        if data.get("usage"):
+                            res.output_tokens = data["usage"]["completion_tokens"]
+                        if not data.get("choices"):
+                            continue  # the usage chunk is not a token
                     if last is None:
                         res.ttft = now - res.start
                     else:

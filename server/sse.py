@@ -51,8 +51,9 @@ def with_null_usage(event: bytes) -> bytes:
     return end[:-1] + _NULL_USAGE + b"}" + event[len(end):]
 
 
-_USAGE_OBJ = b'"usage":{'
-_EMPTY_CHOICES = b'"choices":[]'
+_USAGE = b'"usage"'
+_USAGE_OBJ = re.compile(rb'"usage"\s*:\s*\{')  # vLLM writes compact JSON; others may not
+_EMPTY_CHOICES = re.compile(rb'"choices"\s*:\s*\[\s*\]')
 _TOKEN_FIELDS = re.compile(rb'"(prompt_tokens|completion_tokens|input_tokens|output_tokens)":\s*(\d+)')
 _TOKEN_KIND = {b"prompt_tokens": "prompt", b"input_tokens": "prompt",
                b"completion_tokens": "completion", b"output_tokens": "completion"}
@@ -95,9 +96,9 @@ class StreamTap:
         out = []
         openai = self.flavor.name == "openai"
         for event in events:
-            if _USAGE_OBJ in event:
+            if _USAGE in event and _USAGE_OBJ.search(event):
                 self.tokens.update(usage_counts(event))
-                if openai and _EMPTY_CHOICES in event:
+                if openai and _EMPTY_CHOICES.search(event):
                     if not self.drop_usage:
                         out.append(event)
                     continue

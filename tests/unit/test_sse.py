@@ -82,3 +82,12 @@ def test_tap_keeps_continuous_usage_chunks_and_reads_other_flavors():
     assert tap.feed([start, delta], 1.0) == [start, delta]
     assert tap.feed([end], 1.25) == [end]
     assert tap.tokens == {"prompt": 9, "completion": 4} and tap.gaps == [0.25]
+
+
+def test_tap_reads_usage_written_with_spaces():
+    """Engines other than vLLM may write JSON with spaces; the usage chunk is still found."""
+    from server.sse import DONE, OPENAI, StreamTap
+    spaced = b'data: {"choices": [ ], "usage": {"prompt_tokens": 2, "completion_tokens": 5}}\n\n'
+    tap = StreamTap(OPENAI, drop_usage=True)
+    assert tap.feed([CHUNK % b"a", spaced, DONE], 0.0) == [CHUNK % b"a", DONE]
+    assert tap.tokens == {"prompt": 2, "completion": 5}
