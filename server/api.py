@@ -15,7 +15,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 import aiohttp
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
@@ -30,11 +30,11 @@ from server.requestid import SCOPE_KEY as RID_KEY
 from server.errors import (BodyTooLarge, ConfigError, InvalidRequest, ModelNotFound, PermissionDenied,
                            RateLimited, RouteNotFound,
                            VramgateError, anthropic_body, error_body, normalize_upstream_error)
-from server.sse import ANTHROPIC, OPENAI, RESPONSES, StreamTap, usage_counts
+from server.sse import ANTHROPIC, OPENAI, RESPONSES, StreamTap, answer_usage
 from server.metrics import UNKNOWN_MODEL
 from server.pool import ModelState
 from server.proxy import forward, relay_stream
-from server.validation import ANTHROPIC_ROUTES, ROUTES, engine_body, parse_body, validate
+from server.validation import ANTHROPIC_ROUTES, ROUTES, USAGE_ROUTES, engine_body, parse_body, validate
 
 T = TypeVar("T")
 log = logging.getLogger("vramgate.api")
@@ -78,7 +78,13 @@ async def until_disconnect(aw: Awaitable[T], receive: Receive,
     watch = asyncio.ensure_future(_disconnected(receive))
     watch.add_done_callback(on_disconnect)
     try:
-        return await aw
+        result = await aw
+        if state["gone"]:  # the cancel was swallowed inside ``aw`` (3.11's wait_for can): undo
+            current.uncancel()
+            if cleanup is not None:
+                cleanup(result)
+            raise ClientGone()
+        return result
     except asyncio.CancelledError:
         if not state["gone"]:
             raise
@@ -94,18 +100,22 @@ async def until_disconnect(aw: Awaitable[T], receive: Receive,
 
 async def read_limited(request: Request, limit: int) -> bytes:
     """The request body, or :class:`BodyTooLarge` as soon as it passes ``limit`` bytes (checked on
-    ``Content-Length`` first, then while reading, so a huge body is never held in memory)."""
+    ``Content-Length`` first, then while reading, so a huge body is never held in memory);
+    :class:`ClientGone` if the client hangs up before the body is complete."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise BodyTooLarge(f"The request body is {int(declared)} bytes; the limit is {limit}.",
                            should_retry=False)
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge(f"The request body is over the limit of {limit} bytes.",
-                               should_retry=False)
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise BodyTooLarge(f"The request body is over the limit of {limit} bytes.",
+                                   should_retry=False)
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise ClientGone() from None
     return b"".join(chunks)
 
 
@@ -149,6 +159,9 @@ class RelayResponse:
             await until_disconnect(self._pump(send), receive)
         except (ClientGone, OSError):
             pass  # the client left: nothing more to send
+        except RuntimeError as exc:  # uvloop: a write on a transport closed under a pipelined request
+            if "closed" not in str(exc):
+                raise
         finally:
             await self.body_iterator.aclose()  # type: ignore[attr-defined]
             self._finalize()
@@ -211,7 +224,7 @@ async def inference(request: Request) -> Response:
                                   f"Try again in {wait:.1f} s.", retry_after=wait)
             times.append(time.monotonic())
         flavor = FLAVORS.get(route, OPENAI)
-        raw = engine_body(raw, parsed, model.name, want_usage=flavor is OPENAI)
+        raw = engine_body(raw, parsed, model.name, want_usage=route in USAGE_ROUTES)
         receive = request.receive
         gate = gate_for(state, model)
         # The common case (a free slot, a ready engine) awaits nothing here; only a real wait is
@@ -242,7 +255,7 @@ async def inference(request: Request) -> Response:
             raise normalize_upstream_error(upstream.status, data)
         if not parsed.stream:
             status = upstream.status
-            done(status, usage_counts(data[-2048:]))  # vLLM puts usage last
+            done(status, answer_usage(data))
             return Response(data, status_code=status,
                             media_type=upstream.headers.get("content-type", "application/json"))
         held, cleanups = cleanups, []  # the stream's finalize undoes them

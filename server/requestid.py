@@ -3,7 +3,6 @@ response, forwarded to the engine, and put in the gateway's log lines about the 
 
 from __future__ import annotations
 
-import itertools
 import os
 import re
 
@@ -13,16 +12,13 @@ SCOPE_KEY = "vramgate.request_id"
 _SANE = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
 
 
-_PREFIX = os.urandom(8).hex()  # random per process ...
-_COUNTER = itertools.count()     # ... then a counter: unique, and cheaper than uuid4 per request
-
-
 def request_id(given: str | None) -> str:
-    """The client's id when it is 1–128 safe characters, else a new one (32 hex digits: 16 random
-    per process, then a 16-digit counter)."""
+    """The client's id when it is 1–128 safe characters, else a new one: 32 random hex digits
+    (``os.urandom``; a counter would tell any client how much traffic the server sees, and
+    ``uuid4`` costs an object per request for the same randomness)."""
     if given and _SANE.match(given):
         return given
-    return f"{_PREFIX}{next(_COUNTER):016x}"
+    return os.urandom(16).hex()
 
 
 class RequestIdMiddleware:

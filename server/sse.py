@@ -70,6 +70,16 @@ def usage_counts(text: bytes) -> dict[str, int]:
     return out
 
 
+def answer_usage(body: bytes) -> dict[str, int]:
+    """Token counts of a whole (non-streamed) JSON answer, read from its top-level ``usage`` object
+    without parsing the answer: the last ``"usage"`` key (inside JSON strings a quote is always
+    escaped, so the bytes ``"usage"`` can only be a key) and the kilobyte after it. vLLM may put
+    ``prompt_logprobs``, token ids or ``kv_transfer_params`` after ``usage``, so it is not always
+    near the end."""
+    at = body.rfind(_USAGE)
+    return usage_counts(body[at:at + 1024]) if at >= 0 else {}
+
+
 class StreamTap:
     """What the gateway learns from a stream on its way through, and the one change it makes.
 

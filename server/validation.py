@@ -22,6 +22,23 @@ ROUTES = {
     "/v1/messages/count_tokens": ("messages", "generate"),  # Anthropic token counting
 }
 ANTHROPIC_ROUTES = ("/v1/messages", "/v1/messages/count_tokens")
+# Routes whose answers can stream; on the others ``stream`` is the engine's business, never ours.
+STREAMING_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages")
+# Routes that take ``stream_options.include_usage`` (and answer with a usage chunk).
+USAGE_ROUTES = ("/v1/chat/completions", "/v1/completions")
+# What pydantic (vLLM's request models, lax mode) reads as a true boolean.
+_TRUE_STRINGS = {"1", "true", "t", "yes", "y", "on"}
+
+
+def truthy(value: Any) -> bool:
+    """Whether vLLM's pydantic models read ``value`` as ``True`` for a boolean field."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return value == 1
+    if isinstance(value, float):
+        return value == 1.0
+    return isinstance(value, str) and value.strip().lower() in _TRUE_STRINGS
 
 
 def routes_for_task(task: str) -> tuple[str, ...]:
@@ -107,6 +124,8 @@ def validate(route: str, body: dict[str, Any]) -> ParsedRequest:
         _check_messages(body.get("messages"))
     else:
         _check_nonempty(field, body.get(field))
+    if route not in STREAMING_ROUTES:  # embeddings, token counts: one JSON answer, whatever is asked
+        return ParsedRequest(body=body, model=model, stream=False, include_usage=False)
     stream = body.get("stream", False)
     if stream is None:
         stream = False
@@ -121,7 +140,7 @@ def validate(route: str, body: dict[str, Any]) -> ParsedRequest:
         if not stream:
             raise InvalidRequest("'stream_options' is only allowed when 'stream' is true.",
                                  param="stream_options", code="invalid_value")
-        include_usage = options.get("include_usage") is True
+        include_usage = truthy(options.get("include_usage"))
     return ParsedRequest(body=body, model=model, stream=stream, include_usage=include_usage)
 
 
@@ -133,17 +152,20 @@ def engine_body(raw: bytes, parsed: ParsedRequest, served_name: str, *, want_usa
 
     ``served_name`` replaces an alias (an engine only knows its served name). ``want_usage``: the
     gateway asks for ``stream_options.include_usage`` on a stream whose client did not (for its
-    token metrics; the usage chunk is then dropped on the way back, cases C01). Without an alias
-    and without ``stream_options`` in the body the option is spliced in at the byte level (no
-    re-encoding of a long prompt); otherwise the object is encoded again. A client that set other
-    stream options (vLLM's ``continuous_usage_stats``) keeps exactly what it asked for.
+    token metrics; the usage chunk is then dropped on the way back, cases C01). Where the body has
+    no ``stream_options`` key at all, no alias and is UTF-8, the option is spliced in at the byte
+    level (no re-encoding of a long prompt); otherwise the object is encoded again (a duplicate key
+    would let the client's own value win, and splicing ASCII into UTF-16 would corrupt it). A
+    client that set other stream options (vLLM's ``continuous_usage_stats``) keeps exactly what it
+    asked for.
     """
     options = parsed.body.get("stream_options")
     inject = want_usage and parsed.stream and not parsed.include_usage and (
-        options is None or set(options) <= {"include_usage"})
+        options is None or (isinstance(options, dict) and set(options) <= {"include_usage"}))
     if parsed.model == served_name and not inject:
         return raw
-    if parsed.model == served_name and options is None:
+    if parsed.model == served_name and "stream_options" not in parsed.body \
+            and json.detect_encoding(raw) in ("utf-8", "utf-8-sig"):
         start = raw.index(b"{")
         return raw[:start] + _USAGE_OPTION + raw[start + 1:]
     body = dict(parsed.body, model=served_name)

@@ -353,3 +353,25 @@ def test_streamed_tokens_are_counted_without_a_usage_chunk_for_the_client(gw, ro
     assert metric(gw, itl) - itl_before == 5  # gaps between 6 tokens
     line = next(l for l in gw.log_text().splitlines() if "request_id=tok-" + route[-4:] in l)
     assert "completion_tokens=6" in line and "prompt_tokens=3" in line and "ttft_s=" in line
+
+
+def test_stream_flag_on_embeddings_gets_the_json_answer(gw):
+    r = gw.client.post("/v1/embeddings", json={"model": "emb", "input": "hi", "stream": True})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("application/json")
+    assert r.json()["data"][0]["embedding"]
+
+
+def test_a_client_hanging_up_mid_body_is_a_quiet_499(gw):
+    import socket
+    body = json.dumps(chat("echo", max_tokens=2)).encode()
+    with socket.create_connection(("127.0.0.1", gw.port)) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"X-Request-ID: midbody-1\r\n" + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                  + body[:-10])
+        time.sleep(0.3)
+    deadline = time.monotonic() + 5
+    while "request_id=midbody-1" not in gw.log_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    line = next(l for l in gw.log_text().splitlines() if "request_id=midbody-1" in l)
+    assert "status=499" in line
+    assert "Exception in ASGI" not in gw.log_text() and "Traceback" not in gw.log_text()

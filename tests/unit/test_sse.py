@@ -91,3 +91,12 @@ def test_tap_reads_usage_written_with_spaces():
     tap = StreamTap(OPENAI, drop_usage=True)
     assert tap.feed([CHUNK % b"a", spaced, DONE], 0.0) == [CHUNK % b"a", DONE]
     assert tap.tokens == {"prompt": 2, "completion": 5}
+
+
+def test_answer_usage_is_found_wherever_it_is():
+    """vLLM can put prompt_logprobs or token ids after usage: a long tail must not hide it."""
+    from server.sse import answer_usage
+    body = (b'{"choices":[{"message":{"content":"say \\"usage\\": {\\"prompt_tokens\\": 99}"}}],'
+            b'"usage":{"prompt_tokens":7,"completion_tokens":2},"prompt_logprobs":[' + b"0.5," * 5000 + b'0.5]}')
+    assert answer_usage(body) == {"prompt": 7, "completion": 2}
+    assert answer_usage(b'{"data":[]}') == {}

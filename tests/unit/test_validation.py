@@ -88,3 +88,35 @@ def test_engine_body_asks_for_usage_without_touching_the_rest():
     plain = {"model": "m", "prompt": "x"}
     raw3 = _json.dumps(plain).encode()
     assert engine_body(raw3, validate("/v1/completions", plain), "m", want_usage=True) is raw3
+
+
+def test_engine_body_cases_found_by_the_break_it_pass():
+    import json as _json
+
+    from server.validation import engine_body, truthy
+    # "stream_options": null: a spliced duplicate key would lose to the client's null
+    body = {"model": "m", "stream": True, "prompt": "x", "stream_options": None}
+    raw = _json.dumps(body).encode()
+    out = _json.loads(engine_body(raw, validate("/v1/completions", body), "m", want_usage=True))
+    assert out["stream_options"] == {"include_usage": True}
+    # include_usage as vLLM's pydantic reads it: "true" and 1 are a yes, so nothing is added or dropped
+    for value in ("true", 1, "on", True):
+        body = {"model": "m", "stream": True, "prompt": "x", "stream_options": {"include_usage": value}}
+        raw = _json.dumps(body).encode()
+        parsed = validate("/v1/completions", body)
+        assert parsed.include_usage and engine_body(raw, parsed, "m", want_usage=True) is raw
+    assert not any(truthy(v) for v in ("false", 0, 2, "", None, "maybe", [1]))
+    # UTF-16 and UTF-32 bodies are re-encoded, never spliced
+    for enc in ("utf-16", "utf-16-le", "utf-32"):
+        body = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hé"}]}
+        raw = _json.dumps(body).encode(enc)
+        out = engine_body(raw, validate("/v1/chat/completions", parse_body(raw)), "m", want_usage=True)
+        assert _json.loads(out) == dict(body, stream_options={"include_usage": True})
+
+
+def test_stream_is_not_the_gateways_business_on_routes_that_do_not_stream():
+    for route, body in (("/v1/embeddings", {"model": "m", "input": "x", "stream": True}),
+                        ("/v1/messages/count_tokens", {"model": "m", "stream": True,
+                                                       "messages": [{"role": "user", "content": "x"}]})):
+        p = validate(route, body)
+        assert (p.stream, p.include_usage) == (False, False)
