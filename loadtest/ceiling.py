@@ -74,7 +74,12 @@ def start_litellm(tmp: Path) -> tuple[Proc, Proc, str, str]:
                   "--port", str(pport), "--num_workers", "1"], tmp / "litellm.log",
                  env={"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_TELEMETRY": "False",
                       "LITELLM_LOG": "ERROR"})
-    wait_http(f"http://127.0.0.1:{pport}/health/liveliness", proxy, 180, headers=AUTH)
+    try:
+        wait_http(f"http://127.0.0.1:{pport}/health/liveliness", proxy, 180, headers=AUTH)
+    except BaseException:  # LiteLLM refused to start: leave nothing behind
+        proxy.stop()
+        engine.stop()
+        raise
     return engine, proxy, direct, f"http://127.0.0.1:{pport}"
 
 
@@ -84,7 +89,11 @@ def start_engine(tmp: Path, name: str) -> tuple[Proc, str]:
     engine = Proc([sys.executable, "-m", "loadtest.instant_engine", "--model", "instant",
                    "--served-model-name", "instant", "--port", str(port)], tmp / f"{name}-engine.log",
                   env={"INSTANT_CHUNKS": str(CHUNKS)})
-    wait_http(f"http://127.0.0.1:{port}/health", engine, 30)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", engine, 30)
+    except BaseException:
+        engine.stop()
+        raise
     return engine, f"http://127.0.0.1:{port}"
 
 
@@ -94,7 +103,12 @@ def start_floor(tmp: Path) -> tuple[Proc, Proc, str, str]:
     port = free_port()
     proxy = Proc([sys.executable, "-m", "loadtest.floor_proxy", "--upstream", direct,
                   "--port", str(port)], tmp / "floor.log")
-    wait_http(f"http://127.0.0.1:{port}/v1/models", proxy, 30)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/v1/models", proxy, 30)
+    except BaseException:
+        proxy.stop()
+        engine.stop()
+        raise
     return engine, proxy, direct, f"http://127.0.0.1:{port}"
 
 

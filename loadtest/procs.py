@@ -103,7 +103,11 @@ def start_gateway(config: dict[str, Any], tmp: Path, *, data_dir: Path | None = 
 
     keys = config.get("api_keys") or []
     headers = {"Authorization": f"Bearer {keys[0]}"} if keys else None
-    wait_http(url + "/v1/models", proc, ready_timeout, all_ready, headers)
+    try:
+        wait_http(url + "/v1/models", proc, ready_timeout, all_ready, headers)
+    except BaseException:  # never leave a gateway (and its engines) behind
+        proc.stop()
+        raise
     return proc, url
 
 
