@@ -61,10 +61,11 @@ def litellm_version() -> str:
     return out.stdout.strip()
 
 
-def start_litellm(tmp: Path) -> tuple[Proc, Proc, str, str]:
-    """An instant engine and LiteLLM's proxy (one worker) in front of it."""
+def start_litellm(tmp: Path, procs: list[Proc]) -> tuple[Proc, str, str]:
+    """An instant engine and LiteLLM's proxy (one worker) in front of it (both added to
+    ``procs``): the proxy, the engine's URL and the proxy's."""
     exe = ensure_litellm()
-    engine, direct = start_engine(tmp, "litellm")
+    direct = start_engine(tmp, "litellm", procs)
     pport = free_port()
     cfg = {"model_list": [{"model_name": "instant", "litellm_params": {
         "model": "openai/instant", "api_base": f"{direct}/v1", "api_key": "none"}}],
@@ -74,42 +75,33 @@ def start_litellm(tmp: Path) -> tuple[Proc, Proc, str, str]:
                   "--port", str(pport), "--num_workers", "1"], tmp / "litellm.log",
                  env={"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_TELEMETRY": "False",
                       "LITELLM_LOG": "ERROR"})
-    try:
-        wait_http(f"http://127.0.0.1:{pport}/health/liveliness", proxy, 180, headers=AUTH)
-    except BaseException:  # LiteLLM refused to start: leave nothing behind
-        proxy.stop()
-        engine.stop()
-        raise
-    return engine, proxy, direct, f"http://127.0.0.1:{pport}"
+    procs.append(proxy)
+    wait_http(f"http://127.0.0.1:{pport}/health/liveliness", proxy, 180, headers=AUTH)
+    return proxy, direct, f"http://127.0.0.1:{pport}"
 
 
-def start_engine(tmp: Path, name: str) -> tuple[Proc, str]:
-    """An instant engine on a free port."""
+def start_engine(tmp: Path, name: str, procs: list[Proc]) -> str:
+    """An instant engine on a free port (added to ``procs`` at once, so it is stopped whatever
+    happens next); its URL."""
     port = free_port()
     engine = Proc([sys.executable, "-m", "loadtest.instant_engine", "--model", "instant",
                    "--served-model-name", "instant", "--port", str(port)], tmp / f"{name}-engine.log",
                   env={"INSTANT_CHUNKS": str(CHUNKS)})
-    try:
-        wait_http(f"http://127.0.0.1:{port}/health", engine, 30)
-    except BaseException:
-        engine.stop()
-        raise
-    return engine, f"http://127.0.0.1:{port}"
+    procs.append(engine)
+    wait_http(f"http://127.0.0.1:{port}/health", engine, 30)
+    return f"http://127.0.0.1:{port}"
 
 
-def start_floor(tmp: Path) -> tuple[Proc, Proc, str, str]:
-    """An instant engine and the floor proxy in front of it."""
-    engine, direct = start_engine(tmp, "floor")
+def start_floor(tmp: Path, procs: list[Proc]) -> tuple[Proc, str, str]:
+    """An instant engine and the floor proxy in front of it (both added to ``procs``): the proxy,
+    the engine's URL and the proxy's."""
+    direct = start_engine(tmp, "floor", procs)
     port = free_port()
     proxy = Proc([sys.executable, "-m", "loadtest.floor_proxy", "--upstream", direct,
                   "--port", str(port)], tmp / "floor.log")
-    try:
-        wait_http(f"http://127.0.0.1:{port}/v1/models", proxy, 30)
-    except BaseException:
-        proxy.stop()
-        engine.stop()
-        raise
-    return engine, proxy, direct, f"http://127.0.0.1:{port}"
+    procs.append(proxy)
+    wait_http(f"http://127.0.0.1:{port}/v1/models", proxy, 30)
+    return proxy, direct, f"http://127.0.0.1:{port}"
 
 
 async def added_latency(direct: str, proxy: str, pairs: int, stream: bool) -> dict[str, float]:
@@ -202,11 +194,9 @@ def main(requests: int, concurrency: int, rounds: int, pairs: int, out: Path) ->
              "max_queue": 4096}]}, tmp / "gw", ready_timeout=60)
         procs.append(gw)
         targets = [("vramgate", engine_url(gw_url, "instant", AUTH), gw_url, gw, False)]
-        f_engine, floor, f_direct, f_url = start_floor(tmp)
-        procs += [f_engine, floor]
+        floor, f_direct, f_url = start_floor(tmp, procs)
         targets.append(("floor", f_direct, f_url, floor, False))
-        l_engine, proxy, l_direct, l_url = start_litellm(tmp)
-        procs += [l_engine, proxy]
+        proxy, l_direct, l_url = start_litellm(tmp, procs)
         targets.append(("litellm", l_direct, l_url, proxy, True))
 
         latency = []

@@ -39,6 +39,8 @@ from server.validation import ANTHROPIC_ROUTES, ROUTES, USAGE_ROUTES, engine_bod
 T = TypeVar("T")
 log = logging.getLogger("vramgate.api")
 access = logging.getLogger("vramgate.access")
+
+
 def access_line(fmt: str, **fields: Any) -> str:
     """One access-log line: ``json`` (one object) or ``text`` (``key=value`` pairs); fields that
     are ``None`` are left out."""
@@ -61,10 +63,11 @@ async def until_disconnect(aw: Awaitable[T], receive: Receive,
                            cleanup: Callable[[T], Any] | None = None) -> T:
     """Await ``aw`` unless the client disconnects first: then cancel it and raise :class:`ClientGone`.
 
-    ``aw`` runs inline in the request's own task (no task of its own: this is on every request's
-    path); a watcher task reads ``receive`` and, on ``http.disconnect``, cancels the request's task
-    while it is still inside ``aw``. ``aw`` must be cancel-safe. If ``aw`` was a task that finished
-    anyway while being cancelled, ``cleanup(result)`` undoes it (a lease, a connection).
+    ``aw`` (a coroutine) runs inline in the request's own task (no task of its own: this is on
+    every request's path); a watcher task reads ``receive`` and, on ``http.disconnect``, cancels
+    the request's task while it is still inside ``aw``, so ``aw`` must be cancel-safe. If ``aw``
+    swallowed that cancellation and finished anyway, ``cleanup(result)`` undoes it (a slot, a
+    lease) before :class:`ClientGone` is raised.
     """
     current = asyncio.current_task()
     assert current is not None
@@ -89,9 +92,6 @@ async def until_disconnect(aw: Awaitable[T], receive: Receive,
         if not state["gone"]:
             raise
         current.uncancel()
-        if cleanup is not None and isinstance(aw, asyncio.Future) and aw.done() \
-                and not aw.cancelled() and aw.exception() is None:
-            cleanup(aw.result())
         raise ClientGone() from None
     finally:
         state["active"] = False
@@ -128,8 +128,6 @@ def error_response(exc: VramgateError, route: str = "") -> Response:
 
 
 FLAVORS = {"/v1/responses": RESPONSES, "/v1/messages": ANTHROPIC}
-
-
 SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
                (b"x-accel-buffering", b"no")]
 
