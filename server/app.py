@@ -13,16 +13,17 @@ from typing import AsyncIterator, Callable
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.middleware.cors import CORSMiddleware
 
 from server import api
 from server.auth import AuthMiddleware
+from server.cors import Cors
 from server.requestid import RequestIdMiddleware
 from server.config import Settings
 from server.errors import ConfigError
 from server.gpus import Inventory, make_inventory
 from server.metrics import Metrics
 from server.pool import Launcher, ModelPool, ModelState, default_launcher
+from server.profile import read_profiles
 from server.proxy import new_session
 from server.validation import routes_for_task
 
@@ -46,14 +47,19 @@ def create_app(settings: Settings, *, launcher: Launcher = default_launcher,
     async def lifespan(app: Starlette) -> AsyncIterator[dict]:
         metrics = Metrics({m.name: routes_for_task(m.task) for m in settings.models},
                           [s.value for s in ModelState])
-        pool = ModelPool(settings, devices, launcher=launcher, events=metrics)
+        profiles = await asyncio.to_thread(read_profiles, settings.models)
+        pool = ModelPool(settings, devices, launcher=launcher, events=metrics, profiles=profiles)
         session = new_session()
 
         async def do_reload() -> dict:
             if reload is None:
                 raise ConfigError("this server was started without a configuration to reload")
-            new = await asyncio.to_thread(reload)
-            changes = await pool.reconfigure(new)
+            def read() -> tuple[Settings, dict]:
+                new = reload()
+                return new, read_profiles(new.models)
+
+            new, profiles = await asyncio.to_thread(read)
+            changes = await pool.reconfigure(new, profiles)
             log.info("configuration reloaded: %s", changes)
             return changes
 
@@ -93,12 +99,10 @@ def create_app(settings: Settings, *, launcher: Launcher = default_launcher,
             await pool.stop_all()
             await session.close()
 
-    middleware = [Middleware(RequestIdMiddleware), Middleware(AuthMiddleware, auth=settings.auth),
+    # CORS outermost: preflights need no key, and a 401 carries the CORS headers.
+    middleware = [Middleware(Cors, origins=settings.auth.cors_origins),
+                  Middleware(RequestIdMiddleware), Middleware(AuthMiddleware, auth=settings.auth),
                   Middleware(api.InferenceFastPath)]
-    if settings.auth.cors_origins:  # outermost: preflights need no key, and a 401 carries CORS headers
-        middleware.insert(0, Middleware(CORSMiddleware, allow_origins=list(settings.auth.cors_origins),
-                                        allow_methods=["*"], allow_headers=["*"],
-                                        expose_headers=["x-request-id", "retry-after"]))
     app = Starlette(routes=api.routes, lifespan=lifespan, middleware=middleware,
                     exception_handlers={HTTPException: api.http_error})
     app.router.redirect_slashes = False

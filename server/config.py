@@ -55,6 +55,14 @@ class ModelConfig:
     never); ``preload`` starts the model with the server instead of on its first request.
     ``max_concurrency`` requests at its engines at once (``None``: no limit), ``max_queue`` waiting
     beyond those (``None``: no limit), each for at most ``queue_timeout`` seconds.
+
+    Generation models: ``tool_parser`` is vLLM's tool-call parser (``None``: chosen from the model's
+    files, ``"none"``: no tools); ``chat_template`` a template file for vLLM's ``--chat-template``;
+    ``max_tokens_policy`` ``fit`` serves a request asking for more output tokens than the context
+    holds with what fits, ``reject`` leaves vLLM's 400. ``fim_template`` (config ``fim``) overrides
+    the FIM format found in the tokenizer (a family of ``server.fim.FAMILIES`` or a format string,
+    ``"none"`` refuses ``suffix``), with ``fim_stop`` added to its stops; ``fim_max_tokens`` is the
+    output budget of a FIM request that sets none (tokens).
     """
 
     name: str
@@ -76,11 +84,19 @@ class ModelConfig:
     max_concurrency: int | None = None
     max_queue: int | None = None
     queue_timeout: float = 300.0
+    tool_parser: str | None = None
+    chat_template: str | None = None
+    max_tokens_policy: str = "fit"
+    fim_template: str | None = None
+    fim_stop: tuple[str, ...] = ()
+    fim_max_tokens: int = 128
 
 
 @dataclass(frozen=True)
 class Settings:
-    """The whole server configuration. Times are seconds; ``data_dir`` holds models and engine logs."""
+    """The whole server configuration. Times are seconds; ``data_dir`` holds models and engine logs.
+    ``stream_keepalive``: seconds between keep-alive events on a stream that waits for its engine
+    (0: the stream waits silently)."""
 
     models: tuple[ModelConfig, ...]
     host: str = "127.0.0.1"
@@ -101,6 +117,7 @@ class Settings:
     auth: AuthConfig = AuthConfig()
     max_body_bytes: int = 32 * 2**20
     log_format: str = "text"
+    stream_keepalive: float = 4.0
 
     @property
     def log_dir(self) -> Path:
@@ -188,12 +205,14 @@ def _engine_args(value: Any, where: str) -> tuple[str, ...]:
 _MODEL_KEYS = {"name", "path", "aliases", "task", "device", "engine_args", "kv_cache_bytes",
                "max_model_len", "startup_timeout", "memory", "gpus", "tensor_parallel_size",
                "pinned", "replicas", "ttl", "preload", "max_concurrency", "max_queue",
-               "queue_timeout"}
+               "queue_timeout", "tool_parser", "chat_template", "max_tokens_policy", "fim",
+               "fim_max_tokens"}
+MAX_TOKENS_POLICIES = ("fit", "reject")
 _TOP_KEYS = {"host", "port", "data_dir", "models", "engine_module", "engine_python",
              "shutdown_timeout", "engine_stop_grace", "load_wait_timeout", "placement",
              "gpu_headroom", "kv_cache_sequences", "simulate_gpus", "max_loaded_models",
              "place_wait_timeout", "cpu_memory_budget", "api_keys", "admin_key", "metrics_auth",
-             "cors_origins", "max_body_bytes", "log_format"}
+             "cors_origins", "max_body_bytes", "log_format", "stream_keepalive"}
 
 
 def parse_model(raw: Any, where: str) -> ModelConfig:
@@ -251,7 +270,7 @@ def parse_model(raw: Any, where: str) -> ModelConfig:
             if limits[key] < (1 if key == "max_concurrency" else 0):
                 raise ConfigError(f"{where}.{key}: must be at least {1 if key == 'max_concurrency' else 0}")
     limits["queue_timeout"] = float(_number(raw.get("queue_timeout", 300.0), f"{where}.queue_timeout"))
-    return ModelConfig(
+    return ModelConfig(**_generation_fields(raw, where),
         name=name, path=path, aliases=aliases, task=task, device=device,
         engine_args=_engine_args(raw.get("engine_args"), f"{where}.engine_args"),
         kv_cache_bytes=None if kv is None else parse_bytes(kv, f"{where}.kv_cache_bytes"),
@@ -260,6 +279,52 @@ def parse_model(raw: Any, where: str) -> ModelConfig:
         memory_bytes=None if mem is None else parse_bytes(mem, f"{where}.memory"),
         gpus=gpus, tensor_parallel_size=tp, replicas=replicas, ttl=ttl, **flags, **limits,
     )
+
+
+def _fim(value: Any, where: str) -> dict[str, Any]:
+    """``fim``: ``none``, a family name or format string, or ``{template, stop}``."""
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        value = {"template": value}
+    if not isinstance(value, dict) or set(value) - {"template", "stop"}:
+        raise ConfigError(f"{where}: must be none, a FIM family or template, or a mapping with "
+                          "template and stop")
+    template = _str(value.get("template"), f"{where}.template")
+    stop = value.get("stop") or []
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+        raise ConfigError(f"{where}.stop: must be a list of non-empty strings")
+    if template != "none":
+        from server.fim import FAMILIES
+        from string import Formatter
+        try:
+            fields = {f for _, f, _, _ in Formatter().parse(template) if f is not None}
+        except ValueError as exc:
+            raise ConfigError(f"{where}.template: {exc} (write literal braces as {{{{ and }}}})") from None
+        if template not in FAMILIES and fields != {"prefix", "suffix"}:
+            raise ConfigError(f"{where}.template: must be one of {', '.join(FAMILIES)}, or a format "
+                              "with {prefix} and {suffix} and no other {field}")
+    return {"fim_template": template, "fim_stop": tuple(stop)}
+
+
+def _generation_fields(raw: dict[str, Any], where: str) -> dict[str, Any]:
+    """The generation-only fields of a model entry: tools, chat template, output budget, FIM."""
+    out: dict[str, Any] = _fim(raw.get("fim"), f"{where}.fim")
+    for key in ("tool_parser", "chat_template"):
+        if raw.get(key) is not None:
+            out[key] = _str(raw[key], f"{where}.{key}")
+    if out.get("chat_template"):
+        out["chat_template"] = str(Path(out["chat_template"]).expanduser())
+        if not Path(out["chat_template"]).is_file():
+            raise ConfigError(f"{where}.chat_template: {out['chat_template']} is not a file")
+    policy = raw.get("max_tokens_policy", "fit")
+    if policy not in MAX_TOKENS_POLICIES:
+        raise ConfigError(f"{where}.max_tokens_policy: must be fit or reject, got {policy!r}")
+    out["max_tokens_policy"] = policy
+    if raw.get("fim_max_tokens") is not None:
+        out["fim_max_tokens"] = int(_number(raw["fim_max_tokens"], f"{where}.fim_max_tokens",
+                                            integer=True))
+    return out
 
 
 # YAML key → Settings field, for byte counts ("4GiB"); and keys that take one of a few words.
@@ -338,9 +403,11 @@ def parse_settings(raw: Any, *,
     for key in ("engine_module", "engine_python"):
         if key in raw:
             kw[key] = _str(raw[key], key)
-    for key in ("shutdown_timeout", "engine_stop_grace", "load_wait_timeout", "place_wait_timeout"):
+    for key in ("shutdown_timeout", "engine_stop_grace", "load_wait_timeout", "place_wait_timeout",
+                "stream_keepalive"):
         if key in raw:
-            kw[key] = float(_number(raw[key], key, positive=key != "place_wait_timeout"))
+            kw[key] = float(_number(raw[key], key, positive=key not in (
+                "place_wait_timeout", "stream_keepalive")))
             if kw[key] < 0:
                 raise ConfigError(f"{key}: must not be negative")
     for key in ("kv_cache_sequences", "max_loaded_models"):

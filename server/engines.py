@@ -40,7 +40,8 @@ class EngineLaunch:
 
 def engine_launch(model: ModelConfig, *, port: int, device: str, python: str, module: str,
                   kv_cache_bytes: int | None = None, gpu_memory_utilization: float | None = None,
-                  tensor_parallel_size: int = 1, cuda_devices: tuple[int, ...] = ()) -> EngineLaunch:
+                  tensor_parallel_size: int = 1, cuda_devices: tuple[int, ...] = (),
+                  tool_parser: str | None = None) -> EngineLaunch:
     """Build the vLLM command for ``model`` (pure).
 
     ``device`` is ``cpu`` or ``cuda``. On a GPU the plan's ``cuda_devices`` become
@@ -48,8 +49,12 @@ def engine_launch(model: ModelConfig, *, port: int, device: str, python: str, mo
     memory), with ``--tensor-parallel-size`` when above 1. On the CPU the engine runs
     ``--enforce-eager`` (ready in about 30 s instead of about 90 s with torch.compile) and gets
     ``--kv-cache-memory-bytes`` (exact, and it skips the warm-up pass vLLM otherwise needs to size
-    the cache). ``task: embed`` adds ``--runner pooling``. The model's own ``engine_args`` come
-    last, so they win over ours.
+    the cache). ``task: embed`` adds ``--runner pooling``. A ``tool_parser`` (see
+    ``server.toolparser``) turns tools on: ``--enable-auto-tool-choice --tool-call-parser P`` and
+    ``--tool-strict-level parameter`` (vLLM 0.32 otherwise constrains only the call's envelope,
+    not its arguments, when ``tool_choice`` is ``required`` or names a function, so arguments
+    need not match the tool's schema). ``chat_template`` becomes ``--chat-template``. The model's
+    own ``engine_args`` come last, so they win over ours.
     """
     argv = [python, "-m", module, "--model", model.path, "--served-model-name", model.name,
             "--host", ENGINE_HOST, "--port", str(port), "--disable-uvicorn-access-log"]
@@ -58,6 +63,12 @@ def engine_launch(model: ModelConfig, *, port: int, device: str, python: str, mo
         argv += ["--runner", "pooling"]
     if model.max_model_len:
         argv += ["--max-model-len", str(model.max_model_len)]
+    if tool_parser and model.task == "generate" and "--tool-call-parser" not in " ".join(
+            model.engine_args):
+        argv += ["--enable-auto-tool-choice", "--tool-call-parser", tool_parser,
+                 "--tool-strict-level", "parameter"]
+    if model.chat_template:
+        argv += ["--chat-template", model.chat_template]
     if device == "cuda":
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in cuda_devices)
         if tensor_parallel_size > 1:

@@ -181,14 +181,20 @@ def error_body(message: str, type_: str, param: str | None = None,
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-def normalize_upstream_error(status: int, body: bytes) -> UpstreamError:
+_CONTEXT_PARAMS = ("input_tokens", "input_text")
+
+
+def normalize_upstream_error(status: int, body: bytes, field: str | None = None) -> UpstreamError:
     """Turn an engine's error response into an :class:`UpstreamError` in the OpenAI shape.
 
     vLLM answers ``{"error": {"message", "type": "BadRequestError", "param", "code": 400}}``: its
     ``type`` is a Python class name and its ``code`` an integer, which OpenAI clients do not expect.
     The message and ``param`` are kept; ``type`` is derived from the status (400 →
     ``invalid_request_error``, 5xx → ``server_error``); ``code`` is kept only when it is a string.
-    A body that is not JSON becomes the message itself (cut to 2000 characters).
+    A body that is not JSON becomes the message itself (cut to 2000 characters). A prompt longer
+    than the context (vLLM's ``param`` ``input_tokens``/``input_text``, or "maximum context
+    length" in its message) gets OpenAI's code ``context_length_exceeded`` and the route's prompt
+    ``field`` (``messages``, ``prompt``, ``input``) as ``param``.
     """
     message, param, code = "", None, None
     try:
@@ -208,6 +214,8 @@ def normalize_upstream_error(status: int, body: bytes) -> UpstreamError:
     if not message:
         message = body.decode("utf-8", "replace")[:2000] or f"engine answered HTTP {status}"
     type_ = _TYPE_BY_STATUS.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    if status == 400 and (param in _CONTEXT_PARAMS or "maximum context length" in message):
+        code, param = "context_length_exceeded", field or param
     return UpstreamError(status, message, type_=type_, param=param, code=code)
 
 

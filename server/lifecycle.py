@@ -3,6 +3,7 @@ may restart. Plain functions over plain data; the clock is an argument (seconds,
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -13,6 +14,10 @@ RESTART_BASE = 2.0
 RESTART_CAP = 120.0
 RESTART_WINDOW = 600.0
 MAX_FAILURES = 5
+# A replica chosen for prefix affinity is passed over once it has this many more requests in flight
+# than the least-loaded ready replica: vLLM batches concurrent requests well, so a few more on the
+# replica that holds the prefix in its cache cost less than a cold prefill elsewhere.
+AFFINITY_SLACK = 4
 
 
 @dataclass(frozen=True)
@@ -27,12 +32,23 @@ class ReplicaView:
     last_used: float
 
 
-def pick_replica(replicas: Sequence[ReplicaView]) -> str | None:
-    """The ready replica with the fewest outstanding requests (ties: the first), or ``None``."""
+def pick_replica(replicas: Sequence[ReplicaView], affinity: str | None = None,
+                 slack: int = AFFINITY_SLACK) -> str | None:
+    """The ready replica to send a request to, or ``None`` when none is ready.
+
+    Without ``affinity``: the one with the fewest outstanding requests (ties: the first). With
+    ``affinity`` (a key derived from the request's prompt prefix): the ready replica that
+    rendezvous hashing assigns to that key, so requests sharing a prefix meet vLLM's prefix cache
+    on one engine, unless it has ``slack`` or more requests in flight beyond the least-loaded one.
+    """
     ready = [r for r in replicas if r.ready]
     if not ready:
         return None
-    return min(ready, key=lambda r: r.in_flight).key
+    least = min(ready, key=lambda r: r.in_flight)
+    if affinity is None or len(ready) == 1:
+        return least.key
+    home = max(ready, key=lambda r: zlib.crc32(f"{r.key}|{affinity}".encode()))
+    return home.key if home.in_flight - least.in_flight < slack else least.key
 
 
 def idle_expired(replicas: Sequence[ReplicaView], ttl: dict[str, float], waiting: dict[str, int],

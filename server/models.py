@@ -29,6 +29,10 @@ import psutil
 from server.config import ModelConfig
 
 CHAT_MODEL = "SmolLM2-135M-Instruct"
+# SmolLM2's own chat template drops ``tools``; this one shows them to the model in the Hermes format
+# that vLLM's ``hermes`` parser reads back (and renders a conversation without tools exactly as
+# the original does).
+CHAT_TEMPLATE = Path(__file__).with_name("templates") / "smollm2-tools.jinja"
 EMBED_MODEL = "all-MiniLM-L6-v2"
 MARKER = "vramgate-model.json"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -40,7 +44,7 @@ def embedded_models(data_dir: Path) -> tuple[ModelConfig, ...]:
     root = Path(data_dir) / "models"
     return (
         ModelConfig(name=CHAT_MODEL, path=str(root / CHAT_MODEL), aliases=("smollm2",),
-                    task="generate", preload=True),
+                    task="generate", preload=True, chat_template=str(CHAT_TEMPLATE)),
         ModelConfig(name=EMBED_MODEL, path=str(root / EMBED_MODEL), aliases=("minilm",),
                     task="embed", preload=True),
     )

@@ -37,6 +37,14 @@ def document() -> dict[str, Any]:
         body = {"type": "object", "required": ["model", field], "additionalProperties": True,
                 "properties": {"model": {"type": "string"}, field: _FIELD[field],
                                "stream": {"type": "boolean"}}}
+        if route == "/v1/completions":
+            body["properties"]["suffix"] = {"type": ["string", "null"]}
+        if route == "/infill":  # llama.cpp's shape: nothing is required
+            body = {"type": "object", "additionalProperties": True, "properties": {
+                "model": {"type": "string"}, "input_prefix": {"type": "string"},
+                "input_suffix": {"type": "string"}, "prompt": {"type": "string"},
+                "n_predict": {"type": "integer"}, "stream": {"type": "boolean"},
+                "input_extra": {"type": "array", "items": {"type": "object"}}}}
         paths[route] = {"post": {
             "summary": f"Forwarded to the engine of the named {task} model",
             "requestBody": {"required": True, "content": {"application/json": {"schema": body}}},

@@ -30,7 +30,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Callable
+from typing import Callable, Mapping
 
 import httpx
 
@@ -41,7 +41,9 @@ from server.estimate import requirement_for
 from server.gpus import EngineUsage, Inventory, Snapshot
 from server.gpus.cpu import tree_pids
 from server.lifecycle import ReplicaView, idle_expired, model_state, pick_replica, restart_delay
+from server.modelfiles import UNKNOWN
 from server.placement import Booking, Device, NoFit, Plan, Policy, Requirement, fmt, plan
+from server.profile import Profile, profile
 
 log = logging.getLogger("vramgate.pool")
 HEALTH_FAILURES = 3  # consecutive failed /health checks that count as an engine failure
@@ -74,6 +76,7 @@ class Replica:
     last_used: float = 0.0
     ready_since: float | None = None
     load_seconds: float | None = None
+    max_model_len: int | None = None  # tokens, as the engine reports it once ready
 
     @property
     def key(self) -> str:
@@ -93,9 +96,11 @@ class Replica:
 class ModelEntry:
     """The pool's book on one model and its replicas. ``failures`` are the clock times of engine
     failures (for the back-off); ``nofit`` the last placement refusal; ``waiting`` counts requests
-    waiting for the model to become ready."""
+    waiting for the model to become ready. ``profile``: its tool-call parser and FIM format
+    (``server.profile``)."""
 
     config: ModelConfig
+    profile: Profile = field(default_factory=lambda: profile(ModelConfig("-", "-"), UNKNOWN))
     replicas: list[Replica] = field(default_factory=list)
     error: VramgateError | None = None
     failures: list[float] = field(default_factory=list)
@@ -213,14 +218,15 @@ class ModelPool:
     def __init__(self, settings: Settings, inventory: Inventory, *,
                  launcher: Launcher = default_launcher, clock: Callable[[], float] = time.monotonic,
                  health_interval: float = 5.0, reap_interval: float = 1.0,
-                 events: Events = Events()) -> None:
+                 events: Events = Events(), profiles: Mapping[str, Profile] | None = None) -> None:
         self.settings = settings
         self.inventory = inventory
         self.launcher = launcher
         self.clock = clock
         self.health_interval = health_interval
         self.reap_interval = reap_interval
-        self.entries = {m.name: ModelEntry(config=m) for m in settings.models}
+        self.profiles = dict(profiles or {})
+        self.entries = {m.name: self._entry(m, profiles) for m in settings.models}
         self.http = httpx.AsyncClient()
         self.closing = False
         self._capacity = asyncio.Event()
@@ -229,6 +235,13 @@ class ModelPool:
         self._background: set[asyncio.Task] = set()
         self.starts = 0  # engines started so far (a counter for metrics and tests)
         self.events = events
+
+    @staticmethod
+    def _entry(model: ModelConfig, profiles: Mapping[str, Profile] | None) -> ModelEntry:
+        """A new book for ``model``; its profile from ``profiles`` (read from its files), else
+        derived from its configuration and name alone."""
+        found = (profiles or {}).get(model.name)
+        return ModelEntry(config=model, profile=found or profile(model, UNKNOWN))
 
     @property
     def policy(self) -> Policy:
@@ -365,7 +378,8 @@ class ModelPool:
             module=self.settings.engine_module,
             kv_cache_bytes=rep.requirement.kv_cache_bytes if rep.requirement else None,
             gpu_memory_utilization=placed.gpu_memory_utilization,
-            tensor_parallel_size=placed.tensor_parallel_size, cuda_devices=placed.cuda_indices)
+            tensor_parallel_size=placed.tensor_parallel_size, cuda_devices=placed.cuda_indices,
+            tool_parser=entry.profile.tool_parser)
         proc = self.launcher(model.name if model.replicas == 1 else rep.key.replace("#", "-"),
                              launch, self.settings)
         rep.process = proc
@@ -389,6 +403,7 @@ class ModelPool:
             self._failed(entry, rep, error)
             return
         rep.load_seconds = time.monotonic() - t0
+        rep.max_model_len = await self._max_model_len(proc)
         self.events.engine_ready(model.name, rep.load_seconds)
         rep.ready_since = rep.last_used = self.clock()
         await self._measure(rep)  # before READY: the books are right once anyone sees it ready
@@ -427,6 +442,16 @@ class ModelPool:
                     return f"failed {failed} health checks in a row"
         finally:
             exited.cancel()
+
+    async def _max_model_len(self, proc: EngineProcess) -> int | None:
+        """The context length (tokens) the engine serves, from its ``GET /v1/models``
+        (``data[0].max_model_len``, vLLM's model card); ``None`` when it does not say."""
+        try:
+            resp = await self.http.get(proc.launch.base_url + "/v1/models", timeout=5)
+            value = resp.json()["data"][0].get("max_model_len")
+        except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError, AttributeError):
+            return None
+        return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
     async def _measure(self, rep: Replica) -> None:
         """Replace the estimate in the books by what NVML measures the engine using (cases C18)."""
@@ -483,20 +508,22 @@ class ModelPool:
             except Exception:  # the reaper must outlive one bad round; the error is logged
                 log.exception("idle reaper")
 
-    def try_acquire(self, name: str) -> Lease | None:
+    def try_acquire(self, name: str, affinity: str | None = None) -> Lease | None:
         """A lease at once when ``name`` has a ready replica (no await: the common case costs no
-        task), else ``None``: then call :meth:`acquire`, which starts, waits and explains."""
+        task), else ``None``: then call :meth:`acquire`, which starts, waits and explains.
+        ``affinity``: a prompt-prefix key for :func:`~server.lifecycle.pick_replica`."""
         entry = self.entries.get(name)
         if entry is None or self.closing:
             return None
-        key = pick_replica(self.views(entry))
+        key = pick_replica(self.views(entry), affinity)
         if key is None:
             return None
         rep = next(r for r in entry.replicas if r.key == key)
         rep.in_flight += 1
         return Lease(self, entry, rep)
 
-    async def acquire(self, name: str, timeout: float | None = None) -> Lease:
+    async def acquire(self, name: str, timeout: float | None = None,
+                      affinity: str | None = None) -> Lease:
         """A lease on a ready replica of canonical model ``name`` (the one with the fewest requests
         in flight), starting the model if needed and waiting while it loads.
 
@@ -517,7 +544,7 @@ class ModelPool:
             while True:
                 if self.closing:
                     raise ModelUnavailable("the server is shutting down", retry_after=5)
-                key = pick_replica(self.views(entry))
+                key = pick_replica(self.views(entry), affinity)
                 if key is not None:
                     rep = next(r for r in entry.replicas if r.key == key)
                     rep.in_flight += 1
@@ -580,11 +607,14 @@ class ModelPool:
             await entry.changed.wait()
         await asyncio.gather(*(self._stop_replica(r) for r in reps))
 
-    async def reconfigure(self, settings: Settings) -> dict[str, list[str]]:
+    async def reconfigure(self, settings: Settings,
+                          profiles: Mapping[str, Profile] | None = None) -> dict[str, list[str]]:
         """Apply a new configuration: new models appear, removed ones unload after their in-flight
-        work, changed ones restart (after their in-flight work). Returns what changed. Safe to call
-        again before an earlier call's unloads finished: the latest configuration wins."""
+        work, changed ones restart (after their in-flight work). ``profiles`` are the models'
+        profiles read anew. Returns what changed. Safe to call again before an earlier call's
+        unloads finished: the latest configuration wins."""
         self.settings = settings
+        self.profiles = dict(profiles or {})
         new = {m.name: m for m in settings.models}
         out: dict[str, list[str]] = {"added": [], "removed": [], "changed": []}
         for name, entry in list(self.entries.items()):
@@ -596,7 +626,7 @@ class ModelPool:
             entry = self.entries.get(name)
             if entry is None:
                 out["added"].append(name)
-                self.entries[name] = entry = ModelEntry(config=model)
+                self.entries[name] = entry = self._entry(model, self.profiles)
                 if model.preload:
                     self._start_model(entry)
                 continue
@@ -625,6 +655,7 @@ class ModelPool:
             running = entry.state != ModelState.UNLOADED
             await self.unload(model.name)
             entry.config = self.settings.resolve(model.name) or model  # the latest, if it changed again
+            entry.profile = self._entry(entry.config, self.profiles).profile
             entry.replicas = [Replica(model.name, i) for i in range(entry.config.replicas)]
             entry.failures, entry.gave_up, entry.error = [], False, None
             if entry.config.preload or running:

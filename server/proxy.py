@@ -70,7 +70,9 @@ async def forward(session: aiohttp.ClientSession, url: str, body: bytes, headers
 
 async def relay_stream(resp: aiohttp.ClientResponse, *, tap: StreamTap,
                        on_first: Callable[[], None] | None = None,
-                       closing: Callable[[], bool] = lambda: False) -> AsyncIterator[bytes]:
+                       closing: Callable[[], bool] = lambda: False,
+                       convert: Callable[[list[bytes]], list[bytes]] | None = None
+                       ) -> AsyncIterator[bytes]:
     """Yield the engine's SSE bytes as they arrive, whole events only, bytes unchanged.
 
     Chunks are cut at ``\n\n`` so that a failure never leaves half an event before the error
@@ -80,6 +82,8 @@ async def relay_stream(resp: aiohttp.ClientResponse, *, tap: StreamTap,
     tap's flavor: ``[DONE]`` for the OpenAI routes), one error event in the route's shape is sent
     and the body ends (``closing()`` true: the gateway is shutting down, and says so). The upstream
     connection is closed in ``finally``, so vLLM aborts the request when the client goes away.
+    ``convert`` rewrites the tapped events for a route that answers in another API's shape
+    (``/infill``); every other route's events go out as the engine wrote them.
     """
     splitter = EventSplitter()
     flavor = tap.flavor
@@ -95,6 +99,8 @@ async def relay_stream(resp: aiohttp.ClientResponse, *, tap: StreamTap,
                 continue
             last = events[-1]
             events = tap.feed(events, clock())
+            if convert is not None:
+                events = convert(events)
             if events:
                 yield b"".join(events)
         if not flavor.complete(last):

@@ -153,6 +153,14 @@ class StreamFlavor:
         return _last_is(last_event, b"event: message_stop", b'"type":"message_stop"',
                         b'"type": "message_stop"')
 
+    def keepalive(self) -> bytes:
+        """One event that keeps a quiet stream alive and that clients skip: an SSE comment on the
+        OpenAI routes (the ``openai`` client ignores lines starting with ``:``), Anthropic's
+        ``ping`` event on ``/v1/messages`` (the ``anthropic`` client skips it)."""
+        if self.name == "anthropic":
+            return b'event: ping\ndata: {"type":"ping"}\n\n'
+        return b": keep-alive\n\n"
+
     def error(self, message: str, code: str) -> bytes:
         """One error event in this family's shape."""
         if self.name == "openai":

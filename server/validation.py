@@ -20,12 +20,16 @@ ROUTES = {
     "/v1/responses": ("input", "generate"),
     "/v1/messages": ("messages", "generate"),             # Anthropic Messages API
     "/v1/messages/count_tokens": ("messages", "generate"),  # Anthropic token counting
+    "/infill": ("prompt", "generate"),  # llama.cpp's FIM route, served as /v1/completions
 }
 ANTHROPIC_ROUTES = ("/v1/messages", "/v1/messages/count_tokens")
 # Routes whose answers can stream; on the others ``stream`` is the engine's business, never ours.
-STREAMING_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages")
+STREAMING_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages",
+                    "/infill")
 # Routes that take ``stream_options.include_usage`` (and answer with a usage chunk).
-USAGE_ROUTES = ("/v1/chat/completions", "/v1/completions")
+USAGE_ROUTES = ("/v1/chat/completions", "/v1/completions", "/infill")
+# Routes whose ``stop`` strings vLLM matches after stripping special tokens (see rewrite.py).
+STOP_ROUTES = ("/v1/chat/completions", "/v1/completions")
 # What pydantic (vLLM's request models, lax mode) reads as a true boolean.
 _TRUE_STRINGS = {"1", "true", "t", "yes", "y", "on"}
 
@@ -98,11 +102,11 @@ def _check_messages(messages: Any) -> None:
                                  param=f"{where}.content", code="invalid_type")
 
 
-def _check_nonempty(field: str, value: Any) -> None:
+def _check_nonempty(field: str, value: Any, *, empty_text: bool = False) -> None:
     if value is None:
         raise InvalidRequest(f"Missing required parameter: '{field}'.", param=field,
                              code="missing_required_parameter")
-    if isinstance(value, (list, str)) and len(value) == 0:
+    if isinstance(value, (list, str)) and len(value) == 0 and not (empty_text and value == ""):
         raise InvalidRequest(f"'{field}' must not be empty.", param=field, code="empty_array"
                              if isinstance(value, list) else "empty_string")
     if not isinstance(value, (list, str)):
@@ -122,8 +126,8 @@ def validate(route: str, body: dict[str, Any]) -> ParsedRequest:
     field, _ = ROUTES[route]
     if field == "messages":
         _check_messages(body.get("messages"))
-    else:
-        _check_nonempty(field, body.get(field))
+    else:  # a FIM request may have nothing before the cursor
+        _check_nonempty(field, body.get(field), empty_text=isinstance(body.get("suffix"), str))
     if route not in STREAMING_ROUTES:  # embeddings, token counts: one JSON answer, whatever is asked
         return ParsedRequest(body=body, model=model, stream=False, include_usage=False)
     stream = body.get("stream", False)
@@ -147,8 +151,10 @@ def validate(route: str, body: dict[str, Any]) -> ParsedRequest:
 _USAGE_OPTION = b'{"stream_options":{"include_usage":true},'
 
 
-def engine_body(raw: bytes, parsed: ParsedRequest, served_name: str, *, want_usage: bool) -> bytes:
-    """The body to send the engine (pure): ``raw`` untouched where nothing changes.
+def engine_body(raw: bytes, parsed: ParsedRequest, served_name: str, *, want_usage: bool,
+                body: dict[str, Any] | None = None) -> bytes:
+    """The body to send the engine (pure): ``raw`` untouched where nothing changes; ``body``, when
+    given, is the request as the gateway rewrote it (``server.rewrite``) and is encoded anew.
 
     ``served_name`` replaces an alias (an engine only knows its served name). ``want_usage``: the
     gateway asks for ``stream_options.include_usage`` on a stream whose client did not (for its
@@ -162,13 +168,14 @@ def engine_body(raw: bytes, parsed: ParsedRequest, served_name: str, *, want_usa
     options = parsed.body.get("stream_options")
     inject = want_usage and parsed.stream and not parsed.include_usage and (
         options is None or (isinstance(options, dict) and set(options) <= {"include_usage"}))
-    if parsed.model == served_name and not inject:
-        return raw
-    if parsed.model == served_name and "stream_options" not in parsed.body \
-            and json.detect_encoding(raw) in ("utf-8", "utf-8-sig"):
-        start = raw.index(b"{")
-        return raw[:start] + _USAGE_OPTION + raw[start + 1:]
-    body = dict(parsed.body, model=served_name)
+    if body is None:
+        if parsed.model == served_name and not inject:
+            return raw
+        if parsed.model == served_name and "stream_options" not in parsed.body \
+                and json.detect_encoding(raw) in ("utf-8", "utf-8-sig"):
+            start = raw.index(b"{")
+            return raw[:start] + _USAGE_OPTION + raw[start + 1:]
+    body = dict(parsed.body if body is None else body, model=served_name)
     if inject:
         body["stream_options"] = {"include_usage": True}
     return json.dumps(body).encode()

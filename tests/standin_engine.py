@@ -12,6 +12,7 @@ Its behaviour comes from the model path, ``standin:MODE[,MODE...]``:
 - ``crash-mid-event``     send two chunks and half of a third, then exit hard
 - ``ignore-sigterm``      ignore SIGTERM (only SIGKILL ends it)
 - ``delay=S``             seconds between chunks (and before a non-streamed answer: S × max_tokens)
+- ``context=N``           the ``max_model_len`` its ``GET /v1/models`` reports (default 4096)
 
 It writes ``$STANDIN_DIR/<served name>.json`` after every change: pid, port, argv, and counters
 (``started``, ``completed``, ``aborted``, ``running``), so tests can see what reached the engine.
@@ -46,6 +47,7 @@ class Standin:
         self.modes = dict((m.split("=", 1) + [""])[:2] for m in args.model.split(":", 1)[1].split(","))
         self.delay = float(self.modes.get("delay") or 0.01)
         self.healthy_at = time.monotonic() + float(self.modes.get("slow-start") or 0)
+        self.max_model_len = int(self.modes.get("context") or 4096)
         self.stats = {"pid": os.getpid(), "port": args.port, "argv": argv,
                       "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "started": 0,
                       "completed": 0, "aborted": 0, "running": 0}
@@ -143,6 +145,10 @@ class Standin:
                                  f"vllm:num_requests_running{{{labels}}} {self.stats['running']}.0\n"
                                  "# TYPE python_info gauge\npython_info 1.0\n")
 
+    async def models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [
+            {"id": self.name, "object": "model", "max_model_len": self.max_model_len}]})
+
     async def embeddings(self, request: web.Request) -> web.Response:
         body = await request.json()
         if not isinstance(body, dict) or not isinstance(body.get("input"), (str, list)):
@@ -165,6 +171,7 @@ def main(argv: list[str]) -> None:
     app = web.Application()
     app.router.add_get("/health", standin.health)
     app.router.add_get("/metrics", standin.metrics)
+    app.router.add_get("/v1/models", standin.models)
     app.router.add_post("/v1/chat/completions", standin.generate)
     app.router.add_post("/v1/completions", standin.generate)
     app.router.add_post("/v1/embeddings", standin.embeddings)

@@ -62,7 +62,7 @@ def test_open_routes_and_cors(gw):
     pre = httpx.options(gw.url + "/v1/chat/completions", headers={
         "origin": "https://ide.example", "access-control-request-method": "POST",
         "access-control-request-headers": "authorization,content-type"})
-    assert pre.status_code == 200
+    assert pre.status_code == 204
     assert pre.headers["access-control-allow-origin"] == "https://ide.example"
     denied = httpx.post(gw.url + "/v1/chat/completions", json=CHAT,
                         headers={"origin": "https://ide.example"})

@@ -73,3 +73,18 @@ def test_gate_rejects_when_full_and_times_out_and_forgets_cancelled_waiters():
         gate.leave()
         assert gate.running == 0
     asyncio.run(go())
+
+
+def test_prefix_affinity_keeps_a_prompt_on_one_replica_until_it_is_overloaded():
+    from server.lifecycle import ReplicaView, pick_replica
+
+    views = [ReplicaView(f"m#{i}", "m", True, 0, 0.0) for i in range(4)]
+    homes = {pick_replica(views, f"prompt {n}") for n in range(40)}
+    assert len(homes) > 1  # different prefixes spread over the replicas
+    home = pick_replica(views, "same prefix")
+    assert all(pick_replica(views, "same prefix") == home for _ in range(5))
+    busy = [ReplicaView(v.key, "m", True, 3 if v.key == home else 0, 0.0) for v in views]
+    assert pick_replica(busy, "same prefix", slack=4) == home  # 3 more in flight: still home
+    busier = [ReplicaView(v.key, "m", True, 4 if v.key == home else 0, 0.0) for v in views]
+    assert pick_replica(busier, "same prefix", slack=4) != home  # 4 more: the least loaded
+    assert pick_replica(views) == "m#0"  # no affinity: the least loaded, the first of equals

@@ -1,0 +1,117 @@
+"""llama.cpp's ``POST /infill`` (used by llama.vscode and other editor plugins), served through the
+same FIM rendering as ``/v1/completions`` with ``suffix`` (pure translations both ways).
+
+Request (llama.cpp server README): ``input_prefix`` and ``input_suffix`` (text before and after the
+cursor), ``prompt`` (added after ``input_prefix``), ``input_extra`` (``[{filename, text}]`` of
+repository context), ``n_predict`` (output budget; -1 or missing: the model's ``fim_max_tokens``),
+``stream``, the sampling fields ``temperature``, ``top_p``, ``top_k``, ``min_p``, ``seed``,
+``stop``, and an optional ``model`` (default: the first configured model that has FIM tokens).
+llama.cpp's own tuning fields (``cache_prompt``, ``t_max_predict_ms``, ``n_indent``, ``id_slot``,
+``samplers``, …) are accepted and ignored.
+
+Answer as llama.cpp writes it: ``{"content", "stop": true, "model", "tokens_predicted",
+"tokens_evaluated", "stop_type": "eos"|"limit"|"word", "truncated"}``; streamed, one
+``data: {"content", "stop": false}`` event per chunk, then one with ``"stop": true`` and the counts
+(no ``[DONE]``: llama.cpp's own routes end without it).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from server.errors import InvalidRequest
+
+_SAMPLING = ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
+             "frequency_penalty", "repetition_penalty")
+_STOP_TYPE = {"length": "limit", "stop": "eos"}
+
+
+def to_completion(body: dict[str, Any], model: str, default_max_tokens: int) -> dict[str, Any]:
+    """The ``/v1/completions`` body (with ``suffix``, for ``rewrite.fim_completion``) for an
+    ``/infill`` ``body``; raises :class:`InvalidRequest` naming a field of the wrong type."""
+    for field in ("input_prefix", "input_suffix", "prompt"):
+        if not isinstance(body.get(field, ""), str):
+            raise InvalidRequest(f"'{field}' must be a string.", param=field, code="invalid_type")
+    n = body.get("n_predict", -1)
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise InvalidRequest("'n_predict' must be an integer.", param="n_predict", code="invalid_type")
+    out: dict[str, Any] = {
+        "model": model, "prompt": body.get("input_prefix", "") + body.get("prompt", ""),
+        "suffix": body.get("input_suffix", ""), "stream": body.get("stream") is True,
+        "max_tokens": n if n > 0 else default_max_tokens}
+    if body.get("input_extra") is not None:
+        out["input_extra"] = body["input_extra"]
+    out.update({k: body[k] for k in _SAMPLING if body.get(k) is not None})
+    if isinstance(body.get("repeat_penalty"), (int, float)):
+        out["repetition_penalty"] = body["repeat_penalty"]
+    if body.get("stop"):
+        out["stop"] = body["stop"]
+    return out
+
+
+def _stop_fields(choice: dict[str, Any]) -> dict[str, Any]:
+    reason = choice.get("finish_reason")
+    word = choice.get("stop_reason")
+    stop_type = "word" if isinstance(word, str) else _STOP_TYPE.get(reason, "eos")
+    return {"stop_type": stop_type, "stopping_word": word if isinstance(word, str) else ""}
+
+
+def from_completion(answer: dict[str, Any], model: str) -> dict[str, Any]:
+    """llama.cpp's ``/infill`` answer for a whole ``/v1/completions`` ``answer``."""
+    choice = (answer.get("choices") or [{}])[0]
+    usage = answer.get("usage") or {}
+    return {"content": choice.get("text") or "", "stop": True, "model": model,
+            "tokens_predicted": usage.get("completion_tokens", 0),
+            "tokens_evaluated": usage.get("prompt_tokens", 0), "truncated": False,
+            **_stop_fields(choice)}
+
+
+def _event(obj: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+
+class InfillStream:
+    """Turns the engine's ``/v1/completions`` SSE events into llama.cpp's ``/infill`` events.
+
+    ``feed(events)`` takes whole engine events and returns the events to send; the engine's
+    ``[DONE]`` becomes the final ``"stop": true`` event with the token counts: ``tokens``
+    (``{"prompt": n, "completion": m}``, filled by the gateway's ``StreamTap`` from the usage chunk
+    it asked for and removed) or the usage chunk itself when it comes through.
+    """
+
+    def __init__(self, model: str, tokens: dict[str, int] | None = None) -> None:
+        self.model = model
+        self._tokens = tokens if tokens is not None else {}
+        self._final: dict[str, Any] = {"stop_type": "eos", "stopping_word": ""}
+
+    def feed(self, events: list[bytes]) -> list[bytes]:
+        out = []
+        for event in events:
+            if not event.startswith(b"data: "):
+                out.append(event)  # keep-alive comments and the like
+                continue
+            data = event[6:].strip()
+            if data == b"[DONE]":
+                out.append(_event({"content": "", "stop": True, "model": self.model,
+                                   "tokens_predicted": self._tokens.get("completion", 0),
+                                   "tokens_evaluated": self._tokens.get("prompt", 0),
+                                   "truncated": False, **self._final}))
+                continue
+            try:
+                chunk = json.loads(data)
+            except ValueError:
+                continue
+            if "error" in chunk:
+                out.append(event)
+                continue
+            usage = chunk.get("usage")
+            if isinstance(usage, dict):
+                self._tokens.setdefault("prompt", usage.get("prompt_tokens", 0))
+                self._tokens.setdefault("completion", usage.get("completion_tokens", 0))
+            for choice in chunk.get("choices") or []:
+                if choice.get("finish_reason"):
+                    self._final = _stop_fields(choice)
+                if choice.get("text"):
+                    out.append(_event({"content": choice["text"], "stop": False}))
+        return out

@@ -1,0 +1,122 @@
+"""HTTP plumbing of one inference request: the body read under a limit, the race against a client
+that hangs up, and the streamed response (pure ASGI, no task group per stream)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
+
+from starlette.requests import ClientDisconnect, Request
+from starlette.types import Receive, Scope, Send
+
+from server.errors import BodyTooLarge
+
+T = TypeVar("T")
+SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
+               (b"x-accel-buffering", b"no")]
+
+
+class ClientGone(Exception):
+    """The client closed its connection before the answer was ready."""
+
+
+async def _disconnected(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def until_disconnect(aw: Awaitable[T], receive: Receive,
+                           cleanup: Callable[[T], Any] | None = None) -> T:
+    """Await ``aw`` unless the client disconnects first: then cancel it and raise :class:`ClientGone`.
+
+    ``aw`` (a coroutine) runs inline in the request's own task (no task of its own: this is on
+    every request's path); a watcher task reads ``receive`` and, on ``http.disconnect``, cancels
+    the request's task while it is still inside ``aw``, so ``aw`` must be cancel-safe. If ``aw``
+    swallowed that cancellation and finished anyway, ``cleanup(result)`` undoes it (a slot, a
+    lease) before :class:`ClientGone` is raised.
+    """
+    current = asyncio.current_task()
+    assert current is not None
+    state = {"active": True, "gone": False}
+
+    def on_disconnect(watch: asyncio.Future) -> None:
+        if state["active"] and not watch.cancelled() and watch.exception() is None:
+            state["gone"] = True
+            current.cancel()
+
+    watch = asyncio.ensure_future(_disconnected(receive))
+    watch.add_done_callback(on_disconnect)
+    try:
+        result = await aw
+        if state["gone"]:  # the cancel was swallowed inside ``aw`` (3.11's wait_for can): undo
+            current.uncancel()
+            if cleanup is not None:
+                cleanup(result)
+            raise ClientGone()
+        return result
+    except asyncio.CancelledError:
+        if not state["gone"]:
+            raise
+        current.uncancel()
+        raise ClientGone() from None
+    finally:
+        state["active"] = False
+        watch.cancel()
+
+
+async def read_limited(request: Request, limit: int) -> bytes:
+    """The request body, or :class:`BodyTooLarge` as soon as it passes ``limit`` bytes (checked on
+    ``Content-Length`` first, then while reading, so a huge body is never held in memory);
+    :class:`ClientGone` if the client hangs up before the body is complete."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge(f"The request body is {int(declared)} bytes; the limit is {limit}.",
+                           should_retry=False)
+    chunks, size = [], 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise BodyTooLarge(f"The request body is over the limit of {limit} bytes.",
+                                   should_retry=False)
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise ClientGone() from None
+    return b"".join(chunks)
+
+
+class RelayResponse:
+    """A streamed answer (ASGI): the headers at once, ``content``'s chunks as they come, then the
+    end of the body.
+
+    ``finalize`` runs exactly once however the stream ends (complete, engine failure, client
+    disconnect, or never started). A client that hangs up cancels the relay at once (one watcher
+    on ``receive``, :func:`until_disconnect`), which closes the engine connection, so vLLM aborts
+    the request. Leaner than Starlette's ``StreamingResponse``, which runs a task group of two
+    tasks for each stream. ``headers`` are sent besides :data:`SSE_HEADERS`.
+    """
+
+    def __init__(self, content: AsyncIterator[bytes], finalize: Callable[[], None],
+                 headers: dict[str, str] | None = None) -> None:
+        self.body_iterator = content
+        self._finalize = finalize
+        self._headers = list(SSE_HEADERS) + [(k.encode(), v.encode("latin-1"))
+                                             for k, v in (headers or {}).items()]
+
+    async def _pump(self, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": self._headers})
+        async for chunk in self.body_iterator:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await until_disconnect(self._pump(send), receive)
+        except (ClientGone, OSError):
+            pass  # the client left: nothing more to send
+        except RuntimeError as exc:  # uvloop: a write on a transport closed under a pipelined request
+            if "closed" not in str(exc):
+                raise
+        finally:
+            await self.body_iterator.aclose()  # type: ignore[attr-defined]
+            self._finalize()
