@@ -125,11 +125,14 @@ class Exchange:
         if access.isEnabledFor(logging.INFO):
             key = self.request.scope.get(SCOPE_KEY)
             ttft = self.timing.get("ttft")
+            parsed = getattr(self, "parsed", None)
+            tools = parsed.body.get("tools") if parsed is not None else None
             access.info(access_line(
                 self.settings.log_format, request_id=self.request.scope.get(RID_KEY),
                 route=self.route, model=self.label, status=status, duration_s=round(seconds, 4),
                 ttft_s=round(ttft, 4) if ttft is not None else None,
                 key=key.name if key is not None else None,
+                tools=len(tools) if isinstance(tools, list) and tools else None,
                 **{f"{kind}_tokens": n for kind, n in (tokens or {}).items()}))
 
     def rejected(self, exc: VramgateError) -> None:

@@ -5,7 +5,8 @@ Request (llama.cpp server README): ``input_prefix`` and ``input_suffix`` (text b
 cursor), ``prompt`` (added after ``input_prefix``), ``input_extra`` (``[{filename, text}]`` of
 repository context), ``n_predict`` (output budget; -1 or missing: the model's ``fim_max_tokens``),
 ``stream``, the sampling fields ``temperature``, ``top_p``, ``top_k``, ``min_p``, ``seed``,
-``stop``, and an optional ``model`` (default: the first configured model that has FIM tokens).
+``ignore_eos``, ``stop``, ``logit_bias`` (an object, or llama.cpp's ``[[id, bias], ...]``), and an
+optional ``model`` (default: the first configured model that has FIM tokens).
 llama.cpp's own tuning fields (``cache_prompt``, ``t_max_predict_ms``, ``n_indent``, ``id_slot``,
 ``samplers``, …) are accepted and ignored.
 
@@ -23,7 +24,7 @@ from typing import Any
 from server.errors import InvalidRequest
 
 _SAMPLING = ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
-             "frequency_penalty", "repetition_penalty")
+             "frequency_penalty", "repetition_penalty", "ignore_eos")
 _STOP_TYPE = {"length": "limit", "stop": "eos"}
 
 
@@ -47,6 +48,12 @@ def to_completion(body: dict[str, Any], model: str, default_max_tokens: int) -> 
         out["repetition_penalty"] = body["repeat_penalty"]
     if body.get("stop"):
         out["stop"] = body["stop"]
+    bias = body.get("logit_bias")
+    if isinstance(bias, list):  # llama.cpp's [[token id, bias], ...]
+        bias = {str(p[0]): p[1] for p in bias if isinstance(p, list) and len(p) == 2
+                and isinstance(p[0], int) and isinstance(p[1], (int, float))}
+    if isinstance(bias, dict) and bias:
+        out["logit_bias"] = bias
     return out
 
 

@@ -33,6 +33,9 @@ CHAT_MODEL = "SmolLM2-135M-Instruct"
 # that vLLM's ``hermes`` parser reads back (and renders a conversation without tools exactly as
 # the original does).
 CHAT_TEMPLATE = Path(__file__).with_name("templates") / "smollm2-tools.jinja"
+# The sampling SmolLM2's model card uses (``temperature=0.2, top_p=0.9``), as the engine's defaults
+# for requests that set none: at vLLM's default temperature of 1 the 135M model rambles on.
+CHAT_SAMPLING = {"temperature": 0.2, "top_p": 0.9}
 EMBED_MODEL = "all-MiniLM-L6-v2"
 MARKER = "vramgate-model.json"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -44,7 +47,8 @@ def embedded_models(data_dir: Path) -> tuple[ModelConfig, ...]:
     root = Path(data_dir) / "models"
     return (
         ModelConfig(name=CHAT_MODEL, path=str(root / CHAT_MODEL), aliases=("smollm2",),
-                    task="generate", preload=True, chat_template=str(CHAT_TEMPLATE)),
+                    task="generate", preload=True, chat_template=str(CHAT_TEMPLATE),
+                    engine_args=("--override-generation-config", json.dumps(CHAT_SAMPLING))),
         ModelConfig(name=EMBED_MODEL, path=str(root / EMBED_MODEL), aliases=("minilm",),
                     task="embed", preload=True),
     )

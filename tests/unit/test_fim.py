@@ -160,6 +160,7 @@ def test_infill_maps_to_a_fim_completion_and_back():
                    "max_tokens": 12, "input_extra": [{"filename": "a.py", "text": "A"}],
                    "temperature": 0.1}
     assert infill.to_completion({"n_predict": -1}, "coder", 64)["max_tokens"] == 64
+    assert infill.to_completion({"logit_bias": [[5, -100], "x"]}, "c", 1)["logit_bias"] == {"5": -100}
     with pytest.raises(InvalidRequest):
         infill.to_completion({"n_predict": "many"}, "coder", 64)
     answer = {"choices": [{"text": "y", "finish_reason": "length", "stop_reason": None}],
