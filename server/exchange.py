@@ -330,6 +330,7 @@ class Exchange:
         tap, outcome = self._tap(), {"status": 200}
 
         async def content() -> AsyncIterator[bytes]:
+            yield self.flavor.keepalive()  # a first byte with the headers: the wait has begun
             while not acquiring.done():
                 await asyncio.wait({acquiring}, timeout=self.settings.stream_keepalive)
                 if not acquiring.done():

@@ -8,14 +8,18 @@ Its behaviour comes from the model path, ``standin:MODE[,MODE...]``:
 - ``slow-start=S``        become healthy after S seconds
 - ``hang-start``          never become healthy
 - ``fail-start``          exit with status 3 at once, after printing an error
+- ``fail-after=S``        never become healthy, exit with status 3 after S seconds
 - ``crash-mid-stream``    send two chunks, then exit hard (``os._exit``)
 - ``crash-mid-event``     send two chunks and half of a third, then exit hard
 - ``ignore-sigterm``      ignore SIGTERM (only SIGKILL ends it)
 - ``delay=S``             seconds between chunks (and before a non-streamed answer: S × max_tokens)
 - ``context=N``           the ``max_model_len`` its ``GET /v1/models`` reports (default 4096)
 
-It writes ``$STANDIN_DIR/<served name>.json`` after every change: pid, port, argv, and counters
-(``started``, ``completed``, ``aborted``, ``running``), so tests can see what reached the engine.
+It writes ``$STANDIN_DIR/<served name>.json`` (and ``<served name>@<port>.json``, one per replica)
+after every change: pid, port, argv, counters (``started``, ``completed``, ``aborted``,
+``running``) and the ``last`` request body, so tests can see what reached the engine. It answers
+``/v1/chat/completions``, ``/v1/completions``, ``/v1/embeddings`` and, minimally, Anthropic's
+``/v1/messages``.
 """
 
 from __future__ import annotations
@@ -51,13 +55,16 @@ class Standin:
         self.stats = {"pid": os.getpid(), "port": args.port, "argv": argv,
                       "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "started": 0,
                       "completed": 0, "aborted": 0, "running": 0}
-        self.out = Path(os.environ.get("STANDIN_DIR", ".")) / f"{self.name.replace('/', '_')}.json"
+        folder = Path(os.environ.get("STANDIN_DIR", "."))
+        safe = self.name.replace("/", "_")
+        self.outs = (folder / f"{safe}.json", folder / f"{safe}@{args.port}.json")
         self.save()
 
     def save(self) -> None:
-        tmp = self.out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.stats))
-        os.replace(tmp, self.out)
+        for out in self.outs:
+            tmp = out.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.stats))
+            os.replace(tmp, out)
 
     def count(self, key: str, delta: int = 1) -> None:
         self.stats[key] += delta
@@ -86,6 +93,7 @@ class Standin:
 
     async def _generate(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
+        self.stats["last"] = body
         if body.get("model") != self.name:
             return web.json_response({"error": {"message": f"The model `{body.get('model')}` does not "
                                                 "exist.", "type": "NotFoundError", "param": "model",
@@ -145,6 +153,37 @@ class Standin:
                                  f"vllm:num_requests_running{{{labels}}} {self.stats['running']}.0\n"
                                  "# TYPE python_info gauge\npython_info 1.0\n")
 
+    async def messages(self, request: web.Request) -> web.StreamResponse:
+        """Anthropic's Messages API, as far as the tests need it: one text block of words."""
+        body = await request.json()
+        self.stats["last"] = body
+        words = self.words(body)
+        if not body.get("stream"):
+            return web.json_response({"id": "msg-1", "type": "message", "role": "assistant",
+                                      "model": self.name, "stop_reason": "max_tokens",
+                                      "content": [{"type": "text", "text": "".join(words)}],
+                                      "usage": {"input_tokens": 3, "output_tokens": len(words)}})
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await resp.prepare(request)
+
+        async def event(name: str, data: dict) -> None:
+            await resp.write(f"event: {name}\ndata: {json.dumps(data)}\n\n".encode())
+
+        await event("message_start", {"type": "message_start", "message": {
+            "id": "msg-1", "type": "message", "role": "assistant", "model": self.name,
+            "content": [], "stop_reason": None, "usage": {"input_tokens": 3, "output_tokens": 0}}})
+        await event("content_block_start", {"type": "content_block_start", "index": 0,
+                                            "content_block": {"type": "text", "text": ""}})
+        for word in words:
+            await event("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                                "delta": {"type": "text_delta", "text": word}})
+            await asyncio.sleep(self.delay)
+        await event("content_block_stop", {"type": "content_block_stop", "index": 0})
+        await event("message_delta", {"type": "message_delta", "delta": {"stop_reason": "max_tokens"},
+                                      "usage": {"output_tokens": len(words)}})
+        await event("message_stop", {"type": "message_stop"})
+        return resp
+
     async def models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [
             {"id": self.name, "object": "model", "max_model_len": self.max_model_len}]})
@@ -175,6 +214,17 @@ def main(argv: list[str]) -> None:
     app.router.add_post("/v1/chat/completions", standin.generate)
     app.router.add_post("/v1/completions", standin.generate)
     app.router.add_post("/v1/embeddings", standin.embeddings)
+    app.router.add_post("/v1/messages", standin.messages)
+    if "fail-after" in standin.modes:
+        standin.healthy_at = float("inf")
+
+        async def fail_later(app: web.Application) -> None:
+            async def later() -> None:
+                await asyncio.sleep(float(standin.modes["fail-after"]))
+                print("standin: failing after the delay asked for", flush=True)
+                os._exit(3)
+            app["fail"] = asyncio.ensure_future(later())
+        app.on_startup.append(fail_later)
     print(f"standin: {standin.name} listening on {args.host}:{args.port}", flush=True)
     web.run_app(app, host=args.host, port=args.port, print=None, handler_cancellation=True,
                 handle_signals="ignore-sigterm" not in standin.modes)

@@ -145,9 +145,9 @@ def test_bad_requests(gw, client):
         client.chat.completions.create(model=CHAT, messages=[])
     assert info.value.param == "messages"
     with pytest.raises(openai.BadRequestError) as info:  # decided by vLLM, relayed in the envelope
-        client.chat.completions.create(model=CHAT, messages=HELLO, max_tokens=100_000_000)
-    assert info.value.param == "max_tokens" and info.value.type == "invalid_request_error"
-    assert "max_tokens" in info.value.message
+        client.chat.completions.create(model=CHAT, messages=HELLO, max_tokens=4,
+                                       extra_body={"top_k": -5})
+    assert info.value.type == "invalid_request_error" and "top_k" in info.value.message
 
 
 def test_responses_api(client):
@@ -178,6 +178,183 @@ def test_anthropic_messages_with_the_anthropic_client(gw):
         claude.messages.create(model="no-such-model", max_tokens=4,
                                messages=[{"role": "user", "content": "hi"}])
     assert info.value.body["error"]["type"] == "not_found_error"
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Get the current weather for a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                   "required": ["city"], "additionalProperties": False}}}
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+@pytest.mark.parametrize("choice", [None, "auto", "none"])
+def test_tools_are_accepted_without_configuration(client, choice):
+    """C21: agents send tools on every request; the embedded model answers them."""
+    extra = {} if choice is None else {"tool_choice": choice}
+    r = client.chat.completions.create(model=CHAT, messages=ASK, tools=[WEATHER], max_tokens=16, **extra)
+    assert r.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    if choice == "none":
+        assert not r.choices[0].message.tool_calls
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
+def test_forced_tool_calls_follow_the_schema_and_the_result_goes_back(client, choice):
+    import jsonschema
+
+    r = client.chat.completions.create(model=CHAT, messages=ASK, tools=[WEATHER], tool_choice=choice,
+                                       max_tokens=60)
+    calls = r.choices[0].message.tool_calls
+    assert calls and calls[0].function.name == "get_weather" and calls[0].id
+    jsonschema.validate(json.loads(calls[0].function.arguments), WEATHER["function"]["parameters"])
+    history = ASK + [r.choices[0].message.model_dump(exclude_none=True),
+                     {"role": "tool", "tool_call_id": calls[0].id, "content": "sunny, 22 C"}]
+    follow = client.chat.completions.create(model=CHAT, messages=history, tools=[WEATHER], max_tokens=16)
+    assert follow.choices[0].message.content or follow.choices[0].message.tool_calls
+
+
+def stream_events(gw: Gateway, body: dict, route: str = "/v1/chat/completions") -> list[bytes]:
+    with httpx.stream("POST", gw.url + route, json=body, timeout=120) as r:
+        assert r.status_code == 200, r.read()
+        raw = b"".join(r.iter_raw())
+    return raw.split(b"\n\n")[:-1]
+
+
+def test_streamed_tool_call_deltas_are_relayed_as_vllm_sends_them(gw):
+    """C04 (forced: the 135M model never chooses a tool by itself): one delta opens each call
+    with its id, type and name; the others carry argument fragments only; no summary chunk."""
+    import jsonschema
+
+    events = stream_events(gw, {"model": CHAT, "messages": ASK, "tools": [WEATHER],
+                                "tool_choice": "required", "max_tokens": 60, "stream": True})
+    assert events[-1] == b"data: [DONE]" and events.count(b"data: [DONE]") == 1
+    chunks = [json.loads(e[6:]) for e in events[:-1]]
+    deltas = [tc for c in chunks for ch in c["choices"] for tc in ch["delta"].get("tool_calls") or []]
+    opening = [d for d in deltas if "id" in d]
+    assert len(opening) == 1 and opening[0]["type"] == "function"
+    assert opening[0]["function"]["name"] == "get_weather"
+    rest = [d for d in deltas if d is not opening[0]]
+    assert all(set(d) <= {"index", "function"} and set(d["function"]) == {"arguments"} for d in rest)
+    arguments = opening[0]["function"].get("arguments", "") + "".join(d["function"]["arguments"] for d in rest)
+    jsonschema.validate(json.loads(arguments), WEATHER["function"]["parameters"])
+    finish = [ch["finish_reason"] for c in chunks for ch in c["choices"] if ch.get("finish_reason")]
+    assert finish == ["tool_calls"]
+
+
+def test_a_truncated_tool_call_ends_cleanly(gw, client):
+    """C05: cut at five tokens, the stream ends with "length" and [DONE]; nothing restarts."""
+    pid = gw.client.get(f"/v1/models/{CHAT}").json()["replicas"][0]["pid"]
+    events = stream_events(gw, {"model": CHAT, "messages": ASK, "tools": [WEATHER],
+                                "tool_choice": "required", "max_tokens": 5, "stream": True})
+    assert events[-1] == b"data: [DONE]"
+    finish = [ch["finish_reason"] for e in events[:-1] for ch in json.loads(e[6:])["choices"]
+              if ch.get("finish_reason")]
+    assert finish == ["length"]
+    assert client.chat.completions.create(model=CHAT, messages=HELLO, max_tokens=4).choices
+    assert gw.client.get(f"/v1/models/{CHAT}").json()["replicas"][0]["pid"] == pid
+
+
+def test_anthropic_tools_tool_results_and_token_counts(gw):
+    import anthropic
+    import jsonschema
+
+    claude = anthropic.Anthropic(base_url=gw.url, api_key="unused", max_retries=0)
+    tool = {"name": "get_weather", "description": "Get the current weather for a city",
+            "input_schema": WEATHER["function"]["parameters"]}
+    ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+    free = claude.messages.create(model=CHAT, max_tokens=16, tools=[tool], messages=ask)
+    assert free.stop_reason in ("end_turn", "max_tokens", "tool_use")
+    forced = claude.messages.create(model=CHAT, max_tokens=60, tools=[tool],
+                                    tool_choice={"type": "tool", "name": "get_weather"}, messages=ask)
+    use = next(b for b in forced.content if b.type == "tool_use")
+    assert use.name == "get_weather" and forced.stop_reason == "tool_use"
+    jsonschema.validate(use.input, tool["input_schema"])
+    after = claude.messages.create(model=CHAT, max_tokens=16, tools=[tool], messages=ask + [
+        {"role": "assistant", "content": [use.model_dump(exclude_none=True)]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id, "content": "sunny"}]}])
+    assert after.content
+    with_tools = claude.messages.count_tokens(model=CHAT, tools=[tool], messages=ask).input_tokens
+    without = claude.messages.count_tokens(model=CHAT, messages=ask).input_tokens
+    assert with_tools > without  # the template shows the tools to the model
+
+
+LONG = " a" * 8100  # one token each: together with the template, near the 8,192-token context
+# The same prompt as the chat template writes it, for /v1/completions: vLLM's prefix cache then
+# spares the CPU a second 8,000-token prefill (about a minute on two cores).
+TEMPLATED = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging "
+             "Face<|im_end|>\n<|im_start|>user\n" + LONG)
+
+
+@pytest.mark.parametrize("route, body, usage", [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": LONG}], "max_tokens": 32000,
+                              "ignore_eos": True}, ("prompt_tokens", "completion_tokens")),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": LONG}],
+                              "max_completion_tokens": 32000, "ignore_eos": True},
+     ("prompt_tokens", "completion_tokens")),
+    ("/v1/completions", {"prompt": TEMPLATED, "max_tokens": 32000, "ignore_eos": True},
+     ("prompt_tokens", "completion_tokens")),
+    ("/v1/responses", {"input": LONG, "max_output_tokens": 32000}, ("input_tokens", "output_tokens")),
+    ("/v1/messages", {"messages": [{"role": "user", "content": LONG}], "max_tokens": 32000},
+     ("input_tokens", "output_tokens")),
+])
+def test_an_output_budget_beyond_the_context_is_served_with_what_fits(gw, route, body, usage):
+    """C22 on all four generation routes: 32,000 output tokens asked, the context holds 8,192."""
+    r = httpx.post(gw.url + route, json={"model": CHAT, **body}, timeout=300)
+    assert r.status_code == 200, r.text
+    param = next(k for k in ("max_tokens", "max_completion_tokens", "max_output_tokens") if k in body)
+    assert r.headers["x-vramgate-max-tokens"] == f"8192; requested=32000; param={param}"
+    counts = r.json()["usage"]
+    prompt, output = counts[usage[0]], counts[usage[1]]
+    assert 8000 < prompt < 8192 and 0 < output <= 8192 - prompt
+    if body.get("ignore_eos"):
+        assert output == 8192 - prompt  # all that the prompt left
+
+
+def test_claude_codes_request_shape_streams_within_the_context(gw):
+    """C22 as Claude Code sends it: 32,000 tokens, adaptive thinking, context management, cache
+    control, a dozen tools, a prompt of about 4,000 tokens."""
+    tools = [{"name": f"tool_{i}", "description": "Does one thing with a file. " * 12,
+              "input_schema": {"type": "object", "$schema": "http://json-schema.org/draft-07/schema#",
+                               "properties": {"path": {"type": "string"}, "n": {"type": "integer"}},
+                               "required": ["path"], "additionalProperties": False}} for i in range(12)]
+    body = {"model": CHAT, "max_tokens": 32000, "stream": True, "thinking": {"type": "adaptive"},
+            "context_management": {"edits": [{"type": "clear_thinking_20251015", "keep": "all"}]},
+            "output_config": {"effort": "high"}, "metadata": {"user_id": "{\"device_id\":\"x\"}"},
+            "system": [{"type": "text", "text": "x-anthropic-billing-header: cc_version=2.1"},
+                       {"type": "text", "text": "You are an agent for coding. " * 200,
+                        "cache_control": {"type": "ephemeral"}}],
+            "tools": tools, "messages": [{"role": "user", "content": [
+                {"type": "text", "text": "Say hello", "cache_control": {"type": "ephemeral"}}]}]}
+    with httpx.stream("POST", gw.url + "/v1/messages?beta=true", json=body, timeout=300,
+                      headers={"anthropic-beta": "claude-code-20250219,context-management-2025-06-27",
+                               "anthropic-version": "2023-06-01"}) as r:
+        assert r.status_code == 200 and r.headers["x-vramgate-max-tokens"].startswith("8192;")
+        text = r.read().decode()
+    assert '"message_stop"' in text.rstrip().rsplit("\n\n", 1)[-1]
+    usage = json.loads(next(line[6:] for line in text.splitlines() if '"message_delta"' in line))["usage"]
+    assert 3000 < usage["input_tokens"] < 8192
+
+
+def test_a_prompt_longer_than_the_context_is_a_clear_400(gw, client):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=CHAT, messages=[{"role": "user", "content": " a" * 9000}],
+                                       max_tokens=10)
+    assert info.value.code == "context_length_exceeded" and info.value.param == "messages"
+    r = httpx.post(gw.url + "/v1/messages", timeout=60, json={
+        "model": CHAT, "max_tokens": 10, "messages": [{"role": "user", "content": " a" * 9000}]})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_suffix_on_a_model_without_fim_tokens(client):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=CHAT, prompt="def f(", suffix="):\n    return 1", max_tokens=8)
+    assert info.value.code == "suffix_not_supported" and info.value.param == "suffix"
+    assert CHAT in info.value.message
+
+
+def test_the_model_shows_its_tool_parser_and_context(gw):
+    model = gw.client.get("/v1/models/smollm2").json()
+    assert model["tool_parser"] == "hermes" and model["fim"] is None
+    assert model["replicas"][0]["max_model_len"] == 8192
 
 
 def engine_running(gw: Gateway) -> float:

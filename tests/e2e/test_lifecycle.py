@@ -10,6 +10,7 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 import openai
 import psutil
 import pytest
@@ -96,8 +97,21 @@ def test_on_demand_ttl_and_eviction(tmp_path):
         emb = client.embeddings.create(model=EMBED_MODEL, input="hello")
         assert len(emb.data[0].embedding) == 384
         emb_pids = engine_pids(gw, EMBED_MODEL)
-        r = client.chat.completions.create(model=CHAT_MODEL, messages=HELLO, max_tokens=4)
-        assert r.choices[0].message.content is not None
+        # Streamed, so the cold start is seen from the client (C23): headers at once, then a
+        # keep-alive comment at least every 5 s until the first token.
+        t0 = time.monotonic()
+        body = {"model": CHAT_MODEL, "messages": HELLO, "max_tokens": 4, "stream": True}
+        with httpx.stream("POST", gw.url + "/v1/chat/completions", json=body, timeout=300) as s:
+            headers_at = time.monotonic()
+            headers_after = headers_at - t0
+            assert s.status_code == 200 and s.headers["x-accel-buffering"] == "no"
+            arrivals = [(time.monotonic(), line) for line in s.iter_lines() if line]
+        assert headers_after < 2.5, headers_after
+        first = next(i for i, (_, line) in enumerate(arrivals) if line.startswith("data: {"))
+        waits = [arrivals[0][0] - headers_at] + [b[0] - a[0] for a, b in zip(arrivals, arrivals[1:first + 1])]
+        assert first >= 2 and all(line == ": keep-alive" for _, line in arrivals[:first])
+        assert max(waits) <= 5.0, waits
+        assert arrivals[-1][1] == "data: [DONE]"
         assert gw.states()[EMBED_MODEL] == "unloaded"
         assert wait_gone(emb_pids, 30) == []
         assert f"evicting {EMBED_MODEL}" in gw.log_text()
