@@ -58,6 +58,8 @@ def replica_object(rep: Any, now: float) -> dict[str, Any]:
                            "pid": rep.process.pid if running else None,
                            "url": rep.process.launch.base_url if running else None,
                            "max_model_len": rep.max_model_len,
+                           "cpu_cores": rep.process.launch.env.get("VLLM_CPU_OMP_THREADS_BIND")
+                           if running else None,
                            "uptime_s": round(now - rep.ready_since, 1) if rep.ready_since else None,
                            "idle_s": round(now - rep.last_used, 1) if rep.ready_since else None,
                            "load_s": round(rep.load_seconds, 1) if rep.load_seconds else None}

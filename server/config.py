@@ -54,7 +54,10 @@ class ModelConfig:
     fewest in flight); an idle replica unloads ``ttl`` seconds after its last request ended (0 =
     never); ``preload`` starts the model with the server instead of on its first request.
     ``max_concurrency`` requests at its engines at once (``None``: no limit), ``max_queue`` waiting
-    beyond those (``None``: no limit), each for at most ``queue_timeout`` seconds.
+    beyond those (``None``: no limit), each for at most ``queue_timeout`` seconds. ``engine_env``
+    are environment variables for its engines (vLLM reads many settings from there, such as
+    ``VLLM_CPU_OMP_THREADS_BIND``); placement owns ``CUDA_VISIBLE_DEVICES``. ``cpu_cores``: on
+    the CPU, each of its engines gets that many cores of its own (``engines.cpu_binding``).
 
     Generation models: ``tool_parser`` is vLLM's tool-call parser (``None``: chosen from the model's
     files, ``"none"``: no tools); ``chat_template`` a template file for vLLM's ``--chat-template``;
@@ -90,6 +93,8 @@ class ModelConfig:
     fim_template: str | None = None
     fim_stop: tuple[str, ...] = ()
     fim_max_tokens: int = 128
+    engine_env: tuple[tuple[str, str], ...] = ()
+    cpu_cores: int | None = None
 
 
 @dataclass(frozen=True)
@@ -206,7 +211,7 @@ _MODEL_KEYS = {"name", "path", "aliases", "task", "device", "engine_args", "kv_c
                "max_model_len", "startup_timeout", "memory", "gpus", "tensor_parallel_size",
                "pinned", "replicas", "ttl", "preload", "max_concurrency", "max_queue",
                "queue_timeout", "tool_parser", "chat_template", "max_tokens_policy", "fim",
-               "fim_max_tokens"}
+               "fim_max_tokens", "engine_env", "cpu_cores"}
 MAX_TOKENS_POLICIES = ("fit", "reject")
 _TOP_KEYS = {"host", "port", "data_dir", "models", "engine_module", "engine_python",
              "shutdown_timeout", "engine_stop_grace", "load_wait_timeout", "placement",
@@ -270,7 +275,10 @@ def parse_model(raw: Any, where: str) -> ModelConfig:
             if limits[key] < (1 if key == "max_concurrency" else 0):
                 raise ConfigError(f"{where}.{key}: must be at least {1 if key == 'max_concurrency' else 0}")
     limits["queue_timeout"] = float(_number(raw.get("queue_timeout", 300.0), f"{where}.queue_timeout"))
+    cores = raw.get("cpu_cores")
     return ModelConfig(**_generation_fields(raw, where),
+        engine_env=_engine_env(raw.get("engine_env"), f"{where}.engine_env"),
+        cpu_cores=None if cores is None else int(_number(cores, f"{where}.cpu_cores", integer=True)),
         name=name, path=path, aliases=aliases, task=task, device=device,
         engine_args=_engine_args(raw.get("engine_args"), f"{where}.engine_args"),
         kv_cache_bytes=None if kv is None else parse_bytes(kv, f"{where}.kv_cache_bytes"),
@@ -305,6 +313,24 @@ def _fim(value: Any, where: str) -> dict[str, Any]:
             raise ConfigError(f"{where}.template: must be one of {', '.join(FAMILIES)}, or a format "
                               "with {prefix} and {suffix} and no other {field}")
     return {"fim_template": template, "fim_stop": tuple(stop)}
+
+
+def _engine_env(value: Any, where: str) -> tuple[tuple[str, str], ...]:
+    """``engine_env``: a mapping of variable name to a string (or number) value."""
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: must be a mapping of environment variable to value")
+    out = []
+    for name, val in value.items():
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            raise ConfigError(f"{where}: {name!r} is not an environment variable name")
+        if name == "CUDA_VISIBLE_DEVICES":
+            raise ConfigError(f"{where}.{name}: placement sets it; pin GPUs with gpus: [...]")
+        if isinstance(val, bool) or not isinstance(val, (str, int, float)):
+            raise ConfigError(f"{where}.{name}: must be a string or a number")
+        out.append((name, str(val)))
+    return tuple(out)
 
 
 def _generation_fields(raw: dict[str, Any], where: str) -> dict[str, Any]:

@@ -41,7 +41,7 @@ class EngineLaunch:
 def engine_launch(model: ModelConfig, *, port: int, device: str, python: str, module: str,
                   kv_cache_bytes: int | None = None, gpu_memory_utilization: float | None = None,
                   tensor_parallel_size: int = 1, cuda_devices: tuple[int, ...] = (),
-                  tool_parser: str | None = None) -> EngineLaunch:
+                  tool_parser: str | None = None, cpu_cores: str | None = None) -> EngineLaunch:
     """Build the vLLM command for ``model`` (pure).
 
     ``device`` is ``cpu`` or ``cuda``. On a GPU the plan's ``cuda_devices`` become
@@ -54,7 +54,8 @@ def engine_launch(model: ModelConfig, *, port: int, device: str, python: str, mo
     ``--tool-strict-level parameter`` (vLLM 0.32 otherwise constrains only the call's envelope,
     not its arguments, when ``tool_choice`` is ``required`` or names a function, so arguments
     need not match the tool's schema). ``chat_template`` becomes ``--chat-template``. The model's
-    own ``engine_args`` come last, so they win over ours.
+    own ``engine_args`` come last, so they win over ours; its ``engine_env`` joins the environment
+    (after ``cpu_cores``, the CPU binding of :func:`cpu_binding`).
     """
     argv = [python, "-m", module, "--model", model.path, "--served-model-name", model.name,
             "--host", ENGINE_HOST, "--port", str(port), "--disable-uvicorn-access-log"]
@@ -77,11 +78,59 @@ def engine_launch(model: ModelConfig, *, port: int, device: str, python: str, mo
             argv += ["--gpu-memory-utilization", f"{gpu_memory_utilization:.4f}"]
     else:
         argv.append("--enforce-eager")
+        if cpu_cores:
+            env[OMP_BIND] = cpu_cores
     kv = model.kv_cache_bytes or (kv_cache_bytes if device == "cpu" else None)
     if kv:
         argv += ["--kv-cache-memory-bytes", str(kv)]
     argv += list(model.engine_args)
+    env.update(model.engine_env)
     return EngineLaunch(argv=tuple(argv), env=env, port=port)
+
+
+OMP_BIND = "VLLM_CPU_OMP_THREADS_BIND"
+
+
+def _ranges(cores: list[int]) -> str:
+    """``[0, 1, 2, 5]`` → ``"0-2,5"`` (the form ``VLLM_CPU_OMP_THREADS_BIND`` takes)."""
+    out: list[str] = []
+    for core in sorted(cores):
+        if out and "-" not in out[-1] and int(out[-1]) == core - 1:
+            out[-1] = f"{out[-1]}-{core}"
+        elif out and "-" in out[-1] and int(out[-1].split("-")[1]) == core - 1:
+            out[-1] = f"{out[-1].split('-')[0]}-{core}"
+        else:
+            out.append(str(core))
+    return ",".join(out)
+
+
+def cpu_binding(models: tuple[ModelConfig, ...], cores: list[int]) -> dict[str, str]:
+    """The cores each CPU engine's worker binds to (``VLLM_CPU_OMP_THREADS_BIND``), by replica key
+    ``model#i`` (pure).
+
+    vLLM's own default binds every engine's worker to the same cores (all but one, which it keeps
+    for the frontends: core 0 of two), so a completion model's requests wait behind another model's
+    decoding (``loadtest/lane.py``: FIM TTFT p99 45 s beside 4 chat streams on two cores). A model
+    with ``cpu_cores: k`` gets k cores of its own per replica, taken from the highest down; every
+    other CPU engine shares the cores left. Empty when no model asks (vLLM's default stays), and
+    dedicated cores are given only while at least one core is left to share.
+    """
+    wanted = [(f"{m.name}#{i}", m.cpu_cores) for m in models if m.cpu_cores
+              for i in range(m.replicas)]
+    if not wanted:
+        return {}
+    free = sorted(cores)
+    out: dict[str, str] = {}
+    for key, count in wanted:
+        if len(free) - count < 1:
+            break
+        mine, free = free[-count:], free[:-count]
+        out[key] = _ranges(mine)
+    shared = _ranges(free)
+    for m in models:
+        for i in range(m.replicas):
+            out.setdefault(f"{m.name}#{i}", shared)
+    return out
 
 
 def free_port(host: str = ENGINE_HOST) -> int:

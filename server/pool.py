@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -35,7 +36,8 @@ from typing import Callable, Mapping
 import httpx
 
 from server.config import ModelConfig, Settings
-from server.engines import EngineLaunch, EngineProcess, engine_launch, free_port, log_tail
+from server.engines import (EngineLaunch, EngineProcess, cpu_binding, engine_launch, free_port,
+                            log_tail)
 from server.errors import EngineStartError, ModelNotFound, ModelUnavailable, VramgateError
 from server.estimate import requirement_for
 from server.gpus import EngineUsage, Inventory, Snapshot
@@ -162,6 +164,14 @@ Launcher = Callable[[str, EngineLaunch, Settings], EngineProcess]
 def default_launcher(name: str, launch: EngineLaunch, settings: Settings) -> EngineProcess:
     return EngineProcess(name, launch, settings.log_dir / f"{name.replace('/', '_')}.log",
                          grace=settings.engine_stop_grace)
+
+
+def cpu_list() -> list[int]:
+    """The CPU cores this process may run on (its affinity, which containers narrow)."""
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return list(range(os.cpu_count() or 1))
 
 
 def device_kind(model: ModelConfig, snap: Snapshot) -> str:
@@ -379,7 +389,8 @@ class ModelPool:
             kv_cache_bytes=rep.requirement.kv_cache_bytes if rep.requirement else None,
             gpu_memory_utilization=placed.gpu_memory_utilization,
             tensor_parallel_size=placed.tensor_parallel_size, cuda_devices=placed.cuda_indices,
-            tool_parser=entry.profile.tool_parser)
+            tool_parser=entry.profile.tool_parser,
+            cpu_cores=cpu_binding(self.settings.models, cpu_list()).get(rep.key) if kind == "cpu" else None)
         proc = self.launcher(model.name if model.replicas == 1 else rep.key.replace("#", "-"),
                              launch, self.settings)
         rep.process = proc

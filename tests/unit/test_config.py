@@ -102,3 +102,58 @@ def test_non_utf8_and_bad_simulated_layout_files(tmp_path):
         f.write_text(f"simulate_gpus: {layout}\nmodels: [{{name: a, path: x}}]")
         with pytest.raises(ConfigError, match="simulate_gpus|engine_memory"):
             load_settings(f)
+
+
+def test_ide_fields(tmp_path):
+    template = tmp_path / "t.jinja"
+    template.write_text("{{ messages }}")
+    s = parse_settings({"stream_keepalive": 2, "models": [{
+        "name": "coder", "path": "p", "tool_parser": "none", "chat_template": str(template),
+        "max_tokens_policy": "reject", "fim": {"template": "qwen", "stop": ["<|file_sep|>"]},
+        "fim_max_tokens": 64, "cpu_cores": 2, "engine_env": {"VLLM_CPU_KVCACHE_SPACE": 4}}]})
+    m = s.models[0]
+    assert (m.tool_parser, m.chat_template, m.max_tokens_policy) == ("none", str(template), "reject")
+    assert (m.fim_template, m.fim_stop, m.fim_max_tokens) == ("qwen", ("<|file_sep|>",), 64)
+    assert m.cpu_cores == 2 and m.engine_env == (("VLLM_CPU_KVCACHE_SPACE", "4"),)
+    assert s.stream_keepalive == 2.0
+    assert parse_settings({"models": [{"name": "a", "path": "p", "fim": "none"}]}).models[0].fim_template == "none"
+    custom = parse_settings({"models": [{"name": "a", "path": "p", "fim": "<PRE>{prefix}<SUF>{suffix}"}]})
+    assert custom.models[0].fim_template == "<PRE>{prefix}<SUF>{suffix}"
+
+
+@pytest.mark.parametrize("entry,where", [
+    ({"max_tokens_policy": "clip"}, "models[0].max_tokens_policy"),
+    ({"fim": "{prefix} only"}, "models[0].fim.template"),
+    ({"fim": "{prefix}{suffix}{x}"}, "models[0].fim.template"),
+    ({"fim": "{unclosed"}, "models[0].fim.template"),
+    ({"fim": {"template": "qwen", "stop": "x"}}, "models[0].fim.stop"),
+    ({"fim": {"template": "qwen", "other": 1}}, "models[0].fim"),
+    ({"chat_template": "/no/such/file.jinja"}, "models[0].chat_template"),
+    ({"fim_max_tokens": 0}, "models[0].fim_max_tokens"),
+    ({"cpu_cores": 0}, "models[0].cpu_cores"),
+    ({"engine_env": {"CUDA_VISIBLE_DEVICES": "1"}}, "models[0].engine_env.CUDA_VISIBLE_DEVICES"),
+    ({"engine_env": {"BAD NAME": "1"}}, "models[0].engine_env"),
+    ({"engine_env": ["A=1"]}, "models[0].engine_env"),
+])
+def test_ide_field_errors_name_the_field(entry, where):
+    with pytest.raises(ConfigError) as info:
+        parse_settings({"models": [{"name": "a", "path": "p", **entry}]})
+    assert str(info.value).startswith(where), str(info.value)
+
+
+def test_cpu_cores_give_engines_cores_of_their_own():
+    from server.engines import cpu_binding, engine_launch
+
+    chat, coder = ModelConfig("chat", "x"), ModelConfig("coder", "y", cpu_cores=1)
+    assert cpu_binding((chat, ModelConfig("e", "z")), [0, 1]) == {}  # vLLM's own default
+    assert cpu_binding((chat, coder), [0, 1]) == {"coder#0": "1", "chat#0": "0"}
+    big = cpu_binding((chat, ModelConfig("coder", "y", cpu_cores=4, replicas=2)), list(range(16)))
+    assert big == {"coder#0": "12-15", "coder#1": "8-11", "chat#0": "0-7"}
+    # Never all the cores: the others keep at least one to share.
+    assert cpu_binding((chat, ModelConfig("coder", "y", cpu_cores=2)), [0, 1]) == {
+        "chat#0": "0-1", "coder#0": "0-1"}
+    env = engine_launch(coder, port=1, device="cpu", python="p", module="m", cpu_cores="1").env
+    assert env["VLLM_CPU_OMP_THREADS_BIND"] == "1"
+    own = ModelConfig("c", "y", engine_env=(("VLLM_CPU_OMP_THREADS_BIND", "0-1"),))
+    assert engine_launch(own, port=1, device="cpu", python="p", module="m",
+                         cpu_cores="1").env["VLLM_CPU_OMP_THREADS_BIND"] == "0-1"
