@@ -157,12 +157,15 @@ def resolve(family: Family, files: ModelFiles, extra_stops: Sequence[str] = ()) 
 
 
 def stop_ids(files: ModelFiles, stops: Sequence[str]) -> tuple[tuple[int, ...], tuple[str, ...]]:
-    """Split ``stops`` into the ids of those that are tokens (with the end-of-sequence token
-    added) and the remaining plain strings. Of a family's list, tokens the tokenizer lacks are
-    simply not there; a configured string that is no token stays a stop string."""
+    """Split ``stops`` into the ids of those that are tokens and the remaining plain strings. Of a
+    family's list, tokens the tokenizer lacks are simply not there; a configured string that is
+    no token stays a stop string. The end-of-sequence token is left out: vLLM stops on it by
+    itself, and as a stop token id it would defeat a client's ``ignore_eos``."""
     ids: list[int] = []
     plain: list[str] = []
-    for text in ([files.eos] if files.eos else []) + list(stops):
+    for text in stops:
+        if text == files.eos:
+            continue
         tid = files.token_id(text)
         if tid is not None:
             if tid not in ids:

@@ -50,8 +50,9 @@ def test_each_family_is_detected_and_renders_its_published_format(family):
     found = fim.detect(files)
     assert found is not None and found.family == family
     assert found.render(PREFIX, SUFFIX) == PUBLISHED[family]
-    # The end-of-sequence token and the family's own stops are token ids, never strings.
-    assert files.token_id(EOS[family]) in found.stop_token_ids
+    # The family's own stops are token ids, never strings; the end-of-sequence token is vLLM's
+    # own business (so that ignore_eos still works).
+    assert found.stop_token_ids and files.token_id(EOS[family]) not in found.stop_token_ids
     assert found.stop == ()
     assert set(found.stop_token_ids) <= set(files.tokens.values())
 
