@@ -274,10 +274,13 @@ def gpus(simulate_gpus: str | None, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def plan(config_path: Path | None, data_dir: Path | None, simulate_gpus: str | None,
          as_json: bool) -> None:
-    """Where each configured model would go now, and why; what does not fit and by how much."""
+    """Where each configured model would go now, and why; what does not fit and by how much; the
+    tool-call parser and FIM format each model gets."""
     from server.gpus import make_inventory
     from server.placement import Plan
     from server.pool import dry_run
+
+    from server.profile import read_profiles
 
     settings = _settings_or_exit(config_path, data_dir, simulate_gpus=simulate_gpus)
     try:
@@ -285,11 +288,22 @@ def plan(config_path: Path | None, data_dir: Path | None, simulate_gpus: str | N
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
     results = dry_run(settings, snap)
+    profiles = read_profiles(settings.models)
+
+    def tools(model: str) -> str:
+        return profiles[model].tool_parser or "-"
+
+    def fim(model: str) -> str:
+        found = profiles[model].fim
+        return found.family if found else "-"
+
     if as_json:
         out = []
         for req, res in results:
             item = {"model": req.model, "kind": req.kind, "weight_bytes": req.weight_bytes,
-                    "kv_cache_bytes": req.kv_cache_bytes, "overhead_bytes": req.overhead_bytes}
+                    "kv_cache_bytes": req.kv_cache_bytes, "overhead_bytes": req.overhead_bytes,
+                    "tool_parser": profiles[req.model].tool_parser,
+                    "fim": None if fim(req.model) == "-" else fim(req.model)}
             if isinstance(res, Plan):
                 item.update(fits=True, devices=list(res.devices),
                             tensor_parallel_size=res.tensor_parallel_size,
@@ -301,15 +315,17 @@ def plan(config_path: Path | None, data_dir: Path | None, simulate_gpus: str | N
         click.echo(json.dumps({"source": snap.source, "policy": settings.placement, "models": out},
                               indent=2))
         return
-    rows = [("MODEL", "DEVICES", "TP", "PER DEVICE", "GPU MEM UTIL", "WHY")]
+    rows = [("MODEL", "DEVICES", "TP", "PER DEVICE", "GPU MEM UTIL", "TOOLS", "FIM", "WHY")]
     for req, res in results:
         if isinstance(res, Plan):
             rows.append((req.model, "+".join(res.devices), str(res.tensor_parallel_size),
                          _gib(res.bytes_per_device),
                          "-" if res.gpu_memory_utilization is None else
-                         f"{res.gpu_memory_utilization:.4f}", res.why))
+                         f"{res.gpu_memory_utilization:.4f}", tools(req.model), fim(req.model),
+                         res.why))
         else:
-            rows.append((req.model, "DOES NOT FIT", "-", "-", "-", res.reason))
+            rows.append((req.model, "DOES NOT FIT", "-", "-", "-", tools(req.model),
+                         fim(req.model), res.reason))
     _table(rows)
 
 

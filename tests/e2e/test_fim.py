@@ -112,10 +112,12 @@ def engine_running(url: str) -> float:
                if line.startswith("vllm:num_requests_running"))
 
 
-def test_a_fim_stream_streams_and_a_hang_up_stops_the_engine(gw):
+def test_a_fim_stream_streams_and_a_hang_up_stops_the_engine(gw, folders):
     url = engine_url(gw, "qwen")
+    never = {str(i): -100 for i in fim.detect(read_model_files(str(folders["qwen"]))).stop_token_ids}
     body = json.dumps({"model": "fim-qwen", "prompt": PREFIX, "suffix": SUFFIX, "stream": True,
-                       "max_tokens": 1500, "ignore_eos": True}).encode()
+                       "max_tokens": 1500, "ignore_eos": True,
+                       "logit_bias": never}).encode()  # random weights: kept off the stop tokens
     sock = socket.create_connection(("127.0.0.1", gw.port), timeout=60)
     try:
         sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"

@@ -60,9 +60,9 @@ def test_nvml_without_a_gpu_is_an_empty_inventory_not_a_crash():
 
 def test_cli_plan_and_gpus_on_a_simulated_layout(tmp_path):
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("models:\n  - {name: big, path: org/big, memory: 100GiB}\n"
-                   "  - {name: small, path: org/small, memory: 10GiB}\n"
-                   "  - {name: huge, path: org/huge, memory: 500GiB}\n")
+    cfg.write_text("models:\n  - {name: big, path: meta-llama/Llama-3.1-70B, memory: 100GiB}\n"
+                   "  - {name: small, path: org/small, memory: 10GiB, fim: qwen}\n"
+                   "  - {name: huge, path: org/huge, memory: 500GiB, tool_parser: none}\n")
     runner = CliRunner()
     res = runner.invoke(main, ["plan", "--config", str(cfg), "--simulate-gpus", "2x80GiB,1x24GiB",
                                "--json"])
@@ -71,8 +71,11 @@ def test_cli_plan_and_gpus_on_a_simulated_layout(tmp_path):
     assert out["big"]["devices"] == ["cuda:0", "cuda:1"] and out["big"]["tensor_parallel_size"] == 2
     assert out["small"]["devices"] == ["cuda:2"]
     assert not out["huge"]["fits"] and out["huge"]["short_bytes"] > 0
+    assert [out[m]["tool_parser"] for m in ("big", "small", "huge")] == ["llama3_json", "hermes", None]
+    assert out["small"]["fim"] == "qwen" and out["big"]["fim"] is None
     res = runner.invoke(main, ["plan", "--config", str(cfg), "--simulate-gpus", "2x80GiB,1x24GiB"])
     assert "DOES NOT FIT" in res.output and "cuda:0+cuda:1" in res.output
+    assert "TOOLS" in res.output and "llama3_json" in res.output
     res = runner.invoke(main, ["gpus", "--simulate-gpus", "1x24GiB@4GiB", "--json"])
     dev = json.loads(res.output)["devices"][0]
     assert dev["free_bytes"] == 20 * GiB and dev["used_by_others_bytes"] == 4 * GiB
