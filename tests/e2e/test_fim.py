@@ -28,21 +28,30 @@ pytestmark = pytest.mark.e2e
 FAMILIES = sorted(FAMILY_STOP)
 PREFIX, SUFFIX = "def add(a, b):\n    ", "\n    return c\n"
 FIM_BUDGET = 6
+CUSTOM = "<repo_name>{suffix}<file_sep>{prefix}"
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory):
+def smollm2() -> Path:
     data_dir = Path(os.environ.get("VRAMGATE_DATA_DIR", Path.home() / ".cache" / "vramgate"))
     ensure_prepared(data_dir)
-    root = tmp_path_factory.mktemp("fim-models")
-    return {f: build(f, data_dir / "models" / CHAT_MODEL, root / f) for f in FAMILIES}
+    return data_dir / "models" / CHAT_MODEL
 
 
 @pytest.fixture(scope="module")
-def gw(tmp_path_factory, folders):
+def folders(tmp_path_factory, smollm2):
+    root = tmp_path_factory.mktemp("fim-models")
+    return {f: build(f, smollm2, root / f) for f in FAMILIES}
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_path_factory, folders, smollm2):
     models = [{"name": f"fim-{f}", "path": str(path), "preload": True, "max_model_len": 2048,
                "kv_cache_bytes": "64MiB", "fim_max_tokens": FIM_BUDGET,
                "engine_args": {"load-format": "dummy"}} for f, path in folders.items()]
+    # Real weights, for what needs an engine as slow as a real one (the synthetic ones make
+    # 1,500 tokens in a fraction of a second); SmolLM2 has no FIM tokens, so a format is set.
+    models.append({"name": "fim-custom", "path": str(smollm2), "preload": True, "fim": CUSTOM})
     gateway = Gateway(tmp_path_factory.mktemp("fim"), {"models": models})
     try:
         gateway.wait_up(timeout=60)
@@ -112,12 +121,22 @@ def engine_running(url: str) -> float:
                if line.startswith("vllm:num_requests_running"))
 
 
-def test_a_fim_stream_streams_and_a_hang_up_stops_the_engine(gw, folders):
-    url = engine_url(gw, "qwen")
+def test_a_fim_stream_relays_every_token(gw, folders):
     never = {str(i): -100 for i in fim.detect(read_model_files(str(folders["qwen"]))).stop_token_ids}
-    body = json.dumps({"model": "fim-qwen", "prompt": PREFIX, "suffix": SUFFIX, "stream": True,
-                       "max_tokens": 1500, "ignore_eos": True,
-                       "logit_bias": never}).encode()  # random weights: kept off the stop tokens
+    with httpx.stream("POST", gw.url + "/v1/completions", timeout=60, json={
+            "model": "fim-qwen", "prompt": PREFIX, "suffix": SUFFIX, "stream": True, "max_tokens": 50,
+            "ignore_eos": True, "logit_bias": never}) as r:  # random weights: off the stop tokens
+        events = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]"
+    chunks = [json.loads(e[6:]) for e in events[:-1]]
+    assert sum(1 for c in chunks if c["choices"] and c["choices"][0]["text"]) >= 40
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_a_hung_up_fim_stream_stops_the_engine(gw):
+    url = engine_url(gw, "custom")
+    body = json.dumps({"model": "fim-custom", "prompt": PREFIX, "suffix": SUFFIX, "stream": True,
+                       "max_tokens": 1500, "ignore_eos": True}).encode()
     sock = socket.create_connection(("127.0.0.1", gw.port), timeout=60)
     try:
         sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
