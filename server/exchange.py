@@ -2,10 +2,11 @@
 tokens), admit, lease an engine, fit the output budget, forward, relay.
 
 Errors known before the first byte leave as plain JSON in the route's shape. A stream whose model
-is not ready within :data:`COMMIT_AFTER` seconds (a cold start, a restart) gets its headers at once
-and then keep-alive events (``StreamFlavor.keepalive``) every ``stream_keepalive`` seconds until the
+is still loading after :data:`COMMIT_AFTER` seconds (a cold start, a restart) gets its headers then
+and keep-alive events (``StreamFlavor.keepalive``) every ``stream_keepalive`` seconds until the
 engine's first token, so clients with a 30–60 s read timeout do not give up during a CPU cold start;
-a start that then fails ends that stream with the route's error event.
+a start that then fails ends that stream with the route's error event. A stream that waits for room
+(no engine loading yet) waits silently, so a refusal is still a 503 with ``Retry-After``.
 """
 
 from __future__ import annotations
@@ -242,12 +243,15 @@ class Exchange:
             return self._leased(lease, self.cleanups)
         acquiring = asyncio.ensure_future(self.pool.acquire(name, affinity=affinity))
         try:
-            await until_disconnect(asyncio.wait({acquiring}, timeout=COMMIT_AFTER), receive)
+            while True:  # only a cold start gets keep-alives; a wait for room ends in plain JSON
+                await until_disconnect(asyncio.wait({acquiring}, timeout=COMMIT_AFTER), receive)
+                if acquiring.done():
+                    return self._leased(acquiring.result(), self.cleanups)
+                if self.pool.loading(name):
+                    break
         except BaseException:
             _drop(acquiring)
             raise
-        if acquiring.done():
-            return self._leased(acquiring.result(), self.cleanups)
         self.acquiring = acquiring
         return None
 

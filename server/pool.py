@@ -519,6 +519,11 @@ class ModelPool:
             except Exception:  # the reaper must outlive one bad round; the error is logged
                 log.exception("idle reaper")
 
+    def loading(self, name: str) -> bool:
+        """Whether an engine of ``name`` is starting now (placed, not yet ready)."""
+        entry = self.entries.get(name)
+        return entry is not None and any(r.state == ModelState.LOADING for r in entry.replicas)
+
     def try_acquire(self, name: str, affinity: str | None = None) -> Lease | None:
         """A lease at once when ``name`` has a ready replica (no await: the common case costs no
         task), else ``None``: then call :meth:`acquire`, which starts, waits and explains.

@@ -179,3 +179,23 @@ def test_cors_by_default_on_every_api_route(gw):
     assert evil.status_code == 403 and "access-control-allow-origin" not in evil.headers
     listed = httpx.get(gw.url + "/v1/models", headers={"origin": "http://127.0.0.1:3000"})
     assert listed.headers["access-control-allow-origin"] == "http://127.0.0.1:3000"
+
+
+def test_a_stream_waiting_for_room_still_gets_a_plain_503(tmp_path):
+    """C13: no room for a second model while the first streams: the waiting stream is not
+    committed (no engine is loading), so the refusal is a 503 with Retry-After, as JSON."""
+    models = [{"name": "x", "path": "standin:delay=0.2"}, {"name": "y", "path": "standin:ok"}]
+    with standin_gateway(tmp_path, {"models": models, "max_loaded_models": 1,
+                                    "place_wait_timeout": 2, "stream_keepalive": 0.5}) as g:
+        g.wait_up()
+        assert g.client.post("/v1/completions", json={"model": "x", "prompt": "a",
+                                                       "max_tokens": 1}).status_code == 200
+        holder = threading.Thread(target=lambda: httpx.post(
+            g.url + "/v1/completions", timeout=60, json={"model": "x", "prompt": "a", "max_tokens": 40}))
+        holder.start()
+        wait_for(lambda: json.loads((tmp_path / "standin" / "x.json").read_text())["running"] == 1)
+        r = httpx.post(g.url + "/v1/chat/completions", timeout=30, json={
+            "model": "y", "stream": True, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]})
+        holder.join()
+        assert r.status_code == 503 and r.headers["content-type"] == "application/json"
+        assert int(r.headers["retry-after"]) >= 1 and r.json()["error"]["code"] == "model_unavailable"
