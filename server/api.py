@@ -22,7 +22,7 @@ from server.auth import SCOPE_KEY, allowed
 from server.enginemetrics import merge
 from server.engines import log_tail
 from server.errors import (ConfigError, InvalidRequest, ModelNotFound, RouteNotFound,
-                           VramgateError, error_body)
+                           VramgateError, anthropic_body, error_body)
 from server.exchange import error_response, inference
 from server.gpus.nvml import read_inventory
 from server.pool import ModelState
@@ -253,6 +253,15 @@ async def admin_reload(request: Request) -> JSONResponse:
     except VramgateError as exc:
         return error_response(exc)
     return JSONResponse(changes)
+
+
+async def server_error(request: Request, exc: Exception) -> Response:
+    """An unexpected error (a bug): 500 in the route's error shape, never a bare text page. The
+    traceback goes to the log (Starlette's error middleware re-raises after answering)."""
+    message = f"Internal error: {exc.__class__.__name__}"
+    body = anthropic_body(500, message) if request.url.path.lower().startswith("/v1/messages") \
+        else error_body(message, "server_error", None, "internal_error")
+    return JSONResponse(body, status_code=500)
 
 
 async def http_error(request: Request, exc: Exception) -> JSONResponse:

@@ -16,7 +16,7 @@ from starlette.middleware import Middleware
 
 from server import api
 from server.auth import AuthMiddleware
-from server.cors import Cors
+from server.cors import LOOPBACK_BINDS, Cors
 from server.requestid import RequestIdMiddleware
 from server.config import Settings
 from server.errors import ConfigError
@@ -100,10 +100,12 @@ def create_app(settings: Settings, *, launcher: Launcher = default_launcher,
             await session.close()
 
     # CORS outermost: preflights need no key, and a 401 carries the CORS headers.
-    middleware = [Middleware(Cors, origins=settings.auth.cors_origins),
+    middleware = [Middleware(Cors, origins=settings.auth.cors_origins,
+                             hosts=settings.auth.allowed_hosts,
+                             check_host=settings.host in LOOPBACK_BINDS),
                   Middleware(RequestIdMiddleware), Middleware(AuthMiddleware, auth=settings.auth),
                   Middleware(api.InferenceFastPath)]
     app = Starlette(routes=api.routes, lifespan=lifespan, middleware=middleware,
-                    exception_handlers={HTTPException: api.http_error})
+                    exception_handlers={HTTPException: api.http_error, Exception: api.server_error})
     app.router.redirect_slashes = False
     return app

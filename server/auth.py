@@ -45,6 +45,7 @@ class AuthConfig:
     admin_key: str | None = field(default=None, repr=False)
     metrics_auth: bool = False
     cors_origins: tuple[str, ...] = ()
+    allowed_hosts: tuple[str, ...] = ()
 
     @property
     def enabled(self) -> bool:

@@ -217,7 +217,7 @@ _TOP_KEYS = {"host", "port", "data_dir", "models", "engine_module", "engine_pyth
              "shutdown_timeout", "engine_stop_grace", "load_wait_timeout", "placement",
              "gpu_headroom", "kv_cache_sequences", "simulate_gpus", "max_loaded_models",
              "place_wait_timeout", "cpu_memory_budget", "api_keys", "admin_key", "metrics_auth",
-             "cors_origins", "max_body_bytes", "log_format", "stream_keepalive"}
+             "cors_origins", "allowed_hosts", "max_body_bytes", "log_format", "stream_keepalive"}
 
 
 def parse_model(raw: Any, where: str) -> ModelConfig:
@@ -393,12 +393,15 @@ def parse_auth(raw: dict[str, Any], env_keys: tuple[str, ...] = (),
     metrics_auth = raw.get("metrics_auth", False)
     if not isinstance(metrics_auth, bool):
         raise ConfigError("metrics_auth: must be true or false")
-    origins = raw.get("cors_origins") or []
-    if not isinstance(origins, list) or not all(isinstance(o, str) for o in origins):
-        raise ConfigError("cors_origins: must be a list of origins (or [\"*\"])")
+    lists = {}
+    for key, what in (("cors_origins", "origins"), ("allowed_hosts", "host names")):
+        value = raw.get(key) or []
+        if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+            raise ConfigError(f"{key}: must be a list of {what} (or [\"*\"])")
+        lists[key] = tuple(v.strip() for v in value)
     return AuthConfig(api_keys=tuple(keys),
                       admin_key=None if admin is None else _str(admin, "admin_key"),
-                      metrics_auth=metrics_auth, cors_origins=tuple(origins))
+                      metrics_auth=metrics_auth, **lists)
 
 
 def parse_settings(raw: Any, *,

@@ -64,10 +64,10 @@ def engine_launch(model: ModelConfig, *, port: int, device: str, python: str, mo
         argv += ["--runner", "pooling"]
     if model.max_model_len:
         argv += ["--max-model-len", str(model.max_model_len)]
-    if tool_parser and model.task == "generate" and "--tool-call-parser" not in " ".join(
-            model.engine_args):
-        argv += ["--enable-auto-tool-choice", "--tool-call-parser", tool_parser,
-                 "--tool-strict-level", "parameter"]
+    if tool_parser and model.task == "generate":
+        argv += ["--enable-auto-tool-choice", "--tool-strict-level", "parameter"]
+        if "--tool-call-parser" not in " ".join(model.engine_args):  # else theirs, below
+            argv += ["--tool-call-parser", tool_parser]
     if model.chat_template:
         argv += ["--chat-template", model.chat_template]
     if device == "cuda":
@@ -123,7 +123,7 @@ def cpu_binding(models: tuple[ModelConfig, ...], cores: list[int]) -> dict[str, 
     out: dict[str, str] = {}
     for key, count in wanted:
         if len(free) - count < 1:
-            break
+            continue  # asks for more than can be spared: it shares; smaller asks still get theirs
         mine, free = free[-count:], free[:-count]
         out[key] = _ranges(mine)
     shared = _ranges(free)

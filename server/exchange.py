@@ -12,6 +12,7 @@ a start that then fails ends that stream with the route's error event. A stream 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -116,6 +117,7 @@ class Exchange:
         self.timing: dict[str, float] = {}
         self.rewritten: dict[str, Any] | None = None
         self.fim = False
+        self.middle, self.warm = "", False  # /infill: its prompt, and n_predict 0
 
     def done(self, status: int, tokens: dict[str, int] | None = None) -> None:
         """Record the finished request: metrics and one access-log line."""
@@ -167,15 +169,18 @@ class Exchange:
     # ---- before the engine --------------------------------------------------------------------
     def _infill_body(self, body: dict[str, Any]) -> dict[str, Any]:
         name = body.get("model")
-        if name is None:  # llama.cpp serves one model: take the first that can fill in
+        if name is None:  # llama.cpp serves one model: the first this key may use that fills in
+            key = self.request.scope.get(SCOPE_KEY)
             name = next((e.config.name for e in self.pool.entries.values()
-                         if e.profile.fim is not None), None)
+                         if e.profile.fim is not None
+                         and allowed(key, (e.config.name, *e.config.aliases))), None)
             if name is None:
                 raise InvalidRequest("No model on this server has fill-in-the-middle tokens; "
                                      "name one with 'model'.", param="model",
                                      code="suffix_not_supported")
         model = self.settings.resolve(name) if isinstance(name, str) else None
         budget = model.fim_max_tokens if model is not None else 128
+        self.middle, self.warm = infill.middle(body), infill.warm_only(body)
         return infill.to_completion(body, name, budget)
 
     async def _prepare(self) -> None:
@@ -206,7 +211,7 @@ class Exchange:
         if self.engine_route == "/v1/completions" and body.get("suffix") is not None:
             self.fim = True
             self.rewritten = fim_completion(body, model.name, prof.fim, prof.files,
-                                            model.fim_max_tokens)
+                                            model.fim_max_tokens, self.middle)
         elif self.engine_route in STOP_ROUTES:
             self.rewritten = special_stops(body, prof.files)
         self.raw, self.parsed, self.model = raw, parsed, model
@@ -263,6 +268,8 @@ class Exchange:
                                       lease.replica.max_model_len)
             if fitted is not None:
                 body = fitted
+                if self.route == "/infill":  # the client's own name for it
+                    note = dataclasses.replace(note, params=("n_predict",))
                 self.headers["x-vramgate-max-tokens"] = note.header()
         raw = engine_body(self.raw, self.parsed, self.model.name, body=body,
                           want_usage=self.engine_route in USAGE_ROUTES)
@@ -290,7 +297,8 @@ class Exchange:
             self.done(upstream.status, answer_usage(data))
             media = upstream.headers.get("content-type", "application/json")
             if self.route == "/infill":
-                data = json.dumps(infill.from_completion(json.loads(data), self.model.name)).encode()
+                data = json.dumps(infill.from_completion(json.loads(data), self.model.name,
+                                                         self.warm)).encode()
                 media = "application/json"
             return Response(data, status_code=upstream.status, headers=self.headers,
                             media_type=media)
@@ -310,19 +318,20 @@ class Exchange:
         self.metrics.ttft.labels(self.label, self.route).observe(self.timing["ttft"])
 
     def _relay(self, upstream: aiohttp.ClientResponse, tap: StreamTap) -> AsyncIterator[bytes]:
-        convert = infill.InfillStream(self.model.name, tap.tokens).feed if self.route == "/infill" else None
+        convert = (infill.InfillStream(self.model.name, tap.tokens, self.warm).feed
+                   if self.route == "/infill" else None)
         return relay_stream(upstream, tap=tap, on_first=self._first,
                             closing=lambda: self.pool.closing, convert=convert)
 
     def _finalizer(self, held: list[Callable[[], None]], tap: StreamTap,
-                   outcome: dict[str, int]) -> Callable[[], None]:
-        def finalize() -> None:
+                   outcome: dict[str, int]) -> Callable[[bool], None]:
+        def finalize(complete: bool) -> None:
             for undo in reversed(held):
                 undo()
             itl = self.metrics.itl.labels(self.label)
             for gap in tap.gaps:
                 itl.observe(gap)
-            self.done(outcome["status"], tap.tokens)
+            self.done(outcome["status"] if complete else 499, tap.tokens)
         return finalize
 
     def _waiting(self) -> RelayResponse:
@@ -347,7 +356,8 @@ class Exchange:
             except VramgateError as exc:
                 self.rejected(exc)
                 outcome["status"] = exc.status
-                yield self.flavor.error(exc.message, exc.code or "model_unavailable")
+                yield self.flavor.error(exc.message, exc.code, type_=exc.type, param=exc.param,
+                                        status=exc.status)
                 return
             async for chunk in self._relay(upstream, tap):
                 yield chunk

@@ -152,15 +152,18 @@ def resolve(family: Family, files: ModelFiles, extra_stops: Sequence[str] = ()) 
     tokens = {role: _first(files, spellings) for role, spellings in family.roles.items()}
     if any(t is None for t in tokens.values()):
         return None
-    return Fim(family.name, family.template, tokens, *stop_ids(files, (*family.stops, *extra_stops)),
+    ids, _ = stop_ids(files, family.stops)
+    more, plain = stop_ids(files, extra_stops, keep=True)
+    return Fim(family.name, family.template, tokens, tuple(dict.fromkeys(ids + more)), plain,
                repo=_first(files, family.repo), file_sep=_first(files, family.file_sep))
 
 
-def stop_ids(files: ModelFiles, stops: Sequence[str]) -> tuple[tuple[int, ...], tuple[str, ...]]:
-    """Split ``stops`` into the ids of those that are tokens and the remaining plain strings. Of a
-    family's list, tokens the tokenizer lacks are simply not there; a configured string that is
-    no token stays a stop string. The end-of-sequence token is left out: vLLM stops on it by
-    itself, and as a stop token id it would defeat a client's ``ignore_eos``."""
+def stop_ids(files: ModelFiles, stops: Sequence[str],
+             keep: bool = False) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    """Split ``stops`` into the ids of those that are tokens and the rest, which are kept as plain
+    stop strings when ``keep`` (configured stops) and dropped otherwise (a family's tokens that
+    this tokenizer lacks). The end-of-sequence token is left out: vLLM stops on it by itself,
+    and as a stop token id it would defeat a client's ``ignore_eos``."""
     ids: list[int] = []
     plain: list[str] = []
     for text in stops:
@@ -170,12 +173,9 @@ def stop_ids(files: ModelFiles, stops: Sequence[str]) -> tuple[tuple[int, ...], 
         if tid is not None:
             if tid not in ids:
                 ids.append(tid)
-        elif text not in FAMILY_STOPS and text not in plain:
+        elif keep and text not in plain:
             plain.append(text)
     return tuple(ids), tuple(plain)
-
-
-FAMILY_STOPS = frozenset(s for f in FAMILIES.values() for s in f.stops)
 
 
 def detect(files: ModelFiles) -> Fim | None:
@@ -200,7 +200,7 @@ def configured(template: str, stops: Sequence[str], files: ModelFiles) -> Fim:
             return found
         tokens = {role: spellings[-1] if family.name == "codellama" else spellings[0]
                   for role, spellings in family.roles.items()}
-        ids, plain = stop_ids(files, stops)
+        ids, plain = stop_ids(files, stops, keep=True)
         return Fim(family.name, family.template, tokens, ids, plain,
                    repo=family.repo[0] if family.repo else None,
                    file_sep=family.file_sep[0] if family.file_sep else None)
@@ -208,5 +208,5 @@ def configured(template: str, stops: Sequence[str], files: ModelFiles) -> Fim:
     if not {"prefix", "suffix"} <= fields or fields - {"prefix", "suffix"}:
         raise ValueError("a FIM template needs {prefix} and {suffix} and no other {field} "
                          f"(or one of {', '.join(FAMILIES)}), got {template!r}")
-    ids, plain = stop_ids(files, stops)
+    ids, plain = stop_ids(files, stops, keep=True)
     return Fim("custom", template, {}, ids, plain)

@@ -82,7 +82,7 @@ def _json(path: Path) -> Any:
         if path.stat().st_size > _MAX_TOKENIZER_BYTES:
             return None
         return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
 
 
@@ -104,7 +104,8 @@ def _template(folder: Path, tok_config: dict[str, Any]) -> str:
             return ""
     raw = tok_config.get("chat_template")
     if raw is None:
-        raw = (_json(folder / "chat_template.json") or {}).get("chat_template")
+        doc = _json(folder / "chat_template.json")
+        raw = doc.get("chat_template") if isinstance(doc, dict) else None
     if isinstance(raw, list):  # named templates: [{"name": "default", "template": "..."}]
         named = {t.get("name"): t.get("template") for t in raw if isinstance(t, dict)}
         raw = named.get("default") or next(iter(named.values()), "")
@@ -115,17 +116,19 @@ def parse_tokens(tokenizer: Any, tok_config: dict[str, Any]) -> dict[str, int]:
     """Token text → id from parsed ``tokenizer.json`` and ``tokenizer_config.json`` (pure)."""
     tokens: dict[str, int] = {}
     if isinstance(tokenizer, dict):
-        for item in tokenizer.get("added_tokens") or []:
+        added = tokenizer.get("added_tokens")
+        for item in added if isinstance(added, list) else []:
             if isinstance(item, dict) and isinstance(item.get("content"), str) and isinstance(
                     item.get("id"), int):
                 tokens[item["content"]] = item["id"]
-        vocab = (tokenizer.get("model") or {}).get("vocab")
+        model = tokenizer.get("model")
+        vocab = model.get("vocab") if isinstance(model, dict) else None
         if isinstance(vocab, dict):
             tokens.update({p: vocab[p] for p in VOCAB_PROBES if isinstance(vocab.get(p), int)})
         elif isinstance(vocab, list):  # unigram: [[piece, score], ...], the index is the id
             probes = set(VOCAB_PROBES)
             tokens.update({e[0]: i for i, e in enumerate(vocab)
-                           if isinstance(e, list) and e and e[0] in probes})
+                           if isinstance(e, list) and e and isinstance(e[0], str) and e[0] in probes})
     decoder = tok_config.get("added_tokens_decoder")
     if isinstance(decoder, dict):
         for key, item in decoder.items():
@@ -136,10 +139,21 @@ def parse_tokens(tokenizer: Any, tok_config: dict[str, Any]) -> dict[str, int]:
 
 def read_model_files(path: str, cache: Path | None = None) -> ModelFiles:
     """Read the facts of the model at ``path`` (a folder or a cached hub id); :data:`UNKNOWN` when
-    no folder is found. Files that are missing or unreadable count as empty; never raises."""
-    folder = model_folder(path, cache)
+    no folder is found. Files that are missing, unreadable or not shaped as expected count as
+    empty (``ModelFiles(folder)``); never raises."""
+    try:
+        folder = model_folder(path, cache)
+    except (OSError, ValueError):  # a path with a NUL byte, say
+        return UNKNOWN
     if folder is None:
         return UNKNOWN
+    try:
+        return _read(folder)
+    except (TypeError, AttributeError, ValueError, RecursionError):  # a file of an odd shape
+        return ModelFiles(folder=folder)
+
+
+def _read(folder: Path) -> ModelFiles:
     tok_config = _json(folder / "tokenizer_config.json")
     tok_config = tok_config if isinstance(tok_config, dict) else {}
     config = _json(folder / "config.json")

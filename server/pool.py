@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import sys
@@ -45,7 +46,7 @@ from server.gpus.cpu import tree_pids
 from server.lifecycle import ReplicaView, idle_expired, model_state, pick_replica, restart_delay
 from server.modelfiles import UNKNOWN
 from server.placement import Booking, Device, NoFit, Plan, Policy, Requirement, fmt, plan
-from server.profile import Profile, profile
+from server.profile import Profile, profile, read_profiles
 
 log = logging.getLogger("vramgate.pool")
 HEALTH_FAILURES = 3  # consecutive failed /health checks that count as an engine failure
@@ -79,6 +80,7 @@ class Replica:
     ready_since: float | None = None
     load_seconds: float | None = None
     max_model_len: int | None = None  # tokens, as the engine reports it once ready
+    crashed: bool = False  # its engine failed: restart it (after the back-off) beside the others
 
     @property
     def key(self) -> str:
@@ -303,11 +305,16 @@ class ModelPool:
                 self._start_model(entry)
         self._spawn(self._reaper(), "reaper")
 
-    def _start_model(self, entry: ModelEntry) -> None:
-        """Start every replica of ``entry`` that is unloaded (single flight: never a second one)."""
+    def _start_model(self, entry: ModelEntry, crashed_only: bool = False) -> None:
+        """Start every replica of ``entry`` that is unloaded (single flight: never a second one);
+        with ``crashed_only``, only those whose engine failed. A model being removed by a
+        reload starts nothing."""
+        if entry.retiring or self.closing:
+            return
         entry.nofit = None
         for rep in entry.replicas:
-            if rep.state == ModelState.UNLOADED and not self.closing:
+            if rep.state == ModelState.UNLOADED and (rep.crashed or not crashed_only):
+                rep.crashed = False
                 rep.state = ModelState.LOADING
                 rep.ready_since = None
                 rep.task = self._spawn(self._run(entry, rep), f"engine:{rep.key}")
@@ -316,7 +323,7 @@ class ModelPool:
     def _failed(self, entry: ModelEntry, rep: Replica, error: VramgateError) -> None:
         """Book an engine failure: reservation returned, back-off or give up, waiters woken."""
         rep.plan, rep.booked_bytes, rep.measured_bytes, rep.ready_since = None, 0, None, None
-        rep.state = ModelState.UNLOADED
+        rep.state, rep.crashed = ModelState.UNLOADED, True
         now = self.clock()
         self.events.engine_failed(entry.config.name)
         entry.failures = [t for t in entry.failures if now - t < 3600] + [now]
@@ -415,6 +422,8 @@ class ModelPool:
             return
         rep.load_seconds = time.monotonic() - t0
         rep.max_model_len = await self._max_model_len(proc)
+        if entry.profile.files.folder is None:  # a hub model: vLLM has downloaded it by now
+            await self._reread_profile(entry)
         self.events.engine_ready(model.name, rep.load_seconds)
         rep.ready_since = rep.last_used = self.clock()
         await self._measure(rep)  # before READY: the books are right once anyone sees it ready
@@ -453,6 +462,19 @@ class ModelPool:
                     return f"failed {failed} health checks in a row"
         finally:
             exited.cancel()
+
+    async def _reread_profile(self, entry: ModelEntry) -> None:
+        """Read the model's files again (in a thread) for its FIM format and special tokens; the
+        tool-call parser stays the one its engines were started with."""
+        fresh = await asyncio.to_thread(read_profiles, (entry.config,))
+        self._adopt(entry, fresh[entry.config.name])
+
+    @staticmethod
+    def _adopt(entry: ModelEntry, fresh: Profile) -> None:
+        running = any(r.state != ModelState.UNLOADED for r in entry.replicas)
+        keep = entry.profile.tool_parser if running else fresh.tool_parser
+        source = entry.profile.tool_parser_source if running else fresh.tool_parser_source
+        entry.profile = dataclasses.replace(fresh, tool_parser=keep, tool_parser_source=source)
 
     async def _max_model_len(self, proc: EngineProcess) -> int | None:
         """The context length (tokens) the engine serves, from its ``GET /v1/models``
@@ -536,7 +558,15 @@ class ModelPool:
             return None
         rep = next(r for r in entry.replicas if r.key == key)
         rep.in_flight += 1
+        self._restart_crashed(entry)
         return Lease(self, entry, rep)
+
+    def _restart_crashed(self, entry: ModelEntry) -> None:
+        """A replica whose engine failed while others serve restarts on the next request once its
+        back-off has passed (a model that gave up waits for ``load``)."""
+        if len(entry.replicas) > 1 and not entry.gave_up and any(r.crashed for r in entry.replicas) \
+                and restart_delay(entry.failures, self.clock()) == 0:
+            self._start_model(entry, crashed_only=True)
 
     async def acquire(self, name: str, timeout: float | None = None,
                       affinity: str | None = None) -> Lease:
@@ -560,10 +590,13 @@ class ModelPool:
             while True:
                 if self.closing:
                     raise ModelUnavailable("the server is shutting down", retry_after=5)
+                if entry.retiring or self.entries.get(name) is not entry:
+                    raise ModelNotFound(name)  # removed by a reload while this request waited
                 key = pick_replica(self.views(entry), affinity)
                 if key is not None:
                     rep = next(r for r in entry.replicas if r.key == key)
                     rep.in_flight += 1
+                    self._restart_crashed(entry)
                     return Lease(self, entry, rep)
                 changed, capacity, now = entry.changed, self._capacity, self.clock()
                 if entry.gave_up:
@@ -608,6 +641,7 @@ class ModelPool:
         """
         entry = self.entries[name]
         entry.failures, entry.gave_up, entry.error = [], False, None
+        self._start_model(entry)  # every replica, not only as many as a request needs
         lease = await self.acquire(name)
         lease.release()
         return entry.state
@@ -653,6 +687,8 @@ class ModelPool:
                 out["changed"].append(name)
             if entry.config != model:
                 self._spawn(self._restart(entry), f"restart:{name}")
+            elif name in self.profiles:  # the same model: its files may have changed (a download)
+                self._adopt(entry, self.profiles[name])
         return out
 
     async def _retire(self, entry: ModelEntry) -> None:

@@ -116,5 +116,5 @@ async def relay_stream(resp: aiohttp.ClientResponse, *, tap: StreamTap,
 def _failure(message: str, code: str, closing: Callable[[], bool], flavor: StreamFlavor) -> bytes:
     if closing():
         return flavor.error("the server is shutting down; the stream was cut short",
-                            "server_shutting_down")
+                            "server_shutting_down", status=503)
     return flavor.error(message, code)

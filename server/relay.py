@@ -89,14 +89,15 @@ class RelayResponse:
     """A streamed answer (ASGI): the headers at once, ``content``'s chunks as they come, then the
     end of the body.
 
-    ``finalize`` runs exactly once however the stream ends (complete, engine failure, client
-    disconnect, or never started). A client that hangs up cancels the relay at once (one watcher
+    ``finalize(complete)`` runs exactly once however the stream ends; ``complete`` is false when
+    the client hung up (or the send failed) before the body's end. A client that hangs up cancels
+    the relay at once (one watcher
     on ``receive``, :func:`until_disconnect`), which closes the engine connection, so vLLM aborts
     the request. Leaner than Starlette's ``StreamingResponse``, which runs a task group of two
     tasks for each stream. ``headers`` are sent besides :data:`SSE_HEADERS`.
     """
 
-    def __init__(self, content: AsyncIterator[bytes], finalize: Callable[[], None],
+    def __init__(self, content: AsyncIterator[bytes], finalize: Callable[[bool], None],
                  headers: dict[str, str] | None = None) -> None:
         self.body_iterator = content
         self._finalize = finalize
@@ -108,8 +109,10 @@ class RelayResponse:
         async for chunk in self.body_iterator:
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+        self._complete = True
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self._complete = False
         try:
             await until_disconnect(self._pump(send), receive)
         except (ClientGone, OSError):
@@ -119,4 +122,4 @@ class RelayResponse:
                 raise
         finally:
             await self.body_iterator.aclose()  # type: ignore[attr-defined]
-            self._finalize()
+            self._finalize(self._complete)

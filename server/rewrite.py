@@ -32,15 +32,30 @@ BUDGET_FIELDS = {
 
 @dataclass(frozen=True)
 class BudgetNote:
-    """An output budget the gateway lowered: ``param`` from ``requested`` to ``sent`` tokens."""
+    """Output budgets the gateway lowered: the fields ``params``, the largest ``requested``
+    value, now ``sent`` tokens."""
 
-    param: str
+    params: tuple[str, ...]
     requested: int
     sent: int
 
     def header(self) -> str:
-        """The ``x-vramgate-max-tokens`` header: ``<sent>; requested=<n>; param=<field>``."""
-        return f"{self.sent}; requested={self.requested}; param={self.param}"
+        """The ``x-vramgate-max-tokens`` header: ``<sent>; requested=<n>; param=<field>[,<field>]``."""
+        return f"{self.sent}; requested={self.requested}; param={','.join(self.params)}"
+
+
+def budget_value(value: Any) -> int | None:
+    """A token count as vLLM's pydantic models (lax mode) read one: an int, a float without a
+    fraction, or a string of digits; ``None`` for anything else (vLLM judges those)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value.strip())
+    return None
 
 
 def fit_output(body: dict[str, Any], route: str,
@@ -50,14 +65,16 @@ def fit_output(body: dict[str, Any], route: str,
     Returns ``(new body or None, what was lowered or None)``."""
     if not max_model_len:
         return None, None
-    changed: dict[str, Any] = {}
-    note = None
+    changed: dict[str, int] = {}
+    requested = 0
     for param in BUDGET_FIELDS.get(route, ()):
-        value = body.get(param)
-        if isinstance(value, int) and not isinstance(value, bool) and value > max_model_len:
+        value = budget_value(body.get(param))
+        if value is not None and value > max_model_len:
             changed[param] = max_model_len
-            note = note or BudgetNote(param, value, max_model_len)
-    return (dict(body, **changed), note) if changed else (None, None)
+            requested = max(requested, value)
+    if not changed:
+        return None, None
+    return dict(body, **changed), BudgetNote(tuple(changed), requested, max_model_len)
 
 
 def _stop_list(value: Any) -> list[Any]:
@@ -118,14 +135,15 @@ def _extra_files(value: Any) -> list[ExtraFile]:
 
 
 def fim_completion(body: dict[str, Any], model: str, fim: Fim | None, files: ModelFiles,
-                   default_max_tokens: int) -> dict[str, Any]:
+                   default_max_tokens: int, middle: str = "") -> dict[str, Any]:
     """A ``/v1/completions`` body with ``suffix`` turned into ``model``'s FIM prompt.
 
     ``prompt`` (text, or an array of texts: one FIM prompt each) is what comes before the
     cursor, ``suffix`` what comes after; the vramgate extension ``input_extra`` (as llama.cpp's
     ``/infill``: ``[{filename, text}]``) adds files of repository context. The family's stop
     tokens join ``stop_token_ids``; without ``max_tokens`` the request gets ``default_max_tokens``
-    (vLLM's own default, 16, cuts most completions short). Raises :class:`InvalidRequest`: 400
+    (vLLM's own default, 16, cuts most completions short). ``middle`` goes after the FIM prompt,
+    as the start of the middle (llama.cpp's ``/infill`` ``prompt``). Raises :class:`InvalidRequest`: 400
     ``suffix_not_supported`` when the model has no FIM format, ``invalid_type`` for a suffix that
     is not text or a prompt of token ids.
     """
@@ -143,7 +161,7 @@ def fim_completion(body: dict[str, Any], model: str, fim: Fim | None, files: Mod
         raise InvalidRequest("With 'suffix', 'prompt' must be text (a string or an array of "
                              "strings), not token ids.", param="prompt", code="invalid_type")
     extra = _extra_files(body.get("input_extra"))
-    rendered = [fim.render(p, suffix, extra) for p in prompts]
+    rendered = [fim.render(p, suffix, extra) + middle for p in prompts]
     out = {k: v for k, v in body.items() if k not in ("suffix", "input_extra")}
     out["prompt"] = rendered[0] if isinstance(prompt, str) else rendered
     if out.get("max_tokens") is None:

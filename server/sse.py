@@ -9,6 +9,8 @@ import json
 import re
 from typing import Any
 
+from server.errors import anthropic_body
+
 DONE = b"data: [DONE]\n\n"
 _USAGE_KEY = b'"usage":'
 _NULL_USAGE = b',"usage":null'
@@ -120,9 +122,10 @@ class StreamTap:
         return out
 
 
-def error_event(message: str, type_: str = "server_error", code: str | None = None) -> bytes:
+def error_event(message: str, type_: str = "server_error", code: str | None = None,
+                param: str | None = None) -> bytes:
     """One SSE event carrying an OpenAI error object (the ``openai`` client raises on it)."""
-    body: dict[str, Any] = {"error": {"message": message, "type": type_, "param": None, "code": code}}
+    body: dict[str, Any] = {"error": {"message": message, "type": type_, "param": param, "code": code}}
     return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
 
 
@@ -161,14 +164,17 @@ class StreamFlavor:
             return b'event: ping\ndata: {"type":"ping"}\n\n'
         return b": keep-alive\n\n"
 
-    def error(self, message: str, code: str) -> bytes:
-        """One error event in this family's shape."""
+    def error(self, message: str, code: str | None, *, type_: str = "server_error",
+              param: str | None = None, status: int = 500) -> bytes:
+        """One error event in this family's shape: the OpenAI error object (``type_``, ``code``,
+        ``param``) on the OpenAI routes and ``/v1/responses``, Anthropic's error (its type from
+        ``status``, as ``errors.anthropic_body`` maps it) on ``/v1/messages``."""
         if self.name == "openai":
-            return error_event(message, code=code)
+            return error_event(message, type_, code, param)
         if self.name == "responses":
-            body = {"type": "error", "code": code, "message": message, "param": None}
+            body: dict[str, Any] = {"type": "error", "code": code, "message": message, "param": param}
         else:
-            body = {"type": "error", "error": {"type": "api_error", "message": message}}
+            body = anthropic_body(status, message)
         return b"event: error\ndata: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
 
 

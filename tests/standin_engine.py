@@ -17,7 +17,8 @@ Its behaviour comes from the model path, ``standin:MODE[,MODE...]``:
 
 It writes ``$STANDIN_DIR/<served name>.json`` (and ``<served name>@<port>.json``, one per replica)
 after every change: pid, port, argv, counters (``started``, ``completed``, ``aborted``,
-``running``) and the ``last`` request body, so tests can see what reached the engine. It answers
+``running``), the ``last`` request body and the ``prompts`` of the last 50 completions in the
+order they arrived, so tests can see what reached the engine. It answers
 ``/v1/chat/completions``, ``/v1/completions``, ``/v1/embeddings`` and, minimally, Anthropic's
 ``/v1/messages``.
 """
@@ -94,6 +95,7 @@ class Standin:
     async def _generate(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         self.stats["last"] = body
+        self.stats["prompts"] = (self.stats.get("prompts") or [])[-49:] + [body.get("prompt")]
         if body.get("model") != self.name:
             return web.json_response({"error": {"message": f"The model `{body.get('model')}` does not "
                                                 "exist.", "type": "NotFoundError", "param": "model",

@@ -6,11 +6,16 @@ and CORS by default (C24)."""
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
 import threading
 import time
 
 import httpx
+import psutil
 import pytest
+import yaml
 
 from tests.gateway import standin_gateway
 
@@ -26,6 +31,8 @@ CONFIG = {
         {"name": "coder", "path": "standin:delay=0.02", "preload": True, "fim": "starcoder",
          "max_concurrency": 1, "fim_max_tokens": 9},
         {"name": "multi", "path": "standin:ok", "preload": True, "replicas": 2},
+        {"name": "slow-strict", "path": "standin:slow-start=2,context=1000", "ttl": 0,
+         "max_tokens_policy": "reject"},
     ],
 }
 
@@ -130,7 +137,7 @@ def test_fim_requests_go_before_queued_chat_and_get_their_budget(gw):
     holder = threading.Thread(target=send, args=("holder", {"prompt": "x", "max_tokens": 60}))
     holder.start()
     wait_for(lambda: json.loads((gw.standin / "coder.json").read_text())["running"] == 1)
-    chat = threading.Thread(target=send, args=("chat", {"prompt": "x", "max_tokens": 1}))
+    chat = threading.Thread(target=send, args=("chat", {"prompt": "queued first", "max_tokens": 1}))
     chat.start()
     wait_for(lambda: queued(gw, "coder") == 1)
     fim = threading.Thread(target=send, args=("fim", {"prompt": "def f(", "suffix": "):"}))
@@ -138,7 +145,10 @@ def test_fim_requests_go_before_queued_chat_and_get_their_budget(gw):
     wait_for(lambda: queued(gw, "coder") == 2)
     for t in (holder, chat, fim):
         t.join()
-    assert order == ["holder", "fim", "chat"]  # the FIM request, queued later, went first
+    arrived = json.loads((gw.standin / "coder.json").read_text())["prompts"][-3:]
+    # The FIM request, queued later, reached the engine first.
+    assert arrived == ["x", "<fim_prefix>def f(<fim_suffix>):<fim_middle>", "queued first"]
+    assert sorted(order) == ["chat", "fim", "holder"]
     r = httpx.post(gw.url + "/v1/completions", timeout=30,
                    json={"model": "coder", "prompt": "a", "suffix": "b"})
     sent = json.loads((gw.standin / "coder.json").read_text())["last"]
@@ -199,3 +209,82 @@ def test_a_stream_waiting_for_room_still_gets_a_plain_503(tmp_path):
         holder.join()
         assert r.status_code == 503 and r.headers["content-type"] == "application/json"
         assert int(r.headers["retry-after"]) >= 1 and r.json()["error"]["code"] == "model_unavailable"
+
+
+def test_an_engine_error_after_the_wait_keeps_its_type_and_param(gw):
+    """The engine refuses the request once it is up: the stream's error event says what the
+    engine said (400, invalid_request_error, the param), not a server error."""
+    with httpx.stream("POST", gw.url + "/v1/chat/completions", timeout=60, json={
+            "model": "slow-strict", "stream": True, "max_tokens": 5000,
+            "messages": [{"role": "user", "content": "hi"}]}) as r:
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[0] == ": keep-alive"
+    error = json.loads(lines[-1][6:])["error"]
+    assert (error["type"], error["param"]) == ("invalid_request_error", "max_tokens"), error
+
+
+def test_a_stream_that_hangs_up_during_the_wait_is_a_499(gw):
+    gw.client.post("/admin/models/slow/unload")
+    with httpx.stream("POST", gw.url + "/v1/chat/completions", timeout=60, json={
+            "model": "slow", "stream": True, "max_tokens": 3,
+            "messages": [{"role": "user", "content": "hi"}]}) as r:
+        assert next(r.iter_lines()) == ": keep-alive"
+    wait_for(lambda: 'vramgate_requests_in_flight{model="slow"} 0.0' in gw.client.get("/metrics").text)
+    wait_for(lambda: re.search(r"route=/v1/chat/completions model=slow status=499", gw.log_text()))
+
+
+def test_infill_warm_up_and_the_keys_own_model(gw):
+    r = httpx.post(gw.url + "/infill", json={"model": "coder", "input_prefix": "a", "n_predict": 0})
+    assert r.status_code == 200 and r.json()["content"] == "" and r.json()["tokens_predicted"] == 0
+    assert json.loads((gw.standin / "coder.json").read_text())["last"]["max_tokens"] == 1
+    r = httpx.post(gw.url + "/infill", json={"model": "coder", "input_prefix": "a", "prompt": "b",
+                                             "input_suffix": "c", "n_predict": 2})
+    sent = json.loads((gw.standin / "coder.json").read_text())["last"]["prompt"]
+    assert sent == "<fim_prefix>a<fim_suffix>c<fim_middle>b"  # llama.cpp: prompt after the middle
+
+
+def test_a_crashed_replica_restarts_beside_the_one_that_serves(gw):
+    reps = gw.client.get("/v1/models/multi").json()["replicas"]
+    victim = reps[0]["pid"]
+    os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: [r["state"] for r in gw.client.get("/v1/models/multi").json()["replicas"]]
+             [0] == "unloaded")
+
+    def both_ready() -> bool:
+        httpx.post(gw.url + "/v1/completions", json={"model": "multi", "prompt": "x", "max_tokens": 1})
+        states = [r["state"] for r in gw.client.get("/v1/models/multi").json()["replicas"]]
+        return states == ["ready", "ready"]
+    wait_for(both_ready, timeout=30)  # after the first failure's back-off of 2 s
+
+
+def test_a_model_removed_while_requests_wait_for_it_starts_no_engine(tmp_path):
+    models = [{"name": "keep", "path": "standin:ok", "preload": True},
+              {"name": "gone", "path": "standin:slow-start=3"}]
+    with standin_gateway(tmp_path, {"models": models}) as g:
+        g.wait_states(30, done=("ready", "unloaded"))
+        out: list[int] = []
+        waiter = threading.Thread(target=lambda: out.append(httpx.post(
+            g.url + "/v1/completions", timeout=60,
+            json={"model": "gone", "prompt": "x", "max_tokens": 1}).status_code))
+        waiter.start()
+        wait_for(lambda: g.states()["gone"] == "loading")
+        cfg = tmp_path / "config.yaml"
+        doc = yaml.safe_load(cfg.read_text())
+        doc["models"] = [models[0]]
+        cfg.write_text(yaml.safe_dump(doc))
+        assert g.client.post("/admin/reload").status_code == 200
+        waiter.join()
+        assert out == [404]
+        wait_for(lambda: "gone" not in g.states())
+
+        def gone_processes() -> list[int]:
+            out = []
+            for pid in g.descendants():
+                try:
+                    if "gone" in psutil.Process(pid).cmdline():
+                        out.append(pid)
+                except psutil.Error:
+                    pass
+            return out
+        wait_for(lambda: gone_processes() == [])
+        assert g.log_text().count("starting engine for gone#0") == 1

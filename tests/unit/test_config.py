@@ -149,9 +149,12 @@ def test_cpu_cores_give_engines_cores_of_their_own():
     assert cpu_binding((chat, coder), [0, 1]) == {"coder#0": "1", "chat#0": "0"}
     big = cpu_binding((chat, ModelConfig("coder", "y", cpu_cores=4, replicas=2)), list(range(16)))
     assert big == {"coder#0": "12-15", "coder#1": "8-11", "chat#0": "0-7"}
-    # Never all the cores: the others keep at least one to share.
+    # Never all the cores: the others keep at least one to share; an ask too large shares, and
+    # does not take the smaller asks after it down with it.
     assert cpu_binding((chat, ModelConfig("coder", "y", cpu_cores=2)), [0, 1]) == {
         "chat#0": "0-1", "coder#0": "0-1"}
+    assert cpu_binding((ModelConfig("big", "b", cpu_cores=64), coder, chat), [0, 1]) == {
+        "coder#0": "1", "big#0": "0", "chat#0": "0"}
     env = engine_launch(coder, port=1, device="cpu", python="p", module="m", cpu_cores="1").env
     assert env["VLLM_CPU_OMP_THREADS_BIND"] == "1"
     own = ModelConfig("c", "y", engine_env=(("VLLM_CPU_OMP_THREADS_BIND", "0-1"),))

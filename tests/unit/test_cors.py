@@ -60,3 +60,37 @@ def test_configured_origins_add_to_the_defaults_and_star_allows_all():
     anyone = app(("*",)).options("/v1/chat/completions", headers={"origin": "https://x.y", **PREFLIGHT})
     assert anyone.status_code == 204 and anyone.headers["access-control-allow-origin"] == "*"
     assert "example\\.com" in origin_pattern(["https://*.example.com"])
+
+
+def test_requests_from_refused_origins_never_reach_a_route():
+    """A "simple" cross-site POST (text/plain, no preflight) would still be carried out if only
+    the CORS headers were withheld: it is refused with 403 before any route."""
+    for path in ("/v1/chat/completions", "/admin/reload"):
+        r = app().post(path, headers={"origin": "https://evil.example", "content-type": "text/plain"},
+                       content=b'{"model": "x"}')
+        assert r.status_code == 403 and r.json()["error"]["code"] == "origin_not_allowed"
+    anthropic = app().post("/v1/messages", headers={"origin": "https://evil.example"})
+    assert anthropic.status_code == 403 and anthropic.json()["type"] == "error"
+    assert app().post("/v1/chat/completions").status_code == 401  # no Origin: not a browser
+
+
+def test_the_host_is_checked_when_listening_on_loopback():
+    async def ok(request):
+        return JSONResponse({"ok": True})
+
+    inner = Starlette(routes=[Route("/v1/models", ok)])
+    client = TestClient(Cors(inner, (), hosts=("gw.internal",), check_host=True))
+    for host in ("127.0.0.1:8000", "localhost:8000", "[::1]:8000", "10.1.2.3", "gw.internal",
+                 "app.localhost:5173"):
+        assert client.get("/v1/models", headers={"host": host}).status_code == 200, host
+    for host in ("attacker.example:8000", "127.0.0.1.nip.io", "evil.localhost.example.com"):
+        r = client.get("/v1/models", headers={"host": host})
+        assert r.status_code == 403 and r.json()["error"]["code"] == "host_not_allowed", host
+    anyone = TestClient(Cors(inner, (), hosts=("*",), check_host=True))
+    assert anyone.get("/v1/models", headers={"host": "attacker.example"}).status_code == 200
+
+
+def test_configured_origins_are_normalised():
+    client = app(("HTTPS://My-IDE.example/",))
+    r = client.options("/v1/chat/completions", headers={"origin": "https://my-ide.example", **PREFLIGHT})
+    assert r.status_code == 204

@@ -87,9 +87,12 @@ def test_configured_format_and_stops():
                             ["<file_sep>", "\n\n"], files)
     assert custom.render("a", "b") == "<fim_prefix>a<fim_suffix>b<fim_middle>"
     assert files.token_id("<file_sep>") in custom.stop_token_ids and custom.stop == ("\n\n",)
-    # A family named for a model whose tokenizer is not on disk: the published spellings.
+    # A family named for a model whose tokenizer is not on disk: the published spellings, and
+    # the configured stops kept as strings (even those that are some family's token text).
     remote = fim.configured("codellama", [], ModelFiles())
     assert remote.render("a", "b") == "<PRE> a <SUF>b <MID>"
+    offline = fim.configured("qwen", ["<|file_sep|>", "\n\n\n"], ModelFiles())
+    assert offline.stop == ("<|file_sep|>", "\n\n\n") and offline.stop_token_ids == ()
     with pytest.raises(ValueError):
         fim.configured("{prefix} only", [], files)
 
@@ -144,9 +147,15 @@ def test_output_budget_is_lowered_to_the_context_on_every_route():
                          ("/v1/chat/completions", "max_completion_tokens"),
                          ("/v1/completions", "max_tokens"), ("/v1/responses", "max_output_tokens"),
                          ("/v1/messages", "max_tokens")):
-        body, note = fit_output({param: 32000, "x": 1}, route, 8192)
-        assert body == {param: 8192, "x": 1}
-        assert note.header() == f"8192; requested=32000; param={param}"
+        for asked in (32000, "32000", 32000.0, " 32000 "):  # as vLLM's pydantic reads them
+            body, note = fit_output({param: asked, "x": 1}, route, 8192)
+            assert body == {param: 8192, "x": 1}
+            assert note.header() == f"8192; requested=32000; param={param}"
+    both, note = fit_output({"max_tokens": 9000, "max_completion_tokens": 20000}, "/v1/chat/completions", 8192)
+    assert both == {"max_tokens": 8192, "max_completion_tokens": 8192}
+    assert note.header() == "8192; requested=20000; param=max_tokens,max_completion_tokens"
+    for odd in (32000.5, "lots", True, None, -5):
+        assert fit_output({"max_tokens": odd}, "/v1/completions", 8192) == (None, None)
     assert fit_output({"max_tokens": 100}, "/v1/completions", 8192) == (None, None)
     assert fit_output({"max_tokens": 32000}, "/v1/completions", None) == (None, None)
     assert fit_output({"max_tokens": 32000}, "/v1/embeddings", 8192) == (None, None)
@@ -157,10 +166,17 @@ def test_infill_maps_to_a_fim_completion_and_back():
             "input_extra": [{"filename": "a.py", "text": "A"}], "temperature": 0.1,
             "cache_prompt": True, "t_max_predict_ms": 500}
     out = infill.to_completion(body, "coder", 128)
-    assert out == {"model": "coder", "prompt": "def f(x", "suffix": "):", "stream": False,
+    assert out == {"model": "coder", "prompt": "def f(", "suffix": "):", "stream": False,
                    "max_tokens": 12, "input_extra": [{"filename": "a.py", "text": "A"}],
                    "temperature": 0.1}
+    assert infill.middle(body) == "x"  # llama.cpp puts prompt after the FIM prompt
+    q = files_for("qwen")
+    done = fim_completion(out, "coder", fim.detect(q), q, 128, infill.middle(body))
+    assert done["prompt"].endswith("<|fim_middle|>x")
     assert infill.to_completion({"n_predict": -1}, "coder", 64)["max_tokens"] == 64
+    # n_predict 0 (llama.vscode's cache warm-up): evaluate the prompt, return nothing.
+    assert infill.to_completion({"n_predict": 0}, "coder", 64)["max_tokens"] == 1
+    assert infill.warm_only({"n_predict": 0}) and not infill.warm_only({"n_predict": False})
     assert infill.to_completion({"logit_bias": [[5, -100], "x"]}, "c", 1)["logit_bias"] == {"5": -100}
     with pytest.raises(InvalidRequest):
         infill.to_completion({"n_predict": "many"}, "coder", 64)
@@ -169,6 +185,8 @@ def test_infill_maps_to_a_fim_completion_and_back():
     assert infill.from_completion(answer, "coder") == {
         "content": "y", "stop": True, "model": "coder", "tokens_predicted": 12,
         "tokens_evaluated": 9, "truncated": False, "stop_type": "limit", "stopping_word": ""}
+    warm = infill.from_completion(answer, "coder", warm=True)
+    assert warm["content"] == "" and warm["tokens_predicted"] == 0
 
 
 def test_infill_stream_events():

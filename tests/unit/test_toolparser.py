@@ -65,9 +65,10 @@ def test_tools_reach_the_engine_command_line_with_argument_schemas_enforced():
     assert argv[argv.index("--chat-template") + 1] == "/t.jinja"
     plain = engine_launch(m, port=1, device="cpu", python="py", module="v").argv
     assert "--enable-auto-tool-choice" not in plain
-    own = ModelConfig("m", "/m", engine_args=("--enable-auto-tool-choice", "--tool-call-parser", "x"))
+    own = ModelConfig("m", "/m", engine_args=("--tool-call-parser", "x"))
     argv = engine_launch(own, port=1, device="cpu", python="py", module="v", tool_parser="x").argv
     assert argv.count("--tool-call-parser") == 1  # the model's own engine_args, not twice
+    assert "--enable-auto-tool-choice" in argv and "--tool-strict-level" in argv  # still on
 
 
 def test_embedded_chat_model_gets_the_tool_template(tmp_path):
@@ -119,3 +120,21 @@ def test_model_files_from_a_folder_and_the_hub_cache(tmp_path):
     (folder).rename(hub / "snapshots" / "abc")
     assert read_model_files("org/name", cache=tmp_path / "hub").token_id("<|im_start|>") == 3
     assert read_model_files("org/missing", cache=tmp_path / "hub").folder is None
+
+
+@pytest.mark.parametrize("name, text", [
+    ("tokenizer.json", '{"model": "BPE", "added_tokens": []}'),
+    ("tokenizer.json", '{"added_tokens": 5}'),
+    ("tokenizer.json", '{"model": {"vocab": [[["x"], 0.0]]}}'),
+    ("tokenizer.json", "[" * 100000 + "]" * 100000),
+    ("tokenizer.json", "\x00\x01 not json"),
+    ("chat_template.json", "[1]"),
+    ("chat_template.json", '"x"'),
+    ("tokenizer_config.json", '{"added_tokens_decoder": [1, 2], "eos_token": 7}'),
+])
+def test_odd_model_files_never_raise(tmp_path, name, text):
+    (tmp_path / name).write_text(text)
+    files = read_model_files(str(tmp_path))
+    assert files.folder == tmp_path
+    assert profile(ModelConfig("m", str(tmp_path)), files).tool_parser == "hermes"
+    assert read_model_files("org/a\x00b").folder is None
