@@ -175,8 +175,9 @@ class Exchange:
                          if e.profile.fim is not None
                          and allowed(key, (e.config.name, *e.config.aliases))), None)
             if name is None:
-                raise InvalidRequest("No model on this server has fill-in-the-middle tokens; "
-                                     "name one with 'model'.", param="model",
+                raise InvalidRequest("No model that this key may use has fill-in-the-middle "
+                                     "tokens: serve a FIM-trained model, or set 'fim' for one in "
+                                     "the configuration.", param="model",
                                      code="suffix_not_supported")
         model = self.settings.resolve(name) if isinstance(name, str) else None
         budget = model.fim_max_tokens if model is not None else 128
