@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import logging
 import re
 import socket
 from typing import Sequence
@@ -38,6 +39,7 @@ from server.errors import anthropic_body, error_body
 LOCAL_ORIGINS = (r"https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?",
                  r"https?://tauri\.localhost(:\d+)?",
                  r"(app|tauri|vscode-webview|vscode-file)://[^\s]*")
+log = logging.getLogger("vramgate.cors")
 EXPOSE = ("x-request-id", "retry-after", "x-vramgate-max-tokens")
 
 
@@ -76,6 +78,7 @@ def host_allowed(host: str, extra: Sequence[str], machine: Sequence[str]) -> boo
 
 
 def _refusal(path: str, message: str, code: str) -> Response:
+    log.warning("refused %s: %s", path, message)
     body = anthropic_body(403, message) if path.lower().startswith("/v1/messages") else \
         error_body(message, "permission_error", None, code)
     return Response(json.dumps(body), status_code=403, media_type="application/json",

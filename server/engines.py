@@ -197,6 +197,7 @@ class EngineProcess:
         url = self.launch.base_url + "/health"
         while True:
             if self.returncode is not None:
+                self.kill_group()
                 raise EngineStartError(f"engine for {self.name} exited with status "
                                        f"{self.returncode} before it was ready",
                                        log_tail=log_tail(self.log_path))
@@ -213,9 +214,21 @@ class EngineProcess:
             await asyncio.sleep(0.5)
 
     async def wait(self) -> int:
-        """Wait for the engine (its guard) to exit; returns the exit status."""
+        """Wait for the engine (its guard) to exit; returns the exit status. Whatever is left of
+        its process group is then killed: a guard that was itself killed (SIGKILL) could not stop
+        its engine, which would live on, holding memory, beside its replacement."""
         assert self.proc is not None
-        return await self.proc.wait()
+        rc = await self.proc.wait()
+        self.kill_group()
+        return rc
+
+    def kill_group(self) -> None:
+        """SIGKILL every process left in the engine's process group (the guard's own)."""
+        if self.proc is not None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
 
     async def stop(self) -> None:
         """Stop the engine and everything it started; returns once the guard has exited."""

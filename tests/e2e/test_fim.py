@@ -139,11 +139,15 @@ def test_a_hung_up_fim_stream_stops_the_engine(gw):
                        "max_tokens": 1500, "ignore_eos": True}).encode()
     sock = socket.create_connection(("127.0.0.1", gw.port), timeout=60)
     try:
-        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     b"Content-Type: application/json\r\n"
                      + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
         seen = b""
         while seen.count(b"data: {") < 3:  # tokens are flowing
-            seen += sock.recv(65536)
+            got = sock.recv(65536)
+            assert got, seen  # the gateway closed the connection
+            seen += got
+            assert not seen.startswith((b"HTTP/1.1 4", b"HTTP/1.1 5")), seen
         assert seen.startswith(b"HTTP/1.1 200") and b"text/event-stream" in seen
         assert engine_running(url) == 1.0
     finally:

@@ -365,8 +365,9 @@ def test_a_client_hanging_up_mid_body_is_a_quiet_499(gw):
     import socket
     body = json.dumps(chat("echo", max_tokens=2)).encode()
     with socket.create_connection(("127.0.0.1", gw.port)) as s:
-        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                  b"X-Request-ID: midbody-1\r\n" + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                  b"Content-Type: application/json\r\nX-Request-ID: midbody-1\r\n"
+                  + f"Content-Length: {len(body)}\r\n\r\n".encode()
                   + body[:-10])
         time.sleep(0.3)
     deadline = time.monotonic() + 5

@@ -245,8 +245,10 @@ def test_infill_warm_up_and_the_keys_own_model(gw):
 
 def test_a_crashed_replica_restarts_beside_the_one_that_serves(gw):
     reps = gw.client.get("/v1/models/multi").json()["replicas"]
-    victim = reps[0]["pid"]
-    os.kill(victim, signal.SIGKILL)
+    guard = reps[0]["pid"]  # the engine's guard process
+    engine = json.loads((gw.standin / f"multi@{reps[0]['url'].rsplit(':', 1)[1]}.json").read_text())["pid"]
+    os.kill(guard, signal.SIGKILL)  # the guard dies; its engine must not live on
+    wait_for(lambda: not psutil.pid_exists(engine) or psutil.Process(engine).status() == "zombie")
     wait_for(lambda: [r["state"] for r in gw.client.get("/v1/models/multi").json()["replicas"]]
              [0] == "unloaded")
 
