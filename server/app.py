@@ -8,13 +8,14 @@ import logging
 import signal
 import time
 from contextlib import asynccontextmanager
-from typing import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 
-from server import api
+from server import admin, api
 from server.auth import AuthMiddleware
 from server.cors import LOOPBACK_BINDS, Cors
 from server.requestid import RequestIdMiddleware
@@ -22,7 +23,9 @@ from server.config import Settings
 from server.errors import ConfigError
 from server.gpus import Inventory, make_inventory
 from server.metrics import Metrics
-from server.pool import Launcher, ModelPool, ModelState, default_launcher
+from server.books import ModelState
+from server.scheduler import Launcher, Scheduler
+from server.supervisor import GroupRecords
 from server.profile import read_profiles
 from server.proxy import new_session
 from server.validation import routes_for_task
@@ -30,9 +33,25 @@ from server.validation import routes_for_task
 log = logging.getLogger("vramgate.app")
 
 
-def create_app(settings: Settings, *, launcher: Launcher = default_launcher,
+@dataclass
+class GatewayState:
+    """What every request sees as ``request.state``: the scheduler (``pool``), the metrics, the
+    HTTP session to the engines, per-key request times for ``rpm`` (``rates``), the start time
+    (Unix seconds), the reload function and the engine responses being relayed."""
+
+    pool: Scheduler
+    metrics: Metrics
+    session: Any
+    rates: dict[str, Any]
+    started: int
+    reload: Callable[[], Awaitable[dict]]
+    upstreams: set
+
+
+def create_app(settings: Settings, *, launcher: Launcher | None = None,
                inventory: Inventory | None = None,
-               reload: Callable[[], Settings] | None = None) -> Starlette:
+               reload: Callable[[], Settings] | None = None,
+               clock: Callable[[], float] = time.monotonic) -> Starlette:
     """Build the gateway for ``settings``.
 
     ``inventory`` (default: NVML, or the simulated layout of ``settings.simulate_gpus``) and
@@ -48,7 +67,11 @@ def create_app(settings: Settings, *, launcher: Launcher = default_launcher,
         metrics = Metrics({m.name: routes_for_task(m.task) for m in settings.models},
                           [s.value for s in ModelState])
         profiles = await asyncio.to_thread(read_profiles, settings.models)
-        pool = ModelPool(settings, devices, launcher=launcher, events=metrics, profiles=profiles)
+        records = GroupRecords(settings.data_dir / "run" / "engines")
+        # Engines an earlier gateway on this data dir left running (it was killed) go first.
+        await asyncio.to_thread(records.reap)
+        pool = Scheduler(settings, devices, launcher=launcher, events=metrics, profiles=profiles,
+                         records=records, clock=clock)
         session = new_session()
 
         async def do_reload() -> dict:
@@ -69,12 +92,13 @@ def create_app(settings: Settings, *, launcher: Launcher = default_launcher,
                     await do_reload()
                 except ConfigError as exc:
                     log.error("configuration not reloaded: %s", exc)
-            pool._spawn(run(), "reload")
+            background.add(asyncio.ensure_future(run()))
 
         loop = asyncio.get_running_loop()
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(signal.SIGHUP, on_sighup)
         upstreams: set = set()  # engine responses being read, cut short before a forced exit
+        background: set = set()  # the reload and shutdown tasks, kept referenced
 
         def begin_shutdown() -> None:
             pool.begin_shutdown()
@@ -85,14 +109,14 @@ def create_app(settings: Settings, *, launcher: Launcher = default_launcher,
                 await asyncio.sleep(max(0.0, settings.shutdown_timeout - 1.0))
                 for resp in list(upstreams):
                     resp.close()
-            pool._spawn(cut_late(), "shutdown")
+            background.add(asyncio.ensure_future(cut_late()))
 
         # uvicorn's signal handler calls this; it only enqueues (see cli.GatewayServer).
         app.state.begin_shutdown = lambda: loop.call_soon_threadsafe(begin_shutdown)
         pool.start()
         try:
-            yield {"pool": pool, "metrics": metrics, "session": session, "gates": {}, "rates": {},
-                   "started": int(time.time()), "reload": do_reload, "upstreams": upstreams}
+            yield vars(GatewayState(pool, metrics, session, {}, int(time.time()), do_reload,
+                                    upstreams))
         finally:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.remove_signal_handler(signal.SIGHUP)
@@ -105,7 +129,7 @@ def create_app(settings: Settings, *, launcher: Launcher = default_launcher,
                              check_host=settings.host in LOOPBACK_BINDS),
                   Middleware(RequestIdMiddleware), Middleware(AuthMiddleware, auth=settings.auth),
                   Middleware(api.InferenceFastPath)]
-    app = Starlette(routes=api.routes, lifespan=lifespan, middleware=middleware,
+    app = Starlette(routes=api.routes + admin.routes, lifespan=lifespan, middleware=middleware,
                     exception_handlers={HTTPException: api.http_error, Exception: api.server_error})
     app.router.redirect_slashes = False
     return app

@@ -247,7 +247,7 @@ _simulate = click.option("--simulate-gpus", envvar="VRAMGATE_SIMULATE_GPUS", met
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def gpus(simulate_gpus: str | None, as_json: bool) -> None:
     """The devices on this machine (NVML, or a simulated layout) and the CPU."""
-    from server.api import inventory_view
+    from server.admin import inventory_view
     from server.gpus import make_inventory
 
     try:
@@ -278,7 +278,7 @@ def plan(config_path: Path | None, data_dir: Path | None, simulate_gpus: str | N
     tool-call parser and FIM format each model gets."""
     from server.gpus import make_inventory
     from server.placement import Plan
-    from server.pool import dry_run
+    from server.dryrun import dry_run
 
     from server.profile import read_profiles
 

@@ -16,8 +16,10 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
+import psutil
 
 from server.config import ModelConfig
 from server.errors import EngineStartError
@@ -133,6 +135,44 @@ def cpu_binding(models: tuple[ModelConfig, ...], cores: list[int]) -> dict[str, 
     return out
 
 
+GROUP_WAIT = 10.0  # seconds kill_group waits for the killed processes to be gone
+
+
+def group_members(pgid: int) -> list[int]:
+    """The live (not zombie) processes of process group ``pgid``."""
+    out = []
+    for proc in psutil.process_iter(["status"]):
+        try:
+            if proc.info["status"] != psutil.STATUS_ZOMBIE and os.getpgid(proc.pid) == pgid:
+                out.append(proc.pid)
+        except (ProcessLookupError, psutil.Error, OSError):
+            continue
+    return out
+
+
+def kill_group(pgid: int, wait: float = GROUP_WAIT) -> list[int]:
+    """SIGKILL every process of group ``pgid`` and wait (up to ``wait`` seconds) until none is
+    left alive; returns those still alive then (normally none). Blocking: run it in a thread."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            return []
+        left = group_members(pgid)
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.02)
+
+
+def cpu_list() -> list[int]:
+    """The CPU cores this process may run on (its affinity, which containers narrow)."""
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return list(range(os.cpu_count() or 1))
+
+
 def free_port(host: str = ENGINE_HOST) -> int:
     """A TCP port that was free on ``host`` a moment ago (the OS picks it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -160,8 +200,10 @@ class EngineProcess:
     itself has not exited ``grace + 10`` seconds later). ``wait()`` returns the engine's exit status.
     """
 
-    def __init__(self, name: str, launch: EngineLaunch, log_path: Path, *, grace: float) -> None:
+    def __init__(self, name: str, launch: EngineLaunch, log_path: Path, *, grace: float,
+                 records: Any = None) -> None:
         self.name = name
+        self.records = records  # server.supervisor.GroupRecords: where its process group is noted
         self.launch = launch
         self.log_path = log_path
         self.grace = grace
@@ -186,8 +228,14 @@ class EngineProcess:
                 sys.executable, "-m", "server.guard", str(self.grace), "--", *self.launch.argv,
                 stdin=asyncio.subprocess.PIPE, stdout=log, stderr=asyncio.subprocess.STDOUT,
                 start_new_session=True, env={**os.environ, **self.launch.env})
+        if self.records is not None:
+            self.records.record(self.proc.pid, self.name)
 
-    async def wait_healthy(self, timeout: float, client: httpx.AsyncClient) -> float:
+    @property
+    def base_url(self) -> str:
+        return self.launch.base_url
+
+    async def ready(self, timeout: float, client: httpx.AsyncClient) -> float:
         """Poll ``/health`` until 200; returns the seconds it took.
 
         Raises :class:`EngineStartError` (with the log's last lines) when the process exits first or
@@ -197,7 +245,7 @@ class EngineProcess:
         url = self.launch.base_url + "/health"
         while True:
             if self.returncode is not None:
-                self.kill_group()
+                await self.exited()
                 raise EngineStartError(f"engine for {self.name} exited with status "
                                        f"{self.returncode} before it was ready",
                                        log_tail=log_tail(self.log_path))
@@ -213,27 +261,30 @@ class EngineProcess:
                                        log_tail=log_tail(self.log_path))
             await asyncio.sleep(0.5)
 
-    async def wait(self) -> int:
-        """Wait for the engine (its guard) to exit; returns the exit status. Whatever is left of
-        its process group is then killed: a guard that was itself killed (SIGKILL) could not stop
-        its engine, which would live on, holding memory, beside its replacement."""
+    async def exited(self) -> str:
+        """Wait until the engine is gone, all of it; says how it ended (``exited with status N``).
+
+        When the guard exits, whatever is left of its process group is SIGKILLed and waited for: a
+        guard that was itself killed could not stop its engine, whose vLLM ``EngineCore`` would
+        live on, holding memory, beside its replacement."""
         assert self.proc is not None
         rc = await self.proc.wait()
-        self.kill_group()
-        return rc
+        await self._reap()
+        return f"exited with status {rc}"
 
-    def kill_group(self) -> None:
-        """SIGKILL every process left in the engine's process group (the guard's own)."""
-        if self.proc is not None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+    async def _reap(self) -> None:
+        assert self.proc is not None
+        await asyncio.to_thread(kill_group, self.proc.pid)
+        if self.records is not None:
+            self.records.forget(self.proc.pid)
 
     async def stop(self) -> None:
-        """Stop the engine and everything it started; returns once the guard has exited."""
+        """Stop the engine and everything it started; returns once all of it is gone."""
         proc = self.proc
-        if proc is None or proc.returncode is not None:
+        if proc is None:
+            return
+        if proc.returncode is not None:
+            await self._reap()  # the guard is gone; what it started may not be
             return
         try:
             if proc.stdin is not None:
@@ -244,8 +295,6 @@ class EngineProcess:
         try:
             await asyncio.wait_for(proc.wait(), self.grace + 10)
         except asyncio.TimeoutError:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            await proc.wait()
+            pass
+        await self._reap()
+        await proc.wait()

@@ -24,7 +24,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from server import infill
-from server.admission import PRIORITIES, ModelGate, parse_priority, rate_check
+from server.admission import PRIORITIES, parse_priority, rate_check
 from server.auth import SCOPE_KEY, allowed
 from server.errors import (InvalidRequest, ModelNotFound, PermissionDenied, RateLimited,
                            VramgateError, anthropic_body, normalize_upstream_error)
@@ -78,21 +78,8 @@ def affinity_key(route: str, body: dict[str, Any]) -> str:
     return text[:AFFINITY_CHARS]
 
 
-def gate_for(state: Any, model: Any) -> ModelGate:
-    """The model's admission gate, made anew when its limits changed (a configuration reload)."""
-    gate = state.gates.get(model.name)
-    limits = (model.max_concurrency, model.max_queue, model.queue_timeout)
-    if gate is None or (gate.max_concurrency, gate.max_queue, gate.timeout) != limits:
-        gate = state.gates[model.name] = ModelGate(*limits)
-    return gate
-
-
-def _drop(acquiring: asyncio.Future) -> None:
-    """Undo a lease acquisition that nobody will use: cancel it, or release what it got."""
-    if not acquiring.done():
-        acquiring.cancel()
-    elif not acquiring.cancelled() and acquiring.exception() is None:
-        acquiring.result().release()
+async def _wait(fut: asyncio.Future) -> Any:
+    return await fut
 
 
 class Exchange:
@@ -150,7 +137,6 @@ class Exchange:
         """Serve the request; every outcome is a response (and one :meth:`done`)."""
         try:
             await self._prepare()
-            await self._admit()
             lease = await self._lease()
             if lease is None:
                 return self._waiting()
@@ -171,7 +157,7 @@ class Exchange:
         name = body.get("model")
         if name is None:  # llama.cpp serves one model: the first this key may use that fills in
             key = self.request.scope.get(SCOPE_KEY)
-            name = next((e.config.name for e in self.pool.entries.values()
+            name = next((e.config.name for e in self.pool.models().values()
                          if e.profile.fim is not None
                          and allowed(key, (e.config.name, *e.config.aliases))), None)
             if name is None:
@@ -207,7 +193,7 @@ class Exchange:
                 raise RateLimited(f"Rate limit reached: {key.rpm} requests per minute for this key. "
                                   f"Try again in {wait:.1f} s.", retry_after=wait)
             times.append(time.monotonic())
-        entry = self.pool.entries.get(model.name)
+        entry = self.pool.models().get(model.name)
         prof = entry.profile if entry is not None else profile(model, UNKNOWN)
         if self.engine_route == "/v1/completions" and body.get("suffix") is not None:
             self.fim = True
@@ -216,16 +202,6 @@ class Exchange:
         elif self.engine_route in STOP_ROUTES:
             self.rewritten = special_stops(body, prof.files)
         self.raw, self.parsed, self.model = raw, parsed, model
-
-    async def _admit(self) -> None:
-        header = self.request.headers.get("x-priority")
-        priority = PRIORITIES["interactive"] if self.fim and header is None else parse_priority(header)
-        gate = gate_for(self.state, self.model)
-        # The common case (a free slot, a ready engine) awaits nothing here; only a real wait is
-        # raced against the client hanging up.
-        if not gate.try_enter():
-            await until_disconnect(gate.enter(priority), self.request.receive, lambda _: gate.leave())
-        self.cleanups.append(gate.leave)
 
     # ---- the engine ---------------------------------------------------------------------------
     def _leased(self, lease: Any, into: list[Callable[[], None]]) -> Any:
@@ -236,37 +212,36 @@ class Exchange:
         return lease
 
     async def _lease(self) -> Any:
-        """A lease on a ready engine; ``None`` for a stream still waiting after
-        :data:`COMMIT_AFTER` seconds (its acquisition goes on in ``self.acquiring``)."""
-        name, receive = self.model.name, self.request.receive
+        """A lease on a ready engine, from the scheduler, at the request's priority (``X-Priority``;
+        FIM requests default to interactive). ``None`` for a stream whose engine is still loading
+        after :data:`COMMIT_AFTER` seconds (the request goes on waiting in ``self.acquiring``)."""
+        header = self.request.headers.get("x-priority")
+        priority = PRIORITIES["interactive"] if self.fim and header is None else parse_priority(header)
         affinity = affinity_key(self.engine_route, self.parsed.body) if self.model.replicas > 1 else None
-        lease = self.pool.try_acquire(name, affinity)
-        if lease is not None:
-            return self._leased(lease, self.cleanups)
-        if not self.parsed.stream or self.settings.stream_keepalive <= 0:
-            lease = await until_disconnect(self.pool.acquire(name, affinity=affinity), receive,
-                                           lambda l: l.release())
-            return self._leased(lease, self.cleanups)
-        acquiring = asyncio.ensure_future(self.pool.acquire(name, affinity=affinity))
+        sched, name, receive = self.pool, self.model.name, self.request.receive
+        wid, fut = sched.request(name, priority, affinity)
         try:
-            while True:  # only a cold start gets keep-alives; a wait for room ends in plain JSON
-                await until_disconnect(asyncio.wait({acquiring}, timeout=COMMIT_AFTER), receive)
-                if acquiring.done():
-                    return self._leased(acquiring.result(), self.cleanups)
-                if self.pool.loading(name):
-                    break
+            # The scheduler's task runs before this one resumes: a ready engine's lease (the
+            # common case) is granted by then, and no watcher for a hang-up is needed.
+            await asyncio.sleep(0)
+            if not fut.done() and (not self.parsed.stream or self.settings.stream_keepalive <= 0):
+                await until_disconnect(_wait(fut), receive, lambda lease: lease.release())
+            while not fut.done():  # only a cold start gets keep-alives; a wait for room ends in JSON
+                await until_disconnect(asyncio.wait({fut}, timeout=COMMIT_AFTER), receive)
+                if not fut.done() and sched.loading(name):
+                    self.acquiring = (wid, fut)
+                    return None
         except BaseException:
-            _drop(acquiring)
+            sched.withdraw(wid, fut)
             raise
-        self.acquiring = acquiring
-        return None
+        return self._leased(fut.result(), self.cleanups)
 
     async def _forward(self, lease: Any, into: list[Callable[[], None]]
                        ) -> tuple[aiohttp.ClientResponse, bytes]:
         body = self.rewritten
         if self.model.max_tokens_policy == "fit":
             fitted, note = fit_output(body or self.parsed.body, self.engine_route,
-                                      lease.replica.max_model_len)
+                                      lease.max_model_len)
             if fitted is not None:
                 body = fitted
                 if self.route == "/infill":  # the client's own name for it
@@ -332,15 +307,17 @@ class Exchange:
             itl = self.metrics.itl.labels(self.label)
             for gap in tap.gaps:
                 itl.observe(gap)
-            self.done(outcome["status"] if complete else 499, tap.tokens)
+            # A client that hangs up once it has the stream's last event (Codex does, after
+            # response.completed) got its whole answer.
+            self.done(outcome["status"] if complete or tap.finished else 499, tap.tokens)
         return finalize
 
     def _waiting(self) -> RelayResponse:
         """The stream of a request whose engine is not ready yet: keep-alives while the lease
         is acquired, then the engine's events (or the route's error event)."""
         held, self.cleanups = self.cleanups, []
-        acquiring = self.acquiring
-        held.append(lambda: _drop(acquiring))
+        wid, acquiring = self.acquiring
+        held.append(lambda: self.pool.withdraw(wid, acquiring))
         tap, outcome = self._tap(), {"status": 200}
 
         async def content() -> AsyncIterator[bytes]:

@@ -50,7 +50,7 @@ class Metrics:
                               ["model", "kind"], namespace=ns, registry=self.registry)
         self.in_flight = Gauge("requests_in_flight", "Requests holding a lease on an engine.",
                                ["model"], namespace=ns, registry=self.registry)
-        self.queued = Gauge("requests_queued", "Requests waiting for a concurrency slot.",
+        self.queued = Gauge("requests_queued", "Requests waiting for an engine: a concurrency slot, a loading engine or room.",
                             ["model"], namespace=ns, registry=self.registry)
         self.rejections = Counter("rejections", "Requests refused before the engine, by reason "
                                   "(queue_full, queue_timeout, rate_limit_exceeded, ...).",

@@ -101,6 +101,7 @@ class StreamTap:
         self.flavor, self.null_usage, self.drop_usage = flavor, null_usage, drop_usage
         self.tokens: dict[str, int] = {}
         self.gaps: list[float] = []
+        self.finished = False  # the stream's terminal event has been handed on (flavor.complete)
         self._last: float | None = None
 
     def feed(self, events: list[bytes], now: float) -> list[bytes]:
@@ -119,6 +120,8 @@ class StreamTap:
                     self.gaps.append(now - self._last)
                 self._last = now
             out.append(with_null_usage(event) if self.null_usage else event)
+        if out and self.flavor.complete(out[-1]):
+            self.finished = True
         return out
 
 

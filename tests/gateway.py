@@ -43,6 +43,17 @@ def wait_gone(pids: list[int], timeout: float) -> list[int]:
     return [p for p in pids if alive(p)]
 
 
+def wait_for(cond, timeout: float = 10.0) -> bool:
+    """Wait up to ``timeout`` seconds for ``cond()`` to be true (checked every 50 ms); returns
+    whether it became true."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.05)
+    return cond()
+
+
 def describe(pids: list[int]) -> list[str]:
     """``pid status cmdline`` of each process, for assertion messages."""
     out = []

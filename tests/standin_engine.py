@@ -14,6 +14,8 @@ Its behaviour comes from the model path, ``standin:MODE[,MODE...]``:
 - ``ignore-sigterm``      ignore SIGTERM (only SIGKILL ends it)
 - ``delay=S``             seconds between chunks (and before a non-streamed answer: S × max_tokens)
 - ``context=N``           the ``max_model_len`` its ``GET /v1/models`` reports (default 4096)
+- ``fork-core``           start a child in its own process group that ignores SIGTERM, as vLLM's
+                          ``EngineCore`` lives beside its API server (its pid: ``core_pid``)
 
 It writes ``$STANDIN_DIR/<served name>.json`` (and ``<served name>@<port>.json``, one per replica)
 after every change: pid, port, argv, counters (``started``, ``completed``, ``aborted``,
@@ -209,6 +211,12 @@ def main(argv: list[str]) -> None:
         sys.exit(3)
     if "ignore-sigterm" in standin.modes:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if "fork-core" in standin.modes:
+        import subprocess
+        core = subprocess.Popen([sys.executable, "-c", "import signal, time; "
+                                 "signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(1e6)"])
+        standin.stats["core_pid"] = core.pid
+        standin.save()
     app = web.Application()
     app.router.add_get("/health", standin.health)
     app.router.add_get("/metrics", standin.metrics)

@@ -13,7 +13,6 @@ process that does what a vLLM worker does with memory: create its CUDA context, 
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys

@@ -320,7 +320,7 @@ def test_access_log_line_and_engine_logs(gw):
                  "completion_tokens=3", "duration_s="):
         assert part in line, line
     logs = gw.client.get("/admin/models/echo/logs", params={"lines": 5}).text
-    assert "echo.log" in logs and "standin: echo listening" in gw.client.get(
+    assert "/logs/echo." in logs and "standin: echo listening" in gw.client.get(
         "/admin/models/echo/logs").text
     from click.testing import CliRunner
 

@@ -13,7 +13,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.gateway import Gateway, alive, standin_gateway
+from tests.gateway import Gateway, alive, standin_gateway, wait_for
 
 
 
@@ -22,21 +22,13 @@ def chat(model: str, **kw) -> dict:
 
 
 def starts(gw: Gateway, name: str) -> int:
-    path = gw.tmp / "data" / "logs" / f"{name}.log"
-    return path.read_text().count("=== vramgate: starting") if path.exists() else 0
+    """Engine starts of ``name``, counted in its log files (one per gateway instance)."""
+    return sum(p.read_text().count("=== vramgate: starting")
+               for p in (gw.tmp / "data" / "logs").glob(f"{name}.*.log"))
 
 
 def stats(gw: Gateway, name: str) -> dict:
     return json.loads((gw.tmp / "standin" / f"{name}.json").read_text())
-
-
-def wait_for(cond, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return cond()
 
 
 def gateway(tmp_path, models, **top) -> Gateway:

@@ -1,9 +1,8 @@
-import asyncio
 from collections import deque
 
 import pytest
 
-from server.admission import CapacityError, ModelGate, decide, parse_priority, rate_check
+from server.admission import decide, parse_priority, rate_check
 
 
 def test_decide():
@@ -26,53 +25,6 @@ def test_rate_check_sliding_window():
 def test_priority_names():
     assert parse_priority("interactive") < parse_priority(None) < parse_priority("batch")
     assert parse_priority("3") == 3 and parse_priority("nonsense") == parse_priority("normal")
-
-
-def test_gate_orders_by_priority_then_arrival_and_hands_slots_on():
-    async def go():
-        gate = ModelGate(1, 10, timeout=5)
-        await gate.enter(5)
-        order: list[str] = []
-
-        async def wait(name: str, prio: int) -> None:
-            await gate.enter(prio)
-            order.append(name)
-
-        tasks = [asyncio.create_task(wait(n, p)) for n, p in
-                 (("batch1", 10), ("normal1", 5), ("interactive", 0), ("normal2", 5))]
-        await asyncio.sleep(0)
-        assert gate.queued == 4 and gate.running == 1
-        for _ in range(4):
-            gate.leave()
-            await asyncio.sleep(0)
-        await asyncio.gather(*tasks)
-        assert order == ["interactive", "normal1", "normal2", "batch1"]
-        assert gate.running == 1
-        gate.leave()
-        assert gate.running == 0 and gate.queued == 0
-    asyncio.run(go())
-
-
-def test_gate_rejects_when_full_and_times_out_and_forgets_cancelled_waiters():
-    async def go():
-        gate = ModelGate(1, 1, timeout=0.05)
-        await gate.enter(0)
-        waiter = asyncio.create_task(gate.enter(0))
-        await asyncio.sleep(0)
-        with pytest.raises(CapacityError) as info:
-            await gate.enter(0)
-        assert info.value.code == "queue_full" and info.value.status == 503
-        with pytest.raises(CapacityError) as info:
-            await waiter
-        assert info.value.code == "queue_timeout"
-        cancelled = asyncio.create_task(gate.enter(0))
-        await asyncio.sleep(0)
-        cancelled.cancel()
-        await asyncio.gather(cancelled, return_exceptions=True)
-        assert gate.queued == 0
-        gate.leave()
-        assert gate.running == 0
-    asyncio.run(go())
 
 
 def test_prefix_affinity_keeps_a_prompt_on_one_replica_until_it_is_overloaded():

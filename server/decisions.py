@@ -1,0 +1,344 @@
+"""The scheduler's decisions (pure): its books and the clock in, the effects to carry out out.
+
+:func:`step` looks at every model, replica and waiting request and returns a list of actions
+(:class:`Grant`, :class:`Refuse`, :class:`Start`, :class:`Place`, :class:`Launch`,
+:class:`Stop`, :class:`Forget`, :class:`Apply`); the scheduler carries them out and calls it again
+until it returns nothing. No I/O, no clock (``now`` is an argument, seconds), no asyncio.
+
+The rules, in the order :func:`step` applies them:
+
+- **Drain.** A replica marked to drain (an unload, a reload) stops once its leases end.
+- **Grant.** Waiters get ready replicas in priority order (lower ``priority`` first, then arrival),
+  never more than ``max_concurrency`` leases on a model (its limit as configured *now*, so a reload
+  that lowers it never lets more run). The replica is :func:`~server.lifecycle.pick_replica`'s.
+- **Refuse.** A waiter is refused when its model was removed (404), gave up after failures, is
+  backing off after a failure, has waited ``queue_timeout`` for a slot, ``place_wait_timeout`` for
+  room, or its deadline (``load_wait_timeout``) for a loading engine.
+- **Start.** A model with waiters and no engine up or coming starts its replicas (single flight).
+  Models are considered best waiter first, and a model whose best waiter has a *lower* priority
+  than a model still waiting for room starts nothing: a batch request never takes room, by a cold
+  start or an eviction, that an interactive one waits for.
+- **Place.** Replicas queued for placement are placed one at a time (so each plan sees the one
+  before in the books: cases C16), best waiter first; :func:`place` decides where.
+- **Launch.** A placed replica starts once the engines it evicts have stopped, and when no other
+  engine is starting on one of its GPUs.
+- **Reap.** Ready replicas idle past their model's ``ttl`` stop (``lifecycle.idle_expired``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+from server.books import ModelBook, ModelState, Phase, ReplicaBook, WaiterBook, bookings
+from server.errors import CapacityError, ModelNotFound, ModelUnavailable, VramgateError
+from server.lifecycle import ReplicaView, idle_expired, pick_replica, restart_delay
+from server.placement import NoFit, Plan, Policy, Requirement, plan
+from server.gpus import Snapshot
+
+FAILURE_MEMORY = 3600.0  # seconds a failure is remembered for the back-off
+
+
+@dataclass(frozen=True)
+class Grant:
+    waiter: int
+    replica: str
+
+
+@dataclass(frozen=True)
+class Refuse:
+    waiter: int
+    error: VramgateError
+
+
+@dataclass(frozen=True)
+class Start:
+    model: str
+    indices: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Place:
+    replica: str
+
+
+@dataclass(frozen=True)
+class Launch:
+    replica: str
+
+
+@dataclass(frozen=True)
+class Stop:
+    replica: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Forget:
+    model: str
+
+
+@dataclass(frozen=True)
+class Apply:
+    model: str
+
+
+Action = Grant | Refuse | Start | Place | Launch | Stop | Forget | Apply
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """The waits that end in a 503: for room (``place_wait``), seconds."""
+
+    place_wait: float = 10.0
+
+
+def admit(book: ModelBook | None, queued: int, name: str) -> VramgateError | None:
+    """Whether one more request for ``book`` may wait (``None``) or the error refusing it:
+    404 for a model removed by a reload, 503 ``queue_full`` when ``max_concurrency`` requests run
+    or wait for an engine and ``max_queue`` more already wait (what the old admission gate let in).
+    ``queued``: the requests already waiting for it."""
+    if book is None or book.retiring:
+        return ModelNotFound(name)
+    cfg = book.config
+    if cfg.max_concurrency is not None and cfg.max_queue is not None and \
+            book.leases + queued >= cfg.max_concurrency + cfg.max_queue:
+        waiting = max(0, queued - max(0, cfg.max_concurrency - book.leases))
+        return CapacityError(f"the queue for this model is full ({waiting} waiting, "
+                             f"{book.leases} running)", code="queue_full", retry_after=1)
+    return None
+
+
+def by_model(waiters: Iterable[WaiterBook]) -> dict[str, list[WaiterBook]]:
+    """Waiters per model, each list in serving order (priority, then arrival)."""
+    out: dict[str, list[WaiterBook]] = {}
+    for w in sorted(waiters, key=lambda w: (w.priority, w.seq)):
+        out.setdefault(w.model, []).append(w)
+    return out
+
+
+def servable(rep: ReplicaBook) -> bool:
+    return rep.state == ModelState.READY and not rep.drain
+
+
+def views(book: ModelBook, extra: dict[str, int] | None = None) -> list[ReplicaView]:
+    """The replicas as ``lifecycle``'s policies take them; ``extra`` leases counted per key."""
+    extra = extra or {}
+    return [ReplicaView(r.key, r.model, servable(r), r.leases + extra.get(r.key, 0), r.last_used)
+            for r in book.replicas]
+
+
+def grants(books: dict[str, ModelBook], queues: dict[str, list[WaiterBook]]) -> list[Grant]:
+    """Leases for waiters, best first, within each model's ``max_concurrency``."""
+    out = []
+    for name, queue in queues.items():
+        book = books.get(name)
+        if book is None or book.retiring or book.pending is not None:
+            continue
+        limit, taken, extra = book.config.max_concurrency, book.leases, {}
+        for w in queue:
+            if limit is not None and taken >= limit:
+                break
+            key = pick_replica(views(book, extra), w.affinity)
+            if key is None:
+                break
+            extra[key] = extra.get(key, 0) + 1
+            taken += 1
+            out.append(Grant(w.id, key))
+    return out
+
+
+def busy(book: ModelBook) -> bool:
+    """Whether an engine of the model is coming or going (loading or stopping)."""
+    return any(r.state in (ModelState.LOADING, ModelState.STOPPING) for r in book.replicas)
+
+
+def refusal(book: ModelBook | None, w: WaiterBook, now: float, t: Timeouts) -> VramgateError | None:
+    """Why waiter ``w`` must be answered with an error now, or ``None`` (it waits on)."""
+    if book is None or book.retiring:
+        return ModelNotFound(w.model)
+    if book.pending is not None:
+        return None  # restarting with a new configuration: the deadline below still counts
+    if book.gave_up:
+        return book.error or ModelUnavailable(f"the model {w.model} failed", retry_after=60)
+    if any(servable(r) for r in book.replicas):  # at its concurrency limit
+        limit = book.config.queue_timeout
+        return CapacityError(f"waited {limit:g} s in the queue for this model",
+                             code="queue_timeout", retry_after=1) if now - w.arrived >= limit else None
+    if book.nofit is not None and w.room_since is not None and now - w.room_since >= t.place_wait:
+        return book.nofit
+    if now >= w.deadline:
+        if book.nofit is not None:
+            return book.nofit
+        return ModelUnavailable(f"the model {w.model} is still loading after "
+                                f"{w.deadline - w.arrived:g} s", retry_after=10)
+    if not busy(book) and book.error is not None:
+        delay = restart_delay(book.failures, now)
+        if delay:
+            return ModelUnavailable(
+                f"{w.model} failed {len(book.failures)} time(s) recently; it restarts in "
+                f"{delay:.0f} s. Last failure: {book.error.message}", retry_after=delay,
+                code=book.error.code)
+    return None
+
+
+def wants_start(book: ModelBook) -> bool:
+    """Whether a model with waiters should start its engines now (none up or coming, not
+    waiting for room that has not appeared)."""
+    if book.retiring or book.pending is not None or book.gave_up or busy(book):
+        return False
+    if any(r.state == ModelState.READY for r in book.replicas):
+        return False
+    return book.nofit is None or book.retry
+
+
+def starts(books: dict[str, ModelBook], queues: dict[str, list[WaiterBook]]) -> list[Start]:
+    """Cold starts, best waiter first; none for a model whose best waiter ranks below one that
+    waits for room (module docstring)."""
+    ranked = sorted(((q[0].priority, q[0].seq, name) for name, q in queues.items() if q))
+    out, room_wait = [], None
+    for priority, _, name in ranked:
+        book = books.get(name)
+        if book is None:
+            continue
+        if room_wait is not None and priority > room_wait:
+            break
+        if wants_start(book):
+            out.append(Start(name, tuple(r.index for r in book.replicas
+                                         if r.state == ModelState.UNLOADED)))
+        elif book.nofit is not None and not busy(book):
+            room_wait = priority if room_wait is None else room_wait
+    return out
+
+
+def restarts(books: dict[str, ModelBook], queues: dict[str, list[WaiterBook]],
+             now: float) -> list[Start]:
+    """Crashed replicas of a model whose other replicas serve: started again once the back-off
+    has passed, while the model has requests (a model that gave up waits for a load by hand)."""
+    out = []
+    for name, book in books.items():
+        crashed = tuple(r.index for r in book.replicas
+                        if r.crashed and r.state == ModelState.UNLOADED)
+        if crashed and not book.gave_up and not book.retiring and book.pending is None and \
+                (book.leases or queues.get(name)) and restart_delay(book.failures, now) == 0:
+            out.append(Start(name, crashed))
+    return out
+
+
+def next_placement(books: dict[str, ModelBook], queues: dict[str, list[WaiterBook]]) -> list[Place]:
+    """The queued replica to place next (best waiter of its model first), unless one is being
+    placed now."""
+    reps = [(b, r) for b in books.values() for r in b.replicas]
+    if any(r.phase == Phase.PLACING for _, r in reps):
+        return []
+    queued = [(b, r) for b, r in reps if r.phase == Phase.QUEUED]
+    if not queued:
+        return []
+
+    def rank(item: tuple[ModelBook, ReplicaBook]) -> tuple[int, int, int]:
+        q = queues.get(item[0].name)
+        return (q[0].priority, q[0].seq, item[1].index) if q else (1 << 30, 0, item[1].index)
+    return [Place(min(queued, key=rank)[1].key)]
+
+
+def launches(books: dict[str, ModelBook]) -> list[Launch]:
+    """Placed replicas whose evicted engines are gone, one starting engine per GPU at a time."""
+    reps = [r for b in books.values() for r in b.replicas]
+    starting = {d for r in reps if r.phase == Phase.STARTING for d in r.devices if d != "cpu"}
+    out = []
+    for r in reps:
+        if r.phase == Phase.BOOKED and not r.after:
+            gpus = {d for d in r.devices if d != "cpu"}
+            if gpus & starting:
+                continue
+            starting |= gpus
+            out.append(Launch(r.key))
+    return out
+
+
+def drains(books: dict[str, ModelBook]) -> list[Stop]:
+    """Replicas marked to drain whose leases have ended."""
+    return [Stop(r.key, r.stop_reason) for b in books.values() for r in b.replicas
+            if r.drain and not r.stop_sent and r.leases == 0 and r.state != ModelState.UNLOADED]
+
+
+def settled(books: dict[str, ModelBook]) -> list[Forget | Apply]:
+    """Models removed or reconfigured by a reload whose engines have all stopped."""
+    out: list[Forget | Apply] = []
+    for name, book in books.items():
+        if all(r.state == ModelState.UNLOADED and r.phase == Phase.IDLE for r in book.replicas):
+            if book.retiring:
+                out.append(Forget(name))
+            elif book.pending is not None:
+                out.append(Apply(name))
+    return out
+
+
+def reap(books: dict[str, ModelBook], queues: dict[str, list[WaiterBook]], now: float) -> list[Stop]:
+    """Ready replicas idle past their model's ``ttl``."""
+    all_views = [v for b in books.values() for v in views(b)]
+    ttl = {name: b.config.ttl for name, b in books.items()}
+    waiting = {name: len(q) for name, q in queues.items()}
+    return [Stop(key, "idle") for key in idle_expired(all_views, ttl, waiting, now)]
+
+
+def step(books: dict[str, ModelBook], waiters: Sequence[WaiterBook], now: float,
+         timeouts: Timeouts = Timeouts()) -> list[Action]:
+    """Everything to do now (module docstring), in that order. Grants come first, so a waiter
+    that can be served is never refused; refused waiters trigger no start."""
+    queues = by_model(waiters)
+    out: list[Action] = [*drains(books), *settled(books)]
+    granted = grants(books, queues)
+    out += granted
+    done = {g.waiter for g in granted}
+    for w in waiters:
+        if w.id not in done:
+            error = refusal(books.get(w.model), w, now, timeouts)
+            if error is not None:
+                out.append(Refuse(w.id, error))
+                done.add(w.id)
+    queues = by_model(w for w in waiters if w.id not in done)
+    out += starts(books, queues)
+    out += restarts(books, queues, now)
+    out += next_placement(books, queues)
+    out += launches(books)
+    out += reap(books, queues, now)
+    return out
+
+
+def next_wake(books: dict[str, ModelBook], waiters: Sequence[WaiterBook], now: float,
+              timeouts: Timeouts = Timeouts()) -> float | None:
+    """The earliest clock time at which :func:`step` may decide something new without any
+    message arriving (a deadline, a back-off ending, a ttl passing); ``None``: nothing pending."""
+    times: list[float] = []
+    for w in waiters:
+        book = books.get(w.model)
+        times.append(w.deadline)
+        if book is None:
+            continue
+        times.append(w.arrived + book.config.queue_timeout)
+        if w.room_since is not None:
+            times.append(w.room_since + timeouts.place_wait)
+    for book in books.values():
+        if book.failures and book.error is not None:
+            delay = restart_delay(book.failures, now)
+            if delay:
+                times.append(now + delay)
+        for r in book.replicas:
+            if servable(r) and r.leases == 0 and book.config.ttl > 0:
+                times.append(r.last_used + book.config.ttl)
+    future = [t for t in times if t > now]
+    return min(future) if future else None
+
+
+def failure(book: ModelBook, now: float) -> bool:
+    """Book one engine failure at ``now``; returns whether the model gives up
+    (``lifecycle.MAX_FAILURES`` within the window)."""
+    book.failures = [t for t in book.failures if now - t < FAILURE_MEMORY] + [now]
+    return restart_delay(book.failures, now) is None
+
+
+def place(books: dict[str, ModelBook], waiting: dict[str, int], key: str, req: Requirement,
+          snap: Snapshot, policy: Policy) -> Plan | NoFit:
+    """Where replica ``key`` goes on ``snap``, given every other reservation in the books."""
+    return plan(req, snap.devices, bookings(books, waiting, exclude=key), policy)

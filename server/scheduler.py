@@ -1,0 +1,297 @@
+"""The scheduler: one asyncio task owns every model, replica, lease and waiting request.
+
+Everything else sends it messages (:meth:`Scheduler.request`, :meth:`Lease.release`, load,
+unload, reconfigure, shutdown; engines report ready, failed, exited and stopped) and reads frozen
+views (:meth:`Scheduler.models`). After each batch of messages the task asks the pure decisions
+(``server.decisions.step``) what to do and carries that out: it grants leases, refuses waiters,
+queues placements, and starts and stops engines as tasks (``server.supervisor``) whose ends come
+back as messages, so a slow engine stop never holds up anything else.
+
+- Models start ``unloaded`` unless ``preload``; the first request places and starts every replica
+  and concurrent requests wait for that one start (single flight, cases C13).
+- ``X-Priority`` orders every wait: for a concurrency slot, for a loading engine, for room; a
+  lower-priority request never cold-starts or evicts ahead of a higher one (``decisions``).
+- Idle replicas unload ``ttl`` seconds after their last request ended. When a model does not fit,
+  idle engines are evicted least recently used first; when no room can be made requests wait up
+  to ``place_wait_timeout`` for capacity, then get 503 with ``Retry-After``.
+- An engine that exits or fails its health checks fails its streams and is restarted by the next
+  request after a back-off (``lifecycle.restart_delay``); after ``lifecycle.MAX_FAILURES`` failures
+  the model shows ``failed`` with its log's last lines until it is loaded by hand or reloaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import logging
+import time
+from typing import Any, Awaitable, Callable, Mapping
+
+import httpx
+
+from server import decisions as d
+from server.books import ModelBook, ModelState, ModelView, ReplicaBook, WaiterBook, \
+    bookings, model_view
+from server.config import ModelConfig, Settings
+from server.engines import EngineLaunch, EngineProcess
+from server.gpus import Inventory, Snapshot
+from server.modelfiles import UNKNOWN
+from server.placement import Booking, Policy
+from server.profile import Profile, profile
+from server.scheduler_actions import Actions
+from server.scheduler_messages import Messages
+from server.supervisor import GroupRecords, Usage, read_snapshot
+
+log = logging.getLogger("vramgate.pool")
+NORMAL = 5  # the priority of a request that does not say (admission.PRIORITIES["normal"])
+Launcher = Callable[[str, EngineLaunch, Settings], Any]
+
+
+def default_launcher(name: str, launch: EngineLaunch, settings: Settings,
+                     records: GroupRecords | None = None) -> EngineProcess:
+    """The local engine process (under ``server.guard``), logging to a file of its own for this
+    gateway instance."""
+    suffix = f".{records.instance}" if records else ""
+    return EngineProcess(name, launch, settings.log_dir / f"{name.replace('/', '_')}{suffix}.log",
+                         grace=settings.engine_stop_grace, records=records)
+
+
+class Events:
+    """Receives the scheduler's lifecycle events (the metrics implement it); this one ignores them."""
+
+    def engine_started(self, model: str) -> None: ...
+    def engine_failed(self, model: str) -> None: ...
+    def engine_stopped(self, model: str, reason: str) -> None: ...
+    def engine_ready(self, model: str, seconds: float) -> None: ...
+
+
+class Lease:
+    """The right to send one request to a ready replica; ``release()`` exactly once when done
+    (more calls do nothing). ``base_url`` is the engine's; ``max_model_len`` its context (tokens)."""
+
+    __slots__ = ("key", "run", "base_url", "max_model_len", "released", "_send")
+
+    def __init__(self, send: Callable[..., None], key: str, run: int, base_url: str,
+                 max_model_len: int | None) -> None:
+        self._send, self.key, self.run = send, key, run
+        self.base_url, self.max_model_len, self.released = base_url, max_model_len, False
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self._send("release", self.key, self.run)
+
+
+class Scheduler(Messages, Actions):
+    """Models and their engines, by canonical name. Create inside the running event loop; call
+    :meth:`start` once, :meth:`stop_all` at the end. ``clock`` gives seconds (monotonic);
+    ``launcher(name, launch, settings)`` builds an :class:`~server.supervisor.Engine`;
+    ``offload(fn, *args)`` runs the blocking inventory and model-file reads (default: a thread).
+    ``records`` notes each engine's process group for reaping after a crash of the gateway."""
+
+    def __init__(self, settings: Settings, inventory: Inventory, *,
+                 launcher: Launcher | None = None, clock: Callable[[], float] = time.monotonic,
+                 health_interval: float = 5.0, reap_interval: float = 1.0,
+                 events: Events = Events(), profiles: Mapping[str, Profile] | None = None,
+                 records: GroupRecords | None = None,
+                 offload: Callable[..., Awaitable[Any]] = asyncio.to_thread) -> None:
+        self.settings, self.inventory, self.clock, self.events = settings, inventory, clock, events
+        self.records, self.offload = records, offload  # offload(fn, *args): blocking reads
+        self.launcher = launcher or (lambda n, l, s: default_launcher(n, l, s, records))
+        self.health_interval, self.reap_interval = health_interval, reap_interval
+        self.profiles = dict(profiles or {})
+        self.books = {m.name: self._book(m) for m in settings.models}
+        self.waiters: dict[int, WaiterBook] = {}
+        self.futures: dict[int, asyncio.Future] = {}
+        self.runners: dict[str, asyncio.Task] = {}
+        self.http = httpx.AsyncClient()
+        self.closing = False
+        self.stopped = False  # every engine stopped for good: the owning task ends
+        self.starts = 0  # engines started so far (a counter for metrics and tests)
+        self._inbox: collections.deque = collections.deque()
+        self._wake = asyncio.Event()
+        self._timer: asyncio.TimerHandle | None = None
+        self._ids = itertools.count(1)
+        self._seq = itertools.count()
+        self._watchers: list[tuple[Callable[[], Any], asyncio.Future]] = []
+        self._tasks: set[asyncio.Task] = set()
+        self._owner: asyncio.Task | None = None
+        self._view: dict[str, ModelView] | None = None
+
+    def _book(self, model: ModelConfig) -> ModelBook:
+        return ModelBook(model, self.profiles.get(model.name) or profile(model, UNKNOWN))
+
+    # ---- what other tasks call ---------------------------------------------------------------
+    @property
+    def policy(self) -> Policy:
+        s = self.settings
+        return Policy(s.placement, s.gpu_headroom_bytes, max_engines=s.max_loaded_models)
+
+    def start(self) -> None:
+        """Start the owning task and the preloaded models."""
+        self._owner = asyncio.create_task(self._run(), name="scheduler")
+        self._send("preload")
+
+    def request(self, name: str, priority: int = NORMAL, affinity: str | None = None,
+                timeout: float | None = None) -> tuple[int, asyncio.Future]:
+        """Ask for a lease on canonical model ``name``; the future gets a :class:`Lease` or the
+        error refusing it (404 ``ModelNotFound``, 503 ``ModelUnavailable``/``CapacityError`` with
+        ``Retry-After``). ``timeout``: seconds to wait for a loading engine (default
+        ``load_wait_timeout``). Call :meth:`withdraw` if the answer is no longer wanted."""
+        wid = next(self._ids)
+        fut = asyncio.get_running_loop().create_future()
+        wait = self.settings.load_wait_timeout if timeout is None else timeout
+        self._send("acquire", wid, name, priority, affinity, wait, fut)
+        return wid, fut
+
+    def withdraw(self, wid: int, fut: asyncio.Future) -> None:
+        """Give up a request: its lease, if granted already, is released."""
+        if fut.done() and not fut.cancelled():
+            if fut.exception() is None:
+                fut.result().release()
+            return
+        fut.cancel()
+        self._send("cancel", wid)
+
+    async def acquire(self, name: str, priority: int = NORMAL, affinity: str | None = None,
+                      timeout: float | None = None) -> Lease:
+        """:meth:`request`, awaited (cancel-safe)."""
+        wid, fut = self.request(name, priority, affinity, timeout)
+        try:
+            return await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            self.withdraw(wid, fut)
+            raise
+
+    def models(self) -> dict[str, ModelView]:
+        """Frozen views of every model, by canonical name (rebuilt after each change)."""
+        if self._view is None:
+            waiting = collections.Counter(w.model for w in self.waiters.values())
+            self._view = {n: model_view(b, waiting[n]) for n, b in self.books.items()}
+        return self._view
+
+    def loading(self, name: str) -> bool:
+        """Whether an engine of ``name`` is starting now (placed or being placed, not ready)."""
+        view = self.models().get(name)
+        return view is not None and view.loading
+
+    def bookings(self) -> tuple[Booking, ...]:
+        """Every reservation in the books, as the planner takes them."""
+        return bookings(self.books, collections.Counter(w.model for w in self.waiters.values()))
+
+    async def snapshot(self) -> Snapshot:
+        """The inventory now (read in a thread). Raises ``NvmlError`` on a driver error."""
+        return await self.offload(read_snapshot, self.inventory, self._usages(),
+                                  self.settings.cpu_memory_budget)
+
+    async def load(self, name: str) -> ModelState:
+        """Start ``name`` now (also after it gave up) and wait until it is ready or fails; returns
+        its state. Raises as :meth:`request` does."""
+        self._send("load", name)
+        lease = await self.acquire(name)
+        lease.release()
+        return self.books[name].state if name in self.books else ModelState.UNLOADED
+
+    async def unload(self, name: str, *, force: bool = False) -> None:
+        """Stop every replica of ``name``: at once with ``force``, else once its in-flight requests
+        have ended (new requests wait meanwhile and load the model again afterwards)."""
+        await self._ask("unload", name, force)
+
+    async def reconfigure(self, settings: Settings,
+                          profiles: Mapping[str, Profile] | None = None) -> dict[str, list[str]]:
+        """Apply a new configuration (``server.reconfig``): new models appear, removed ones unload
+        after their in-flight work, changed ones restart after it (limits and other live fields
+        apply at once). Returns what changed. The latest configuration wins."""
+        return await self._ask("reconfigure", settings, dict(profiles or {}))
+
+    def begin_shutdown(self) -> None:
+        """Stop admitting: every waiting request gets a 503 now, new ones too."""
+        self._send("shutdown")
+
+    async def stop_all(self) -> None:
+        """Stop every engine (each: SIGTERM → grace → SIGKILL of its group) and wait for them."""
+        if self._owner is not None and not self._owner.done():
+            await self._ask("stop_all")
+            await self._owner
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.http.aclose()
+
+    # ---- the owning task -------------------------------------------------------------------
+    def _send(self, kind: str, *args: Any) -> None:
+        self._inbox.append((kind, args))
+        self._wake.set()
+
+    async def _ask(self, kind: str, *args: Any) -> Any:
+        fut = asyncio.get_running_loop().create_future()
+        self._send(kind, *args, fut)
+        return await fut
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._inbox:
+                kind, args = self._inbox.popleft()
+                try:
+                    getattr(self, f"_on_{kind}")(*args)
+                except Exception:  # a bug in one message must not stop the scheduler
+                    log.exception("scheduler: %s", kind)
+            self._settle()
+            if self.stopped:
+                return
+
+    def _settle(self) -> None:
+        now = self.clock()
+        timeouts = d.Timeouts(self.settings.place_wait_timeout)
+        for _ in range(50):
+            actions = d.step(self.books, list(self.waiters.values()), now, timeouts)
+            if not actions:
+                break
+            for action in actions:
+                getattr(self, f"_do_{type(action).__name__.lower()}")(action, now)
+        self._view = None
+        self._resolve_watchers()
+        if self._timer is not None:
+            self._timer.cancel()
+        wake = d.next_wake(self.books, list(self.waiters.values()), now, timeouts)
+        delay = min(self.reap_interval, max(0.0, wake - now) if wake is not None else 1e9)
+        self._timer = asyncio.get_running_loop().call_later(delay, self._wake.set)
+
+    def _resolve_watchers(self) -> None:
+        keep = []
+        for done, fut in self._watchers:
+            if fut.done():
+                continue
+            value = done()
+            if value is not None:
+                fut.set_result(value)
+            else:
+                keep.append((done, fut))
+        self._watchers = keep
+
+    def _spawn(self, coro: Any, name: str) -> asyncio.Task:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _rep(self, key: str) -> ReplicaBook | None:
+        name, _, index = key.rpartition("#")
+        book = self.books.get(name)
+        return book.replicas[int(index)] if book and int(index) < len(book.replicas) else None
+
+    def _usages(self, healthy: str | None = None) -> list[Usage]:
+        """Our engines as plain data for the inventory; ``healthy``: the key of one that has
+        just passed its health check (it counts as ready)."""
+        return [Usage(r.model, r.engine.pid, r.plan.devices, r.plan.bytes_per_device,
+                      r.ready_since is not None or r.key == healthy)
+                for b in self.books.values() for r in b.replicas
+                if r.plan and r.engine is not None and getattr(r.engine, "pid", None)]
+
+    def _room_changed(self) -> None:
+        for book in self.books.values():
+            if book.nofit is not None:
+                book.retry = True

@@ -1,0 +1,159 @@
+"""How the scheduler carries out the decisions' actions (``server.decisions``): the part of the
+owning task that writes the books and spawns the effects. Mixed into
+:class:`server.scheduler.Scheduler`; every method runs in its owning task only."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import TYPE_CHECKING, Any
+
+from server import decisions as d
+from server.books import ModelState, Phase, ReplicaBook
+from server.engines import cpu_binding, cpu_list, engine_launch, free_port
+from server.modelfiles import UNKNOWN
+from server.placement import fmt
+from server.profile import profile
+from server.supervisor import RunContext, placement_inputs, read_snapshot, run_engine, stop_engine
+
+if TYPE_CHECKING:
+    from server.scheduler import Scheduler
+
+log = logging.getLogger("vramgate.pool")
+
+
+class Actions:
+    """The ``_do_*`` methods, one per action type; each takes the action and ``now``."""
+
+    def _do_grant(self: "Scheduler", a: d.Grant, now: float) -> None:
+        from server.scheduler import Lease
+        waiter = self.waiters.pop(a.waiter, None)
+        fut = self.futures.pop(a.waiter, None)
+        rep = self._rep(a.replica)
+        if fut is None or fut.done():
+            return  # withdrawn meanwhile
+        if rep is None or not d.servable(rep):  # stopped by an action of the same step
+            self.waiters[a.waiter], self.futures[a.waiter] = waiter, fut
+            return
+        rep.leases += 1
+        fut.set_result(Lease(self._send, rep.key, rep.run, rep.engine.base_url, rep.max_model_len))
+
+    def _do_refuse(self: "Scheduler", a: d.Refuse, now: float) -> None:
+        self.waiters.pop(a.waiter, None)
+        fut = self.futures.pop(a.waiter, None)
+        if fut is not None and not fut.done():
+            fut.set_exception(a.error)
+
+    def _do_start(self: "Scheduler", a: d.Start, now: float) -> None:
+        book = self.books[a.model]
+        book.retry = False
+        for i in a.indices:
+            rep = book.replicas[i]
+            rep.run += 1
+            rep.state, rep.phase, rep.crashed = ModelState.LOADING, Phase.QUEUED, False
+            rep.ready_since, rep.drain, rep.stop_sent = None, False, False
+
+    def _do_place(self: "Scheduler", a: d.Place, now: float) -> None:
+        rep = self._rep(a.replica)
+        if rep is None or rep.phase != Phase.QUEUED or rep.state != ModelState.LOADING:
+            return
+        rep.phase = Phase.PLACING
+        model, run, usages = self.books[rep.model].config, rep.run, self._usages()
+
+        async def place() -> None:
+            try:
+                snap, req = await self.offload(placement_inputs, self.inventory, usages, model,
+                                                    self.settings)
+            except Exception as exc:  # an odd model folder, a driver error: the model fails
+                self._send("place_error", rep.key, run, exc)
+            else:
+                self._send("placed", rep.key, run, snap, req)
+        self._spawn(place(), f"place:{rep.key}")
+
+    def _do_launch(self: "Scheduler", a: d.Launch, now: float) -> None:
+        rep = self._rep(a.replica)
+        if rep is None or rep.phase != Phase.BOOKED or rep.state != ModelState.LOADING or \
+                rep.plan is None:
+            return
+        book = self.books[rep.model]
+        rep.phase = Phase.STARTING
+        engine = self._launch_for(book.config, rep)
+        rep.engine, run, key = engine, rep.run, rep.key
+        log.info("starting engine for %s: %s", key, " ".join(getattr(engine, "launch").argv)
+                 if hasattr(engine, "launch") else engine.base_url)
+        self.starts += 1
+        self.events.engine_started(rep.model)
+        measure = None
+        if rep.plan.devices != ("cpu",):
+            async def measure() -> int | None:
+                snap = await self.offload(read_snapshot, self.inventory, self._usages(key),
+                                               self.settings.cpu_memory_budget)
+                return snap.measured.get(rep.model)
+        ctx = RunContext(book.config, self.http, self.health_interval, measure,
+                         reread_profile=book.profile.files.folder is None)
+        self.runners[key] = self._spawn(run_engine(
+            engine, ctx, ready=lambda info: self._send("ready", key, run, info),
+            failed=lambda err: self._send("start_failed", key, run, err),
+            exited=lambda why: self._send("exited", key, run, why)), f"engine:{key}")
+
+    def _launch_for(self: "Scheduler", model: Any, rep: ReplicaBook) -> Any:
+        placed = rep.plan
+        assert placed is not None
+        kind = "cpu" if placed.devices == ("cpu",) else "cuda"
+        cores = cpu_binding(self.settings.models, cpu_list()).get(rep.key) if kind == "cpu" else None
+        launch = engine_launch(
+            model, port=free_port(), device=kind, python=self.settings.engine_python or sys.executable,
+            module=self.settings.engine_module,
+            kv_cache_bytes=rep.requirement.kv_cache_bytes if rep.requirement else None,
+            gpu_memory_utilization=placed.gpu_memory_utilization,
+            tensor_parallel_size=placed.tensor_parallel_size, cuda_devices=placed.cuda_indices,
+            tool_parser=self.books[rep.model].profile.tool_parser, cpu_cores=cores)
+        if self.records is not None:
+            from server.supervisor import MARK
+            launch.env[MARK] = self.records.instance
+        return self.launcher(model.name if model.replicas == 1 else rep.key.replace("#", "-"),
+                             launch, self.settings)
+
+    def _do_stop(self: "Scheduler", a: d.Stop, now: float) -> None:
+        rep = self._rep(a.replica)
+        if rep is None or rep.stop_sent:
+            return
+        rep.stop_sent, rep.drain, rep.state = True, False, ModelState.STOPPING
+        engine, runner, run = rep.engine, self.runners.pop(rep.key, None), rep.run
+        if engine is None and runner is None:  # queued, being placed or booked: nothing runs
+            self._on_stopped(rep.key, run)
+            return
+        if a.reason in ("idle", "evicted"):
+            log.info("unloading %s (%s): idle for %.0f s", rep.key, a.reason, now - rep.last_used)
+        self.events.engine_stopped(rep.model, a.reason)
+
+        async def stop() -> None:
+            try:
+                await stop_engine(engine, runner)
+            finally:
+                self._send("stopped", rep.key, run)
+        self._spawn(stop(), f"stop:{rep.key}")
+
+    def _drain(self: "Scheduler", rep: ReplicaBook, reason: str, force: bool = False) -> None:
+        """Mark ``rep`` to stop once its requests end (at once with ``force``)."""
+        if rep.state in (ModelState.READY, ModelState.LOADING):
+            rep.drain, rep.stop_reason, rep.state = True, reason, ModelState.STOPPING
+        if force and rep.state == ModelState.STOPPING and not rep.stop_sent:
+            self._do_stop(d.Stop(rep.key, reason), self.clock())
+
+    def _do_forget(self: "Scheduler", a: d.Forget, now: float) -> None:
+        self.books.pop(a.model, None)
+
+    def _do_apply(self: "Scheduler", a: d.Apply, now: float) -> None:
+        book = self.books[a.model]
+        assert book.pending is not None
+        config, again = book.pending, book.restart
+        fresh = self._book(config)
+        fresh.profile = self.profiles.get(config.name) or profile(config, UNKNOWN)
+        self.books[a.model] = fresh
+        if again or config.preload:
+            self._do_start(d.Start(config.name, tuple(range(config.replicas))), now)
+
+    def _log_placed(self: "Scheduler", rep: ReplicaBook, why: str) -> None:
+        log.info("placed %s on %s (%s): %s", rep.key, "+".join(rep.devices), fmt(rep.booked_bytes),
+                 why)

@@ -1,0 +1,224 @@
+"""The messages the scheduler's owning task handles (``_on_<kind>``, sent with
+``Scheduler._send(kind, ...)``): requests from other tasks and reports from the engines' tasks.
+Mixed into :class:`server.scheduler.Scheduler`; every method runs in its owning task only."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from typing import TYPE_CHECKING, Any
+
+from server import decisions as d
+from server import reconfig
+from server.books import ModelBook, ModelState, Phase, ReplicaBook, WaiterBook
+from server.errors import ModelUnavailable, VramgateError
+from server.gpus import Snapshot
+from server.placement import NoFit, Requirement, fmt
+from server.supervisor import ReadyInfo, failure_error
+
+if TYPE_CHECKING:
+    from server.scheduler import Scheduler
+
+log = logging.getLogger("vramgate.pool")
+
+
+def shutting_down() -> ModelUnavailable:
+    return ModelUnavailable("the server is shutting down", retry_after=5)
+
+
+class Messages:
+    """The ``_on_*`` handlers."""
+
+    # ---- from requests and admin -------------------------------------------------------------
+    def _on_acquire(self: "Scheduler", wid: int, name: str, priority: int, affinity: str | None,
+                    wait: float, fut: asyncio.Future) -> None:
+        if fut.done():
+            return
+        if self.closing:
+            fut.set_exception(shutting_down())
+            return
+        book = self.books.get(name)
+        queued = sum(1 for w in self.waiters.values() if w.model == name)
+        error = d.admit(book, queued, name)
+        if error is not None:
+            fut.set_exception(error)
+            return
+        now = self.clock()
+        self.waiters[wid] = WaiterBook(wid, name, priority, next(self._seq), now, now + wait, affinity)
+        self.futures[wid] = fut
+        if book is not None and book.nofit is not None:
+            book.retry = True  # a new request tries the placement again (room may have appeared)
+
+    def _on_cancel(self: "Scheduler", wid: int) -> None:
+        self.waiters.pop(wid, None)
+        self.futures.pop(wid, None)
+
+    def _on_release(self: "Scheduler", key: str, run: int) -> None:
+        rep = self._rep(key)
+        if rep is None or rep.run != run or rep.leases <= 0:
+            return  # a lease on an engine that has since stopped or failed
+        rep.leases -= 1
+        rep.last_used = self.clock()
+        if rep.leases == 0:
+            self._room_changed()  # an idle engine can be evicted
+
+    def _on_preload(self: "Scheduler") -> None:
+        for book in self.books.values():
+            if book.config.preload:
+                self._do_start(d.Start(book.name, tuple(range(len(book.replicas)))), self.clock())
+
+    def _on_load(self: "Scheduler", name: str) -> None:
+        book = self.books.get(name)
+        if book is None or book.retiring or self.closing:
+            return
+        book.failures, book.gave_up, book.error, book.nofit = [], False, None, None
+        idle = tuple(r.index for r in book.replicas if r.state == ModelState.UNLOADED)
+        if idle and not d.busy(book):
+            self._do_start(d.Start(name, idle), self.clock())
+
+    def _on_unload(self: "Scheduler", name: str, force: bool, fut: asyncio.Future) -> None:
+        book = self.books.get(name)
+        if book is None:
+            fut.set_result(None)
+            return
+        for rep in book.replicas:
+            self._drain(rep, "unload", force)
+        runs = [(r, r.run) for r in book.replicas]  # done once each has stopped (or started anew)
+        self._watchers.append((lambda: True if all(
+            r.run != run or (r.state == ModelState.UNLOADED and r.phase == Phase.IDLE)
+            for r, run in runs) else None, fut))
+
+    def _on_reconfigure(self: "Scheduler", settings: Any, profiles: dict, fut: asyncio.Future) -> None:
+        self.settings, self.profiles = settings, profiles
+        out = reconfig.apply(self, settings, profiles)
+        fut.set_result(out)
+
+    def _on_shutdown(self: "Scheduler") -> None:
+        self.closing = True
+        for wid in list(self.waiters):
+            self._do_refuse(d.Refuse(wid, shutting_down()), self.clock())
+
+    def _on_stop_all(self: "Scheduler", fut: asyncio.Future) -> None:
+        self._on_shutdown()
+        for book in self.books.values():
+            for rep in book.replicas:
+                if rep.state != ModelState.UNLOADED or rep.phase != Phase.IDLE:
+                    if rep.engine is not None:
+                        log.info("stopping engine for %s", rep.key)
+                    rep.drain = False
+                    self._do_stop(d.Stop(rep.key, "shutdown"), self.clock())
+
+        def all_stopped() -> bool | None:
+            if any(r.state != ModelState.UNLOADED for b in self.books.values() for r in b.replicas):
+                return None
+            self.stopped = True
+            return True
+        self._watchers.append((all_stopped, fut))
+
+    # ---- from the engines' tasks ---------------------------------------------------------------
+    def _on_placed(self: "Scheduler", key: str, run: int, snap: Snapshot, req: Requirement) -> None:
+        rep = self._rep(key)
+        if rep is None or rep.run != run or rep.phase != Phase.PLACING:
+            return  # stopped or restarted while its inventory was read
+        book = self.books[rep.model]
+        waiting = collections.Counter(w.model for w in self.waiters.values())
+        result = d.place(self.books, waiting, key, req, snap, self.policy)
+        if isinstance(result, NoFit):
+            error = ModelUnavailable(f"cannot place {book.name}: {result.reason}", retry_after=10)
+            log.warning("%s", error.message)
+            for r in book.replicas:
+                if r.phase in (Phase.QUEUED, Phase.PLACING):
+                    r.state, r.phase = ModelState.UNLOADED, Phase.IDLE
+            book.nofit, book.retry = error, False
+            for w in self.waiters.values():
+                if w.model == book.name and w.room_since is None:
+                    w.room_since = self.clock()
+            return
+        rep.plan, rep.requirement, rep.booked_bytes = result, req, result.bytes_per_device
+        rep.phase, rep.after = Phase.BOOKED, set(result.evict)
+        book.nofit = None
+        now = self.clock()
+        for victim_key in result.evict:
+            victim = self._rep(victim_key)
+            if victim is not None:
+                log.warning("evicting %s (%s on %s, idle for %.0f s) to place %s: %s", victim.model,
+                            fmt(victim.booked_bytes), "+".join(victim.devices),
+                            now - victim.last_used, book.name, result.why)
+                self._do_stop(d.Stop(victim_key, "evicted"), now)
+        self._log_placed(rep, result.why)
+
+    def _on_place_error(self: "Scheduler", key: str, run: int, exc: Exception) -> None:
+        rep = self._rep(key)
+        if rep is None or rep.run != run or rep.phase != Phase.PLACING:
+            return
+        log.error("could not place %s: %s: %s", key, exc.__class__.__name__, exc)
+        book = self.books[rep.model]
+        self._failed(book, rep, ModelUnavailable(
+            f"vramgate could not run {book.name}: {exc.__class__.__name__}: {exc}", retry_after=30))
+
+    def _on_ready(self: "Scheduler", key: str, run: int, info: ReadyInfo) -> None:
+        rep = self._rep(key)
+        if rep is None or rep.run != run or rep.phase != Phase.STARTING or rep.stop_sent:
+            return
+        book = self.books[rep.model]
+        now = self.clock()
+        rep.state, rep.phase = ModelState.READY, Phase.IDLE
+        rep.load_seconds, rep.max_model_len = info.load_seconds, info.max_model_len
+        rep.ready_since = rep.last_used = now
+        if info.measured_bytes:
+            log.info("%s measured at %s per device (share %s)", key, fmt(info.measured_bytes),
+                     fmt(rep.plan.bytes_per_device) if rep.plan else "-")
+            rep.measured_bytes = rep.booked_bytes = info.measured_bytes
+        if info.profile is not None:
+            book.profile = reconfig.adopt(book, info.profile)
+        book.error, book.gave_up = None, False
+        self.events.engine_ready(book.name, info.load_seconds)
+        log.info("engine for %s ready on %s in %.1f s", key, rep.engine.base_url, info.load_seconds)
+
+    def _on_start_failed(self: "Scheduler", key: str, run: int, error: VramgateError) -> None:
+        rep = self._rep(key)
+        if rep is None or rep.run != run or rep.stop_sent:
+            return
+        log.error("engine for %s failed to start: %s", key, error.message)
+        self.runners.pop(key, None)
+        self._failed(self.books[rep.model], rep, error)
+
+    def _on_exited(self: "Scheduler", key: str, run: int, reason: str) -> None:
+        rep = self._rep(key)
+        if rep is None or rep.run != run or rep.stop_sent:
+            return  # we stopped it: "stopped" follows
+        log.error("engine for %s %s", key, reason)
+        self.runners.pop(key, None)
+        book = self.books[rep.model]
+        self._failed(book, rep, failure_error(book.name, reason, getattr(rep.engine, "log_path", None)))
+
+    def _on_stopped(self: "Scheduler", key: str, run: int) -> None:
+        rep = self._rep(key)
+        if rep is None or rep.run != run:
+            return
+        self._clear(rep)
+        rep.stop_sent = False
+        for book in self.books.values():
+            for r in book.replicas:
+                r.after.discard(key)
+        self._room_changed()
+
+    # ---- helpers ---------------------------------------------------------------------------
+    @staticmethod
+    def _clear(rep: ReplicaBook) -> None:
+        rep.state, rep.phase, rep.plan, rep.requirement = ModelState.UNLOADED, Phase.IDLE, None, None
+        rep.booked_bytes, rep.measured_bytes, rep.ready_since, rep.engine = 0, None, None, None
+        rep.leases, rep.drain = 0, False
+
+    def _failed(self: "Scheduler", book: ModelBook, rep: ReplicaBook, error: VramgateError) -> None:
+        """Book an engine failure: reservation returned, back-off or give up."""
+        self._clear(rep)
+        rep.crashed = True
+        self.events.engine_failed(book.name)
+        book.error = error
+        if d.failure(book, self.clock()):
+            book.gave_up = True
+            log.error("%s failed %d times: giving up until it is loaded by hand", book.name,
+                      len(book.failures))
+        self._room_changed()
