@@ -130,7 +130,10 @@ def inventory_view(snapshot: Any, bookings: tuple, headroom: int) -> list[dict[s
 async def admin_gpus(request: Request) -> JSONResponse:
     """GET /admin/gpus: every device (GPUs, then the CPU) with vramgate's reservations."""
     pool = request.state.pool
-    snap = await pool.snapshot()
+    try:
+        snap = await pool.snapshot()
+    except NvmlError as exc:
+        return error_response(exc)
     return JSONResponse({"source": snap.source, "policy": pool.policy.name,
                          "headroom_bytes": pool.policy.headroom_bytes,
                          "devices": inventory_view(snap, pool.bookings(), pool.policy.headroom_bytes)})

@@ -144,6 +144,15 @@ class ModelUnavailable(VramgateError):
     code = "model_unavailable"
 
 
+class NvmlError(VramgateError):
+    """NVML answered with an error while reading a GPU that it had listed (503: the devices
+    cannot be read now). Raised by ``server.gpus.nvml``, the only reader of NVML."""
+
+    status = 503
+    type = "server_error"
+    code = "gpu_read_failed"
+
+
 class EngineStartError(ModelUnavailable):
     """An engine process failed to become healthy. ``log_tail`` holds its log's last lines."""
 
@@ -169,7 +178,9 @@ class ConfigError(VramgateError):
     """The configuration is invalid; the message starts with the field path (``models[1].name``)."""
 
 
-_TYPE_BY_STATUS = {400: "invalid_request_error", 401: "authentication_error",
+# The OpenAI ``type`` for an upstream status; 401 is ``invalid_request_error``, as OpenAI answers a
+# wrong key (and as AuthError says).
+_TYPE_BY_STATUS = {400: "invalid_request_error", 401: "invalid_request_error",
                    403: "permission_error", 404: "invalid_request_error", 409: "invalid_request_error",
                    413: "invalid_request_error", 422: "invalid_request_error",
                    429: "rate_limit_exceeded"}

@@ -11,11 +11,8 @@ from typing import Sequence
 
 from server.gpus import EngineUsage, Snapshot
 from server.gpus.cpu import cpu_device
+from server.errors import NvmlError  # NVML's errors become ours here, and only here
 from server.placement import Device
-
-
-class NvmlError(RuntimeError):
-    """NVML answered with an error while reading a GPU that it had listed."""
 
 
 @dataclass(frozen=True)
