@@ -95,6 +95,7 @@ def create_app(settings: Settings, *, launcher: Launcher | None = None,
             background.add(asyncio.ensure_future(run()))
 
         loop = asyncio.get_running_loop()
+        # No SIGHUP handler where the loop cannot have one (Windows; a loop off the main thread).
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(signal.SIGHUP, on_sighup)
         upstreams: set = set()  # engine responses being read, cut short before a forced exit

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import Any, Callable
 
 from server.config import ModelConfig
 from server.errors import VramgateError
@@ -129,6 +129,23 @@ class WaiterBook:
     deadline: float
     affinity: str | None = None
     room_since: float | None = None
+
+
+class Lease:
+    """The right to send one request to a ready replica; ``release()`` exactly once when done
+    (more calls do nothing). ``base_url`` is the engine's; ``max_model_len`` its context (tokens)."""
+
+    __slots__ = ("key", "run", "base_url", "max_model_len", "released", "_send")
+
+    def __init__(self, send: Callable[..., None], key: str, run: int, base_url: str,
+                 max_model_len: int | None) -> None:
+        self._send, self.key, self.run = send, key, run
+        self.base_url, self.max_model_len, self.released = base_url, max_model_len, False
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self._send("release", self.key, self.run)
 
 
 @dataclass(frozen=True)

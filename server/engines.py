@@ -195,7 +195,7 @@ def log_tail(path: Path, lines: int = 30) -> str:
 class EngineProcess:
     """One engine process under ``server.guard``. Owned by the pool's task for that model.
 
-    ``start()`` spawns it, ``wait_healthy()`` polls ``GET /health``, ``stop()`` ends it (guard:
+    ``start()`` spawns it, ``ready()`` polls ``GET /health``, ``stop()`` ends it (guard:
     SIGTERM → ``grace`` seconds → SIGKILL of the whole group; here, a SIGKILL of the group if the guard
     itself has not exited ``grace + 10`` seconds later). ``wait()`` returns the engine's exit status.
     """

@@ -31,7 +31,7 @@ from typing import Any, Awaitable, Callable, Mapping
 import httpx
 
 from server import decisions as d
-from server.books import ModelBook, ModelState, ModelView, ReplicaBook, WaiterBook, \
+from server.books import Lease, ModelBook, ModelState, ModelView, ReplicaBook, WaiterBook, \
     bookings, model_view
 from server.config import ModelConfig, Settings
 from server.engines import EngineLaunch, EngineProcess
@@ -64,23 +64,6 @@ class Events:
     def engine_failed(self, model: str) -> None: ...
     def engine_stopped(self, model: str, reason: str) -> None: ...
     def engine_ready(self, model: str, seconds: float) -> None: ...
-
-
-class Lease:
-    """The right to send one request to a ready replica; ``release()`` exactly once when done
-    (more calls do nothing). ``base_url`` is the engine's; ``max_model_len`` its context (tokens)."""
-
-    __slots__ = ("key", "run", "base_url", "max_model_len", "released", "_send")
-
-    def __init__(self, send: Callable[..., None], key: str, run: int, base_url: str,
-                 max_model_len: int | None) -> None:
-        self._send, self.key, self.run = send, key, run
-        self.base_url, self.max_model_len, self.released = base_url, max_model_len, False
-
-    def release(self) -> None:
-        if not self.released:
-            self.released = True
-            self._send("release", self.key, self.run)
 
 
 class Scheduler(Messages, Actions):
@@ -167,7 +150,7 @@ class Scheduler(Messages, Actions):
     def models(self) -> dict[str, ModelView]:
         """Frozen views of every model, by canonical name (rebuilt after each change)."""
         if self._view is None:
-            waiting = collections.Counter(w.model for w in self.waiters.values())
+            waiting = self._waiting()
             self._view = {n: model_view(b, waiting[n]) for n, b in self.books.items()}
         return self._view
 
@@ -178,7 +161,7 @@ class Scheduler(Messages, Actions):
 
     def bookings(self) -> tuple[Booking, ...]:
         """Every reservation in the books, as the planner takes them."""
-        return bookings(self.books, collections.Counter(w.model for w in self.waiters.values()))
+        return bookings(self.books, self._waiting())
 
     async def snapshot(self) -> Snapshot:
         """The inventory now (read in a thread). Raises ``NvmlError`` on a driver error."""
@@ -277,6 +260,10 @@ class Scheduler(Messages, Actions):
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
+
+    def _waiting(self) -> collections.Counter:
+        """Waiting requests per model."""
+        return collections.Counter(w.model for w in self.waiters.values())
 
     def _rep(self, key: str) -> ReplicaBook | None:
         name, _, index = key.rpartition("#")

@@ -9,12 +9,10 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from server import decisions as d
-from server.books import ModelState, Phase, ReplicaBook
-from server.engines import cpu_binding, cpu_list, engine_launch, free_port
-from server.modelfiles import UNKNOWN
+from server.books import Lease, ModelState, Phase, ReplicaBook
+from server.engines import EngineLaunch, cpu_binding, cpu_list, engine_launch, free_port
 from server.placement import fmt
-from server.profile import profile
-from server.supervisor import RunContext, placement_inputs, read_snapshot, run_engine, stop_engine
+from server.supervisor import MARK, RunContext, placement_inputs, read_snapshot, run_engine, stop_engine
 
 if TYPE_CHECKING:
     from server.scheduler import Scheduler
@@ -26,7 +24,6 @@ class Actions:
     """The ``_do_*`` methods, one per action type; each takes the action and ``now``."""
 
     def _do_grant(self: "Scheduler", a: d.Grant, now: float) -> None:
-        from server.scheduler import Lease
         waiter = self.waiters.pop(a.waiter, None)
         fut = self.futures.pop(a.waiter, None)
         rep = self._rep(a.replica)
@@ -77,10 +74,9 @@ class Actions:
             return
         book = self.books[rep.model]
         rep.phase = Phase.STARTING
-        engine = self._launch_for(book.config, rep)
+        engine, launch = self._launch_for(book.config, rep)
         rep.engine, run, key = engine, rep.run, rep.key
-        log.info("starting engine for %s: %s", key, " ".join(getattr(engine, "launch").argv)
-                 if hasattr(engine, "launch") else engine.base_url)
+        log.info("starting engine for %s: %s", key, " ".join(launch.argv))
         self.starts += 1
         self.events.engine_started(rep.model)
         measure = None
@@ -96,7 +92,8 @@ class Actions:
             failed=lambda err: self._send("start_failed", key, run, err),
             exited=lambda why: self._send("exited", key, run, why)), f"engine:{key}")
 
-    def _launch_for(self: "Scheduler", model: Any, rep: ReplicaBook) -> Any:
+    def _launch_for(self: "Scheduler", model: Any, rep: ReplicaBook) -> tuple[Any, EngineLaunch]:
+        """The engine for placed replica ``rep`` (from the launcher) and how it is started."""
         placed = rep.plan
         assert placed is not None
         kind = "cpu" if placed.devices == ("cpu",) else "cuda"
@@ -109,10 +106,9 @@ class Actions:
             tensor_parallel_size=placed.tensor_parallel_size, cuda_devices=placed.cuda_indices,
             tool_parser=self.books[rep.model].profile.tool_parser, cpu_cores=cores)
         if self.records is not None:
-            from server.supervisor import MARK
             launch.env[MARK] = self.records.instance
-        return self.launcher(model.name if model.replicas == 1 else rep.key.replace("#", "-"),
-                             launch, self.settings)
+        name = model.name if model.replicas == 1 else rep.key.replace("#", "-")
+        return self.launcher(name, launch, self.settings), launch
 
     def _do_stop(self: "Scheduler", a: d.Stop, now: float) -> None:
         rep = self._rep(a.replica)
@@ -148,9 +144,7 @@ class Actions:
         book = self.books[a.model]
         assert book.pending is not None
         config, again = book.pending, book.restart
-        fresh = self._book(config)
-        fresh.profile = self.profiles.get(config.name) or profile(config, UNKNOWN)
-        self.books[a.model] = fresh
+        self.books[a.model] = self._book(config)
         if again or config.preload:
             self._do_start(d.Start(config.name, tuple(range(config.replicas))), now)
 

@@ -5,7 +5,6 @@ Mixed into :class:`server.scheduler.Scheduler`; every method runs in its owning 
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -122,8 +121,7 @@ class Messages:
         if rep is None or rep.run != run or rep.phase != Phase.PLACING:
             return  # stopped or restarted while its inventory was read
         book = self.books[rep.model]
-        waiting = collections.Counter(w.model for w in self.waiters.values())
-        result = d.place(self.books, waiting, key, req, snap, self.policy)
+        result = d.place(self.books, self._waiting(), key, req, snap, self.policy)
         if isinstance(result, NoFit):
             error = ModelUnavailable(f"cannot place {book.name}: {result.reason}", retry_after=10)
             log.warning("%s", error.message)

@@ -160,9 +160,6 @@ async def watch(engine: Engine, client: httpx.AsyncClient, interval: float) -> s
         exited.cancel()
 
 
-Send = Callable[[Any], None]
-
-
 @dataclass(frozen=True)
 class RunContext:
     """What a runner needs besides its engine: the model, the HTTP client, the health-check
