@@ -274,9 +274,12 @@ def settled(books: dict[str, ModelBook]) -> list[Forget | Apply]:
     return out
 
 
-def reap(books: dict[str, ModelBook], queues: dict[str, list[WaiterBook]], now: float) -> list[Stop]:
-    """Ready replicas idle past their model's ``ttl``."""
-    all_views = [v for b in books.values() for v in views(b)]
+def reap(books: dict[str, ModelBook], queues: dict[str, list[WaiterBook]], now: float,
+         granted: Iterable[str] = ()) -> list[Stop]:
+    """Ready replicas idle past their model's ``ttl`` (none that ``granted`` names: a lease on it
+    was decided in the same step)."""
+    busy_now = set(granted)
+    all_views = [v for b in books.values() for v in views(b) if v.key not in busy_now]
     ttl = {name: b.config.ttl for name, b in books.items()}
     waiting = {name: len(q) for name, q in queues.items()}
     return [Stop(key, "idle") for key in idle_expired(all_views, ttl, waiting, now)]
@@ -302,7 +305,7 @@ def step(books: dict[str, ModelBook], waiters: Sequence[WaiterBook], now: float,
     out += restarts(books, queues, now)
     out += next_placement(books, queues)
     out += launches(books)
-    out += reap(books, queues, now)
+    out += reap(books, queues, now, (g.replica for g in granted))
     return out
 
 

@@ -193,8 +193,7 @@ class Exchange:
                 raise RateLimited(f"Rate limit reached: {key.rpm} requests per minute for this key. "
                                   f"Try again in {wait:.1f} s.", retry_after=wait)
             times.append(time.monotonic())
-        entry = self.pool.models().get(model.name)
-        prof = entry.profile if entry is not None else profile(model, UNKNOWN)
+        prof = self.pool.profile(model.name) or profile(model, UNKNOWN)
         if self.engine_route == "/v1/completions" and body.get("suffix") is not None:
             self.fim = True
             self.rewritten = fim_completion(body, model.name, prof.fim, prof.files,

@@ -154,6 +154,12 @@ class Scheduler(Messages, Actions):
             self._view = {n: model_view(b, waiting[n]) for n, b in self.books.items()}
         return self._view
 
+    def profile(self, name: str) -> Profile | None:
+        """The model's profile (frozen: tool-call parser, FIM format, special tokens), without
+        building the views; ``None`` for a model not in the books."""
+        book = self.books.get(name)
+        return book.profile if book is not None else None
+
     def loading(self, name: str) -> bool:
         """Whether an engine of ``name`` is starting now (placed or being placed, not ready)."""
         view = self.models().get(name)
@@ -231,17 +237,26 @@ class Scheduler(Messages, Actions):
         timeouts = d.Timeouts(self.settings.place_wait_timeout)
         for _ in range(50):
             actions = d.step(self.books, list(self.waiters.values()), now, timeouts)
-            if not actions:
-                break
             for action in actions:
                 getattr(self, f"_do_{type(action).__name__.lower()}")(action, now)
+            # Answering waiters enables nothing that this step did not already decide (it counted
+            # its own grants and refusals); any other action may, so decide again.
+            if all(isinstance(a, (d.Grant, d.Refuse)) for a in actions):
+                break
         self._view = None
         self._resolve_watchers()
-        if self._timer is not None:
-            self._timer.cancel()
         wake = d.next_wake(self.books, list(self.waiters.values()), now, timeouts)
         delay = min(self.reap_interval, max(0.0, wake - now) if wake is not None else 1e9)
-        self._timer = asyncio.get_running_loop().call_later(delay, self._wake.set)
+        loop = asyncio.get_running_loop()
+        due = loop.time() + delay
+        if self._timer is None or due < self._timer.when() - 0.001:
+            if self._timer is not None:  # re-armed only when it must ring earlier
+                self._timer.cancel()
+            self._timer = loop.call_later(delay, self._ring)
+
+    def _ring(self) -> None:
+        self._timer = None
+        self._wake.set()
 
     def _resolve_watchers(self) -> None:
         keep = []

@@ -60,3 +60,9 @@ def test_idle_engines_are_reaped_after_their_ttl_and_next_wake_says_when():
     assert d.step({"a": b}, [], now=159.0) == []
     assert d.next_wake({"a": b}, [], now=159.0) == 160.0
     assert d.step({"a": b}, [], now=160.0) == [d.Stop("a#0", "idle")]
+
+
+def test_an_engine_past_its_ttl_that_a_waiter_is_granted_is_not_reaped_in_the_same_step():
+    b = book("a", ready=1, ttl=60)
+    b.replicas[0].last_used = 100.0
+    assert d.step({"a": b}, [waiter(1, "a")], now=500.0) == [d.Grant(1, "a#0")]
