@@ -184,20 +184,36 @@ def ratios(rows: list[dict[str, Any]], other: str) -> dict[str, float]:
               help="Request pairs for the added-latency phase.")
 @click.option("--out", type=click.Path(path_type=Path), default=ROOT / "loadtest" / "results" / "ceiling",
               show_default=True)
-def main(requests: int, concurrency: int, rounds: int, pairs: int, out: Path) -> None:
-    """vramgate's gateway against LiteLLM's proxy and the floor proxy, in one run."""
+@click.option("--baseline", metavar="COMMIT", default=None,
+              help="Also run the gateway of this commit (a git worktree), side by side.")
+@click.option("--litellm/--no-litellm", default=True, show_default=True,
+              help="Include LiteLLM's proxy (the slowest target by far).")
+def main(requests: int, concurrency: int, rounds: int, pairs: int, out: Path, baseline: str | None,
+         litellm: bool) -> None:
+    """vramgate's gateway against LiteLLM's proxy and the floor proxy (and, with ``--baseline``,
+    an earlier vramgate), in one run."""
     tmp = Path(tempfile.mkdtemp(prefix="vramgate-ceiling-"))
     procs: list[Proc] = []
+    worktree = tmp / "baseline"
     try:
-        gw, gw_url = start_gateway({"engine_module": "loadtest.instant_engine", "api_keys": [KEY], "models": [
+        config = {"engine_module": "loadtest.instant_engine", "api_keys": [KEY], "models": [
             {"name": "instant", "path": "instant", "preload": True, "max_concurrency": 4096,
-             "max_queue": 4096}]}, tmp / "gw", ready_timeout=60)
+             "max_queue": 4096}]}
+        gw, gw_url = start_gateway(config, tmp / "gw", ready_timeout=60)
         procs.append(gw)
         targets = [("vramgate", engine_url(gw_url, "instant", AUTH), gw_url, gw, False)]
+        if baseline:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(worktree),
+                           baseline], check=True, capture_output=True)
+            old, old_url = start_gateway(config, tmp / "gw-baseline", ready_timeout=60, cwd=worktree)
+            procs.append(old)
+            targets.append((f"vramgate@{baseline}", engine_url(old_url, "instant", AUTH), old_url,
+                            old, False))
         floor, f_direct, f_url = start_floor(tmp, procs)
         targets.append(("floor", f_direct, f_url, floor, False))
-        proxy, l_direct, l_url = start_litellm(tmp, procs)
-        targets.append(("litellm", l_direct, l_url, proxy, True))
+        if litellm:
+            proxy, l_direct, l_url = start_litellm(tmp, procs)
+            targets.append(("litellm", l_direct, l_url, proxy, True))
 
         latency = []
         for stream in (False, True):
@@ -215,8 +231,10 @@ def main(requests: int, concurrency: int, rounds: int, pairs: int, out: Path) ->
                     row["round"] = rnd + 1
                     rows.append(row)
                     click.echo(table([row]).splitlines()[-1])
-        r = {**ratios(rows, "litellm"), **ratios(rows, "floor")}
-        meta = {"machine": machine(), "litellm": litellm_version(), "chunks_per_stream": CHUNKS,
+        r = {**ratios(rows, "litellm"), **ratios(rows, "floor"),
+             **(ratios(rows, f"vramgate@{baseline}") if baseline else {})}
+        meta = {"machine": machine(), "litellm": litellm_version() if litellm else None,
+                "baseline": baseline, "chunks_per_stream": CHUNKS,
                 "requests": requests, "concurrency": concurrency, "rounds": rounds, "pairs": pairs,
                 "latency": latency, "ratios": r}
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -234,6 +252,9 @@ def main(requests: int, concurrency: int, rounds: int, pairs: int, out: Path) ->
     finally:
         for p in reversed(procs):
             p.stop()
+        if worktree.exists():
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(worktree)],
+                           capture_output=True)
 
 
 if __name__ == "__main__":

@@ -84,15 +84,17 @@ def wait_http(url: str, proc: Proc, timeout: float, ok=lambda r: r.status_code =
 
 
 def start_gateway(config: dict[str, Any], tmp: Path, *, data_dir: Path | None = None,
-                  ready_timeout: float = 600, args: tuple[str, ...] = ()) -> tuple[Proc, str]:
+                  ready_timeout: float = 600, args: tuple[str, ...] = (),
+                  cwd: Path = ROOT) -> tuple[Proc, str]:
     """``vramgate serve`` on a free port with ``config``; returns once every model is ready (with
-    ``api_keys`` in the config, the first one is used to ask)."""
+    ``api_keys`` in the config, the first one is used to ask). ``cwd``: the checkout whose
+    ``server`` package runs (``python -m`` imports from there: another commit's worktree)."""
     tmp.mkdir(parents=True, exist_ok=True)
     (tmp / "config.yaml").write_text(yaml.safe_dump(config))
     port = free_port()
     argv = [sys.executable, "-m", "server", "serve", "--config", str(tmp / "config.yaml"),
             "--port", str(port), "--data-dir", str(data_dir or tmp / "data"), *args]
-    proc = Proc(argv, tmp / "gateway.log")
+    proc = Proc(argv, tmp / "gateway.log", cwd=cwd)
     url = f"http://127.0.0.1:{port}"
 
     def all_ready(r: httpx.Response) -> bool:
