@@ -128,7 +128,7 @@ def create_app(settings: Settings, *, launcher: Launcher | None = None,
     middleware = [Middleware(Cors, origins=settings.auth.cors_origins,
                              hosts=settings.auth.allowed_hosts,
                              check_host=settings.host in LOOPBACK_BINDS),
-                  Middleware(RequestIdMiddleware), Middleware(AuthMiddleware, auth=settings.auth),
+                  Middleware(RequestIdMiddleware, log_format=settings.log_format), Middleware(AuthMiddleware, auth=settings.auth),
                   Middleware(api.InferenceFastPath)]
     app = Starlette(routes=api.routes + admin.routes, lifespan=lifespan, middleware=middleware,
                     exception_handlers={HTTPException: api.http_error, Exception: api.server_error})

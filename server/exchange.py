@@ -33,28 +33,18 @@ from server.modelfiles import UNKNOWN
 from server.profile import profile
 from server.proxy import forward, relay_stream
 from server.relay import ClientGone, RelayResponse, read_limited, until_disconnect
-from server.requestid import SCOPE_KEY as RID_KEY
+from server.requestid import LOGGED, SCOPE_KEY as RID_KEY, access, access_line
 from server.rewrite import fim_completion, fit_output, special_stops
 from server.sse import ANTHROPIC, OPENAI, RESPONSES, StreamTap, answer_usage
 from server.validation import (ANTHROPIC_ROUTES, ROUTES, STOP_ROUTES, USAGE_ROUTES, engine_body,
                                parse_body, validate)
 
 log = logging.getLogger("vramgate.api")
-access = logging.getLogger("vramgate.access")
 FLAVORS = {"/v1/responses": RESPONSES, "/v1/messages": ANTHROPIC}
 # Seconds a stream waits for its engine before its headers go out and keep-alives begin: errors
 # known sooner (no room, a failed model) are still answered as plain JSON.
 COMMIT_AFTER = 0.75
 AFFINITY_CHARS = 512  # the prompt prefix that keys replica affinity (characters)
-
-
-def access_line(fmt: str, **fields: Any) -> str:
-    """One access-log line: ``json`` (one object) or ``text`` (``key=value`` pairs); fields that
-    are ``None`` are left out."""
-    kept = {k: v for k, v in fields.items() if v is not None}
-    if fmt == "json":
-        return json.dumps(kept, separators=(",", ":"))
-    return " ".join(f"{k}={v}" for k, v in kept.items())
 
 
 def error_response(exc: VramgateError, route: str = "") -> Response:
@@ -112,6 +102,7 @@ class Exchange:
         self.metrics.observe(self.label, self.route, status, seconds)
         for kind, count in (tokens or {}).items():
             self.metrics.tokens.labels(self.label, kind).inc(count)
+        self.request.scope[LOGGED] = True
         if access.isEnabledFor(logging.INFO):
             key = self.request.scope.get(SCOPE_KEY)
             ttft = self.timing.get("ttft")

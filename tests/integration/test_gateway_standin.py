@@ -319,6 +319,15 @@ def test_access_log_line_and_engine_logs(gw):
     for part in ("route=/v1/completions", "model=echo", "status=200", "prompt_tokens=3",
                  "completion_tokens=3", "duration_s="):
         assert part in line, line
+    assert sum("request_id=acc-42" in l for l in gw.log_text().splitlines()) == 1  # one line each
+    # Every other request gets its line too (not the /health and /metrics probes).
+    assert gw.client.get("/v1/models", headers={"x-request-id": "acc-43"}).status_code == 200
+    assert gw.client.get("/v1/models/nope", headers={"x-request-id": "acc-44"}).status_code == 404
+    assert gw.client.get("/health", headers={"x-request-id": "acc-45"}).status_code == 200
+    lines = gw.log_text().splitlines()
+    assert any("request_id=acc-43 method=GET route=/v1/models status=200" in l for l in lines)
+    assert any("request_id=acc-44 method=GET route=/v1/models/nope status=404" in l for l in lines)
+    assert not any("request_id=acc-45" in l for l in lines)
     logs = gw.client.get("/admin/models/echo/logs", params={"lines": 5}).text
     assert "/logs/echo." in logs and "standin: echo listening" in gw.client.get(
         "/admin/models/echo/logs").text
