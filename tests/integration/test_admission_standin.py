@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import httpx
 import pytest
 
-from tests.gateway import standin_gateway
+from tests.gateway import standin_gateway, wait_for
 
 CONFIG = {"api_keys": ["sk-open", {"key": "sk-slow", "rpm": 3}],
           "models": [{"name": "one", "path": "standin:delay=0.05", "preload": True,
@@ -90,12 +89,13 @@ def test_a_queued_request_that_hangs_up_frees_its_place(gw):
     holders = [threading.Thread(target=lambda: post(gw, "queued", max_tokens=40)) for _ in range(2)]
     for t in holders:
         t.start()
-    time.sleep(0.3)  # both slots busy for about 2 s
+    assert wait_for(lambda: 'vramgate_requests_in_flight{model="queued"} 2.0' in httpx.get(
+        gw.url + "/metrics").text)  # both slots busy for about 2 s
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(gw.url + "/v1/completions", headers=AUTH, timeout=httpx.Timeout(10, read=0.5),
                    json={"model": "queued", "prompt": "x", "max_tokens": 1})
-    time.sleep(0.3)
-    assert 'vramgate_requests_queued{model="queued"} 0.0' in httpx.get(gw.url + "/metrics").text
+    assert wait_for(lambda: 'vramgate_requests_queued{model="queued"} 0.0' in httpx.get(
+        gw.url + "/metrics").text)
     for t in holders:
         t.join()
     assert post(gw, "queued", max_tokens=1).status_code == 200  # no slot leaked

@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 
-from tests.gateway import Gateway, alive, describe, standin_gateway, wait_gone
+from tests.gateway import Gateway, alive, describe, standin_gateway, wait_for, wait_gone
 
 
 def standin(name: str, mode: str = "ok", **extra) -> dict:
@@ -378,10 +378,7 @@ def test_a_client_hanging_up_mid_body_is_a_quiet_499(gw):
                   b"Content-Type: application/json\r\nX-Request-ID: midbody-1\r\n"
                   + f"Content-Length: {len(body)}\r\n\r\n".encode()
                   + body[:-10])
-        time.sleep(0.3)
-    deadline = time.monotonic() + 5
-    while "request_id=midbody-1" not in gw.log_text() and time.monotonic() < deadline:
-        time.sleep(0.1)
+    assert wait_for(lambda: "request_id=midbody-1" in gw.log_text(), 5)
     line = next(l for l in gw.log_text().splitlines() if "request_id=midbody-1" in l)
     assert "status=499" in line
     assert "Exception in ASGI" not in gw.log_text() and "Traceback" not in gw.log_text()

@@ -20,11 +20,13 @@ def guard(grace: float = 2.0, *cmd: str) -> subprocess.Popen:
                             start_new_session=True)
 
 
-def child_of(proc: subprocess.Popen) -> int:
+def child_of(proc: subprocess.Popen | int) -> int:
+    """The first child of ``proc`` (a ``Popen`` or a pid), once it has one."""
     import psutil
+    pid = proc.pid if isinstance(proc, subprocess.Popen) else proc
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
-        kids = psutil.Process(proc.pid).children()
+        kids = psutil.Process(pid).children()
         if kids:
             return kids[0].pid
         time.sleep(0.05)
@@ -33,9 +35,8 @@ def child_of(proc: subprocess.Popen) -> int:
 
 @pytest.mark.parametrize("round_", range(8))
 def test_a_burst_of_signals_stops_guard_and_engine(round_):
-    g = guard()
+    g = guard()  # its signal handlers are set before it starts the child
     engine = child_of(g)
-    time.sleep(0.3)
     end = time.monotonic() + 0.03
     while time.monotonic() < end:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -63,7 +64,7 @@ def test_closing_stdin_stops_the_engine_and_keeps_its_exit_status():
 def test_an_engine_ignoring_sigterm_is_killed_after_the_grace():
     g = guard(1.0, "sh", "-c", "trap '' TERM; sleep 300")
     shell = child_of(g)
-    time.sleep(0.3)
+    child_of(shell)  # the shell runs sleep: its trap is set
     t0 = time.monotonic()
     g.send_signal(signal.SIGTERM)
     assert wait_gone([g.pid, shell], 10) == []
