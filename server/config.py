@@ -30,14 +30,13 @@ import yaml
 
 from server.auth import ApiKey, AuthConfig
 from server.errors import ConfigError
+from server.gpus.simulated import SimSpec, parse_spec
+from server.units import parse_bytes
 
 DEFAULT_ENGINE_MODULE = "vllm.entrypoints.openai.api_server"
 TASKS = ("generate", "embed")
 DEVICES = ("auto", "cpu", "cuda")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/+-]*$")
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -115,7 +114,7 @@ class Settings:
     placement: str = "pack"
     gpu_headroom_bytes: int = 1 << 30
     kv_cache_sequences: int = 4
-    simulate_gpus: str | None = None
+    simulate_gpus: SimSpec | None = None  # parsed once, here (server.gpus.simulated)
     max_loaded_models: int | None = None
     place_wait_timeout: float = 10.0
     cpu_memory_budget: int | None = None
@@ -135,24 +134,6 @@ class Settings:
             if name == model.name or name in model.aliases:
                 return model
         return None
-
-
-def parse_bytes(value: Any, where: str) -> int:
-    """Parse a byte count: an int, or a string such as ``"512MiB"``, ``"2GiB"``, ``"1.5GB"``.
-
-    Raises :class:`ConfigError` naming ``where`` for anything else or a negative number.
-    """
-    if isinstance(value, bool):
-        raise ConfigError(f"{where}: must be a byte count such as 4GiB, got {value!r}")
-    if isinstance(value, int):
-        if value < 0:
-            raise ConfigError(f"{where}: must not be negative")
-        return value
-    if isinstance(value, str):
-        m = re.fullmatch(r"\s*([0-9]{1,15}(?:\.[0-9]{1,9})?)\s*([A-Za-z]*)\s*", value)
-        if m and m.group(2).lower() in _UNITS:
-            return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-    raise ConfigError(f"{where}: must be a byte count such as 4GiB, got {value!r}")
 
 
 def _str(value: Any, where: str) -> str:
@@ -452,9 +433,7 @@ def parse_settings(raw: Any, *,
             kw[key] = raw[key]
     if "simulate_gpus" in raw or overrides.get("simulate_gpus"):
         spec = overrides.get("simulate_gpus") or _str(raw["simulate_gpus"], "simulate_gpus")
-        from server.gpus.simulated import parse_spec
-        parse_spec(spec)  # a bad layout is a configuration error now, not at server start
-        kw["simulate_gpus"] = spec
+        kw["simulate_gpus"] = parse_spec(spec)  # a bad layout is a configuration error now
     if "models" in raw:
         if not isinstance(raw["models"], list) or not raw["models"]:
             raise ConfigError("models: must be a non-empty list")

@@ -8,9 +8,12 @@ so one planner decides CPU placement as well. Every backend answers :meth:`Inven
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import TYPE_CHECKING, Protocol, Sequence
 
 from server.placement import Device
+
+if TYPE_CHECKING:
+    from server.gpus.simulated import SimSpec
 
 
 @dataclass(frozen=True)
@@ -46,10 +49,11 @@ class Inventory(Protocol):
         ...
 
 
-def make_inventory(simulate: str | None) -> Inventory:
-    """The simulated inventory for a spec (see ``simulated.parse_spec``), else real NVML."""
+def make_inventory(simulate: "str | SimSpec | None") -> Inventory:
+    """The simulated inventory for a layout (a parsed ``SimSpec``, or its text: see
+    ``simulated.parse_spec``), else real NVML. Raises ``ConfigError`` for a bad layout text."""
     if simulate:
         from server.gpus.simulated import SimulatedInventory, parse_spec
-        return SimulatedInventory(parse_spec(simulate))
+        return SimulatedInventory(parse_spec(simulate) if isinstance(simulate, str) else simulate)
     from server.gpus.nvml import NvmlInventory
     return NvmlInventory()

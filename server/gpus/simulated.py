@@ -22,11 +22,11 @@ from typing import Sequence
 
 import yaml
 
-from server.config import parse_bytes
 from server.errors import ConfigError
 from server.gpus import EngineUsage, Snapshot
 from server.gpus.cpu import cpu_device
 from server.placement import Device
+from server.units import parse_bytes
 
 
 @dataclass(frozen=True)
