@@ -21,7 +21,7 @@ import httpx
 import openai
 import pytest
 
-from tests.gateway import Gateway, wait_gone
+from tests.gateway import Gateway, describe, wait_gone
 
 pytestmark = pytest.mark.e2e
 CHAT = "SmolLM2-135M-Instruct"
@@ -38,6 +38,11 @@ def gw(tmp_path_factory):
         states = gateway.wait_states(timeout=400)
         assert states == {CHAT: "ready", EMBED: "ready"}, gateway.log_text()[-3000:]
         yield gateway
+        # At the end of the module, whatever ran before: SIGTERM leaves no engine process.
+        pids = gateway.descendants()
+        assert len(pids) >= 6  # per model: guard, API server, engine core, worker
+        gateway.stop(signal.SIGTERM)
+        assert wait_gone(pids, 30) == [], describe(pids)
     finally:
         gateway.stop()
 
@@ -431,11 +436,16 @@ def test_real_prometheus_evaluates_the_dashboard_and_alert_rules(gw, client, tmp
             except (httpx.HTTPError, ValueError, KeyError):
                 pass
             time.sleep(0.5)
+        def scrapes() -> int:  # how many times Prometheus has scraped the gateway so far
+            result = query('count_over_time(up{job="vramgate"}[10m])')["data"]["result"]
+            return int(float(result[0]["value"][1])) if result else 0
+
         for _ in range(6):  # traffic spread over several scrapes, so rate() has data
             client.chat.completions.create(model=CHAT, messages=HELLO, max_tokens=4)
             list(client.chat.completions.create(model=CHAT, messages=HELLO, max_tokens=4, stream=True))
             client.embeddings.create(model=EMBED, input="x")
-            time.sleep(1)
+            seen = scrapes()
+            assert wait_value(lambda: scrapes() > seen, True, 30)  # the next scrape has them
         rules = yaml.safe_load((ROOT / "deploy" / "alerts.yml").read_text())
         exprs = dashboard_exprs() + [r["expr"] for g in rules["groups"] for r in g["rules"]]
         results = {}
@@ -453,11 +463,3 @@ def test_real_prometheus_evaluates_the_dashboard_and_alert_rules(gw, client, tmp
     finally:
         prom.terminate()
         prom.wait(10)
-
-
-def test_zz_sigterm_leaves_no_engine(gw):
-    """Last in the module: stop the gateway and check that every engine process is gone."""
-    pids = gw.descendants()
-    assert len(pids) >= 6  # per model: guard, API server, engine core, worker
-    gw.stop(signal.SIGTERM)
-    assert wait_gone(pids, 30) == []

@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from server.models import CHAT_MODEL, EMBED_MODEL, ensure_prepared
-from tests.gateway import Gateway, wait_gone
+from tests.gateway import Gateway, alive, describe, wait_for, wait_gone
 
 pytestmark = pytest.mark.e2e
 HELLO = [{"role": "user", "content": "Say hello"}]
@@ -78,8 +78,7 @@ def test_on_demand_ttl_and_eviction(tmp_path):
         threads = [threading.Thread(target=ask) for _ in range(8)]
         for t in threads:
             t.start()
-        time.sleep(2)
-        assert gw.states()[CHAT_MODEL] == "loading"
+        assert wait_state(gw, CHAT_MODEL, "loading", 30)
         for t in threads:
             t.join()
         assert len(replies) == 8
@@ -116,6 +115,26 @@ def test_on_demand_ttl_and_eviction(tmp_path):
         assert wait_gone(emb_pids, 30) == []
         assert f"evicting {EMBED_MODEL}" in gw.log_text()
         assert gw.log_text().count(f"starting engine for {CHAT_MODEL}#0") == 2
+        last = engine_pids(gw, CHAT_MODEL)
+
+        # SIGKILL the engine's guard and its API server together: vLLM's EngineCore (in their
+        # process group) must not outlive them, and nothing of the group is left by the time the
+        # gateway shows the engine failed; the next request starts a replacement.
+        guard, server = last[0], psutil.Process(last[0]).children()[0].pid
+        os.kill(guard, signal.SIGKILL)
+        os.kill(server, signal.SIGKILL)
+        assert wait_state(gw, CHAT_MODEL, "failed", 60)
+        assert [p for p in last if alive(p)] == [], describe(last)
+
+        def answered() -> bool:
+            try:
+                return bool(client.chat.completions.create(model="smollm2", messages=HELLO,
+                                                           max_tokens=2).choices)
+            except openai.APIStatusError as exc:  # inside the restart back-off
+                assert exc.status_code == 503, exc
+                return False
+        assert wait_for(answered, 300)
+        assert gw.log_text().count(f"starting engine for {CHAT_MODEL}#0") == 3
         last = engine_pids(gw, CHAT_MODEL)
     finally:
         gw.stop(signal.SIGTERM)
