@@ -10,7 +10,6 @@ import glob
 import logging
 from typing import Any
 
-import aiohttp
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -21,6 +20,7 @@ from server.engines import log_tail
 from server.errors import ConfigError, InvalidRequest, ModelNotFound, VramgateError
 from server.exchange import error_response
 from server.gpus.nvml import NvmlError, read_inventory
+from server.proxy import probe
 from server.relay import ClientGone, until_disconnect
 
 log = logging.getLogger("vramgate.admin")
@@ -74,11 +74,9 @@ async def health(request: Request) -> JSONResponse:
 
 
 async def _scrape(session: Any, url: str) -> str:
-    try:
-        async with session.get(url + "/metrics", timeout=aiohttp.ClientTimeout(total=2)) as resp:
-            return await resp.text() if resp.status == 200 else ""
-    except (aiohttp.ClientError, OSError, asyncio.TimeoutError):
-        return ""  # an engine that does not answer in time is left out of this scrape
+    """An engine's metrics text; ``""`` when it does not answer in time (left out of this scrape)."""
+    got = await probe(session, url + "/metrics", 2)
+    return got[1].decode(errors="replace") if got is not None and got[0] == 200 else ""
 
 
 async def metrics_endpoint(request: Request) -> Response:

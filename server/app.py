@@ -70,9 +70,9 @@ def create_app(settings: Settings, *, launcher: Launcher | None = None,
         records = GroupRecords(settings.data_dir / "run" / "engines")
         # Engines an earlier gateway on this data dir left running (it was killed) go first.
         await asyncio.to_thread(records.reap)
+        session = new_session()  # the one HTTP client: the data path and the control plane
         pool = Scheduler(settings, devices, launcher=launcher, events=metrics, profiles=profiles,
-                         records=records, clock=clock)
-        session = new_session()
+                         records=records, clock=clock, session=session)
 
         async def do_reload() -> dict:
             if reload is None:

@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import psutil
 
 from server.config import ModelConfig
 from server.errors import EngineStartError
+from server.proxy import probe
 
 ENGINE_HOST = "127.0.0.1"
 
@@ -235,7 +235,7 @@ class EngineProcess:
     def base_url(self) -> str:
         return self.launch.base_url
 
-    async def ready(self, timeout: float, client: httpx.AsyncClient) -> float:
+    async def ready(self, timeout: float, client: Any) -> float:
         """Poll ``/health`` until 200; returns the seconds it took.
 
         Raises :class:`EngineStartError` (with the log's last lines) when the process exits first or
@@ -249,12 +249,9 @@ class EngineProcess:
                 raise EngineStartError(f"engine for {self.name} exited with status "
                                        f"{self.returncode} before it was ready",
                                        log_tail=log_tail(self.log_path))
-            try:
-                resp = await client.get(url, timeout=2.0)
-                if resp.status_code == 200:
-                    return time.monotonic() - t0
-            except httpx.HTTPError:
-                pass
+            got = await probe(client, url, 2.0)
+            if got is not None and got[0] == 200:
+                return time.monotonic() - t0
             if time.monotonic() - t0 > timeout:
                 await self.stop()
                 raise EngineStartError(f"engine for {self.name} was not ready after {timeout:g} s",

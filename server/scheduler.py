@@ -28,8 +28,6 @@ import logging
 import time
 from typing import Any, Awaitable, Callable, Mapping
 
-import httpx
-
 from server import decisions as d
 from server.books import Lease, ModelBook, ModelState, ModelView, ReplicaBook, WaiterBook, \
     bookings, model_view
@@ -39,6 +37,7 @@ from server.gpus import Inventory, Snapshot
 from server.modelfiles import UNKNOWN
 from server.placement import Booking, Policy
 from server.profile import Profile, profile
+from server.proxy import new_session
 from server.scheduler_actions import Actions
 from server.scheduler_messages import Messages
 from server.supervisor import GroupRecords, Usage, read_snapshot
@@ -71,14 +70,16 @@ class Scheduler(Messages, Actions):
     :meth:`start` once, :meth:`stop_all` at the end. ``clock`` gives seconds (monotonic);
     ``launcher(name, launch, settings)`` builds an :class:`~server.supervisor.Engine`;
     ``offload(fn, *args)`` runs the blocking inventory and model-file reads (default: a thread).
-    ``records`` notes each engine's process group for reaping after a crash of the gateway."""
+    ``records`` notes each engine's process group for reaping after a crash of the gateway;
+    ``session``: the aiohttp session for health checks (default: one of its own)."""
 
     def __init__(self, settings: Settings, inventory: Inventory, *,
                  launcher: Launcher | None = None, clock: Callable[[], float] = time.monotonic,
                  health_interval: float = 5.0, reap_interval: float = 1.0,
                  events: Events = Events(), profiles: Mapping[str, Profile] | None = None,
                  records: GroupRecords | None = None,
-                 offload: Callable[..., Awaitable[Any]] = asyncio.to_thread) -> None:
+                 offload: Callable[..., Awaitable[Any]] = asyncio.to_thread,
+                 session: Any = None) -> None:
         self.settings, self.inventory, self.clock, self.events = settings, inventory, clock, events
         self.records, self.offload = records, offload  # offload(fn, *args): blocking reads
         self.launcher = launcher or (lambda n, l, s: default_launcher(n, l, s, records))
@@ -88,7 +89,8 @@ class Scheduler(Messages, Actions):
         self.waiters: dict[int, WaiterBook] = {}
         self.futures: dict[int, asyncio.Future] = {}
         self.runners: dict[str, asyncio.Task] = {}
-        self.http = httpx.AsyncClient()
+        self._own_session = session is None  # the app passes its own; tests get one here
+        self.http = session if session is not None else new_session()
         self.closing = False
         self.stopped = False  # every engine stopped for good: the owning task ends
         self.starts = 0  # engines started so far (a counter for metrics and tests)
@@ -206,7 +208,8 @@ class Scheduler(Messages, Actions):
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self.http.aclose()
+        if self._own_session:
+            await self.http.close()
 
     # ---- the owning task -------------------------------------------------------------------
     def _send(self, kind: str, *args: Any) -> None:

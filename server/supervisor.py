@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Protocol, Sequence
 
-import httpx
 import psutil
 
 from server.config import ModelConfig, Settings
@@ -37,6 +36,7 @@ from server.gpus import EngineUsage, Inventory, Snapshot
 from server.gpus.cpu import tree_pids
 from server.placement import Device, Requirement, fmt
 from server.profile import Profile, read_profiles
+from server.proxy import probe
 
 log = logging.getLogger("vramgate.engines")
 HEALTH_FAILURES = 3  # consecutive failed /health checks that count as an engine failure
@@ -54,7 +54,7 @@ class Engine(Protocol):
     async def start(self) -> None:
         """Begin starting it. Raises ``OSError`` when it cannot even begin."""
 
-    async def ready(self, timeout: float, client: httpx.AsyncClient) -> float:
+    async def ready(self, timeout: float, client: Any) -> float:
         """Wait until it is healthy; returns the seconds it took. Raises
         :class:`~server.errors.EngineStartError` (it exited, or ``timeout`` seconds passed)."""
         ...
@@ -127,18 +127,18 @@ def placement_inputs(inventory: Inventory, usages: Sequence[Usage], model: Model
                                  available_ram=cpu_dev.free_bytes, cpu_engines=cpu_engines)
 
 
-async def served_max_model_len(client: httpx.AsyncClient, base_url: str) -> int | None:
+async def served_max_model_len(client: Any, base_url: str) -> int | None:
     """The context length (tokens) an engine serves, from its ``GET /v1/models``
     (``data[0].max_model_len``, vLLM's model card); ``None`` when it does not say."""
+    got = await probe(client, base_url + "/v1/models", 5)
     try:
-        resp = await client.get(base_url + "/v1/models", timeout=5)
-        value = resp.json()["data"][0].get("max_model_len")
-    except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError, AttributeError):
+        value = json.loads(got[1])["data"][0].get("max_model_len") if got else None
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
         return None
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
-async def watch(engine: Engine, client: httpx.AsyncClient, interval: float) -> str:
+async def watch(engine: Engine, client: Any, interval: float) -> str:
     """Wait until the engine exits or fails :data:`HEALTH_FAILURES` health checks in a row (one
     every ``interval`` seconds); says which. An unhealthy engine is stopped before returning."""
     exited = asyncio.ensure_future(engine.exited())
@@ -148,10 +148,8 @@ async def watch(engine: Engine, client: httpx.AsyncClient, interval: float) -> s
             done, _ = await asyncio.wait({exited}, timeout=interval)
             if done:
                 return exited.result()
-            try:
-                ok = (await client.get(engine.base_url + "/health", timeout=5)).status_code == 200
-            except httpx.HTTPError:
-                ok = False
+            got = await probe(client, engine.base_url + "/health", 5)
+            ok = got is not None and got[0] == 200
             failed = 0 if ok else failed + 1
             if failed >= HEALTH_FAILURES:
                 await engine.stop()
@@ -162,12 +160,12 @@ async def watch(engine: Engine, client: httpx.AsyncClient, interval: float) -> s
 
 @dataclass(frozen=True)
 class RunContext:
-    """What a runner needs besides its engine: the model, the HTTP client, the health-check
+    """What a runner needs besides its engine: the model, the HTTP session, the health-check
     interval (seconds), a way to measure the engine once healthy (bytes per device; ``None`` on the
     CPU) and whether to read the model's profile again once it is up (a hub model)."""
 
     model: ModelConfig
-    client: httpx.AsyncClient
+    client: Any  # the gateway's aiohttp session (server.proxy)
     health_interval: float
     measure: Callable[[], Awaitable[int | None]] | None
     reread_profile: bool
