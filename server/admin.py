@@ -17,11 +17,10 @@ from starlette.routing import Route
 from server.books import EngineView, ModelState, ModelView
 from server.enginemetrics import merge
 from server.engines import log_tail
-from server.errors import ConfigError, InvalidRequest, ModelNotFound, VramgateError
-from server.exchange import error_response
+from server.errors import ClientGone, ConfigError, InvalidRequest, ModelNotFound, VramgateError
 from server.gpus.nvml import NvmlError, read_inventory
 from server.proxy import probe
-from server.relay import ClientGone, until_disconnect
+from server.relay import error_response, until_disconnect
 
 log = logging.getLogger("vramgate.admin")
 
@@ -100,7 +99,7 @@ async def metrics_endpoint(request: Request) -> Response:
         log.warning("/metrics: no device gauges this scrape: %s", exc)
     ready = [(name, r) for name, m in models.items() for r in m.replicas
              if r.state == ModelState.READY and r.base_url]
-    texts = await asyncio.gather(*(_scrape(state.session, r.base_url) for _, r in ready))
+    texts = await asyncio.gather(*(_scrape(state.service.session, r.base_url) for _, r in ready))
     engines = merge(({"model": name, "replica": str(r.index)}, text)
                     for (name, r), text in zip(ready, texts))
     return Response(metrics.render() + engines.encode(),

@@ -19,7 +19,8 @@ from server import openapi
 from server.auth import SCOPE_KEY, allowed
 from server.errors import (ModelNotFound, RouteNotFound,
                            anthropic_body, error_body)
-from server.exchange import error_response, inference
+from server.exchange import inference
+from server.relay import error_response
 from server.admin import model_object
 from server.validation import ROUTES
 

@@ -9,7 +9,7 @@ import signal
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import AsyncIterator, Awaitable, Callable
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -25,6 +25,7 @@ from server.gpus import Inventory, make_inventory
 from server.metrics import Metrics
 from server.books import ModelState
 from server.scheduler import Launcher, Scheduler
+from server.service import Service
 from server.supervisor import GroupRecords
 from server.profile import read_profiles
 from server.proxy import new_session
@@ -35,17 +36,14 @@ log = logging.getLogger("vramgate.app")
 
 @dataclass
 class GatewayState:
-    """What every request sees as ``request.state``: the scheduler (``pool``), the metrics, the
-    HTTP session to the engines, per-key request times for ``rpm`` (``rates``), the start time
-    (Unix seconds), the reload function and the engine responses being relayed."""
+    """What every request sees as ``request.state``: the scheduler (``pool``), the request
+    service, the metrics, the start time (Unix seconds) and the reload function."""
 
     pool: Scheduler
+    service: Service
     metrics: Metrics
-    session: Any
-    rates: dict[str, Any]
     started: int
     reload: Callable[[], Awaitable[dict]]
-    upstreams: set
 
 
 def create_app(settings: Settings, *, launcher: Launcher | None = None,
@@ -116,8 +114,8 @@ def create_app(settings: Settings, *, launcher: Launcher | None = None,
         app.state.begin_shutdown = lambda: loop.call_soon_threadsafe(begin_shutdown)
         pool.start()
         try:
-            yield vars(GatewayState(pool, metrics, session, {}, int(time.time()), do_reload,
-                                    upstreams))
+            service = Service(pool, metrics, session, upstreams=upstreams)
+            yield vars(GatewayState(pool, service, metrics, int(time.time()), do_reload))
         finally:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.remove_signal_handler(signal.SIGHUP)

@@ -28,6 +28,11 @@ import json
 from typing import Any
 
 
+class ClientGone(Exception):
+    """The caller went away (closed its connection) before its answer was ready. Not an error of
+    the request: nothing is answered, the access log says 499."""
+
+
 class VramgateError(Exception):
     """Base of every vramgate error. ``status`` is the HTTP status it is answered with."""
 

@@ -4,20 +4,19 @@ that hangs up, and the streamed response (pure ASGI, no task group per stream)."
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from server.errors import BodyTooLarge
+from server.errors import BodyTooLarge, ClientGone, VramgateError, anthropic_body
+from server.validation import ANTHROPIC_ROUTES
 
 T = TypeVar("T")
 SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
                (b"x-accel-buffering", b"no")]
-
-
-class ClientGone(Exception):
-    """The client closed its connection before the answer was ready."""
 
 
 async def _disconnected(receive: Receive) -> None:
@@ -123,3 +122,11 @@ class RelayResponse:
         finally:
             await self.body_iterator.aclose()  # type: ignore[attr-defined]
             self._finalize(self._complete)
+
+
+def error_response(exc: VramgateError, route: str = "") -> Response:
+    """The error as plain JSON: the OpenAI envelope, or the Anthropic shape on the Anthropic
+    routes. ASCII-escaped, so any text in it (a model name with a lone surrogate) can be sent."""
+    body = anthropic_body(exc.status, exc.message) if route in ANTHROPIC_ROUTES else exc.envelope()
+    return Response(json.dumps(body), status_code=exc.status, headers=exc.headers(),
+                    media_type="application/json")
