@@ -46,6 +46,44 @@ class GatewayState:
     reload: Callable[[], Awaitable[dict]]
 
 
+def reloader(pool: Scheduler, reload: Callable[[], Settings] | None
+             ) -> Callable[[], Awaitable[dict]]:
+    """The reload function of ``POST /admin/reload`` and SIGHUP: reads the configuration and the
+    models' files again (in a thread) and hands them to the scheduler; returns what changed.
+    Raises :class:`ConfigError` (nothing changed then)."""
+    async def do_reload() -> dict:
+        if reload is None:
+            raise ConfigError("this server was started without a configuration to reload")
+
+        def read() -> tuple[Settings, dict]:
+            new = reload()
+            return new, read_profiles(new.models)
+        new, profiles = await asyncio.to_thread(read)
+        changes = await pool.reconfigure(new, profiles)
+        log.info("configuration reloaded: %s", changes)
+        return changes
+    return do_reload
+
+
+def shutdown_starter(pool: Scheduler, settings: Settings, upstreams: set,
+                     background: set) -> Callable[[], None]:
+    """What a SIGTERM starts: the scheduler admits nothing new, and the engine responses still
+    being relayed are cut (with an error event) a second before ``shutdown_timeout``."""
+    def begin_shutdown() -> None:
+        pool.begin_shutdown()
+        log.info("shutting down: admitting nothing new, %d requests in flight get up to %g s",
+                 len(upstreams), settings.shutdown_timeout)
+
+        async def cut_late() -> None:  # end them with an error event before uvicorn cancels
+            await asyncio.sleep(max(0.0, settings.shutdown_timeout - 1.0))
+            for resp in list(upstreams):
+                resp.close()
+        task = asyncio.ensure_future(cut_late())
+        background.add(task)
+        task.add_done_callback(background.discard)
+    return begin_shutdown
+
+
 def create_app(settings: Settings, *, launcher: Launcher | None = None,
                inventory: Inventory | None = None,
                reload: Callable[[], Settings] | None = None,
@@ -72,17 +110,7 @@ def create_app(settings: Settings, *, launcher: Launcher | None = None,
         pool = Scheduler(settings, devices, launcher=launcher, events=metrics, profiles=profiles,
                          records=records, clock=clock, session=session)
 
-        async def do_reload() -> dict:
-            if reload is None:
-                raise ConfigError("this server was started without a configuration to reload")
-            def read() -> tuple[Settings, dict]:
-                new = reload()
-                return new, read_profiles(new.models)
-
-            new, profiles = await asyncio.to_thread(read)
-            changes = await pool.reconfigure(new, profiles)
-            log.info("configuration reloaded: %s", changes)
-            return changes
+        do_reload = reloader(pool, reload)
 
         def on_sighup() -> None:  # a signal handler only enqueues
             async def run() -> None:
@@ -90,7 +118,9 @@ def create_app(settings: Settings, *, launcher: Launcher | None = None,
                     await do_reload()
                 except ConfigError as exc:
                     log.error("configuration not reloaded: %s", exc)
-            background.add(asyncio.ensure_future(run()))
+            task = asyncio.ensure_future(run())
+            background.add(task)
+            task.add_done_callback(background.discard)
 
         loop = asyncio.get_running_loop()
         # No SIGHUP handler where the loop cannot have one (Windows; a loop off the main thread).
@@ -99,16 +129,7 @@ def create_app(settings: Settings, *, launcher: Launcher | None = None,
         upstreams: set = set()  # engine responses being read, cut short before a forced exit
         background: set = set()  # the reload and shutdown tasks, kept referenced
 
-        def begin_shutdown() -> None:
-            pool.begin_shutdown()
-            log.info("shutting down: admitting nothing new, %d requests in flight get up to %g s",
-                     len(upstreams), settings.shutdown_timeout)
-
-            async def cut_late() -> None:  # end them with an error event before uvicorn cancels
-                await asyncio.sleep(max(0.0, settings.shutdown_timeout - 1.0))
-                for resp in list(upstreams):
-                    resp.close()
-            background.add(asyncio.ensure_future(cut_late()))
+        begin_shutdown = shutdown_starter(pool, settings, upstreams, background)
 
         # uvicorn's signal handler calls this; it only enqueues (see cli.GatewayServer).
         app.state.begin_shutdown = lambda: loop.call_soon_threadsafe(begin_shutdown)
@@ -126,7 +147,8 @@ def create_app(settings: Settings, *, launcher: Launcher | None = None,
     middleware = [Middleware(Cors, origins=settings.auth.cors_origins,
                              hosts=settings.auth.allowed_hosts,
                              check_host=settings.host in LOOPBACK_BINDS),
-                  Middleware(RequestIdMiddleware, log_format=settings.log_format), Middleware(AuthMiddleware, auth=settings.auth),
+                  Middleware(RequestIdMiddleware, log_format=settings.log_format),
+                  Middleware(AuthMiddleware, auth=settings.auth),
                   Middleware(api.InferenceFastPath)]
     app = Starlette(routes=api.routes + admin.routes, lifespan=lifespan, middleware=middleware,
                     exception_handlers={HTTPException: api.http_error, Exception: api.server_error})

@@ -14,7 +14,7 @@ from urllib.parse import quote
 
 import click
 
-from server.config import load_settings
+from server.configload import load_settings
 from server.errors import ConfigError
 
 DEFAULT_URL = "http://127.0.0.1:8000"

@@ -1,7 +1,7 @@
 import pytest
 
 from server.auth import ApiKey, AuthConfig, AuthError, allowed, bearer, check, normalize_path, required
-from server.config import parse_settings
+from server.configload import parse_settings
 from server.errors import ConfigError
 
 AUTH = AuthConfig(api_keys=(ApiKey("sk-a", "a"), ApiKey("sk-b", "b", models=("small",))),

@@ -2,7 +2,9 @@ from pathlib import Path
 
 import pytest
 
-from server.config import ModelConfig, load_settings, parse_bytes, parse_settings
+from server.config import ModelConfig
+from server.configload import load_settings, parse_settings
+from server.units import parse_bytes
 from server.errors import ConfigError
 
 

@@ -1,0 +1,210 @@
+"""Reading one model's entry of the configuration (``models[i]``) into a
+:class:`~server.config.ModelConfig`, and the small readers the whole configuration shares. Every
+error is a :class:`~server.errors.ConfigError` starting with the field path."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+from server.config import _NAME_RE, DEVICES, TASKS, ModelConfig
+from server.errors import ConfigError
+from server.units import parse_bytes
+
+
+def _str(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{where}: must be a non-empty string")
+    return value
+
+
+def _name(value: Any, where: str) -> str:
+    value = _str(value, where)
+    if not _NAME_RE.match(value):
+        raise ConfigError(f"{where}: {value!r} may use letters, digits and . _ : / + - only")
+    return value
+
+
+def _number(value: Any, where: str, *, integer: bool = False, positive: bool = True) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+            integer and not isinstance(value, int)) or not math.isfinite(value):
+        raise ConfigError(f"{where}: must be {'an integer' if integer else 'a number'}, got {value!r}")
+    if positive and value <= 0:
+        raise ConfigError(f"{where}: must be greater than 0")
+    return value
+
+
+def _engine_args(value: Any, where: str) -> tuple[str, ...]:
+    """``engine_args`` as a list of strings or a mapping ``{flag: value}`` → argv tokens.
+
+    In a mapping, ``true`` gives a bare ``--flag``, ``false``/``null`` omits it, lists repeat it.
+    """
+    if value is None:
+        return ()
+    if isinstance(value, list):
+        return tuple(_str(v if not isinstance(v, (int, float)) else str(v), f"{where}[{i}]")
+                     for i, v in enumerate(value))
+    if isinstance(value, dict):
+        out: list[str] = []
+        for key, val in value.items():
+            flag = "--" + _str(key, f"{where}.{key}").lstrip("-")
+            if val is True:
+                out.append(flag)
+            elif val is False or val is None:
+                continue
+            elif isinstance(val, list):
+                for v in val:
+                    out += [flag, str(v)]
+            elif isinstance(val, (dict,)):
+                import json
+                out += [flag, json.dumps(val)]
+            else:
+                out += [flag, str(val)]
+        return tuple(out)
+    raise ConfigError(f"{where}: must be a list of strings or a mapping of flag to value")
+
+
+_MODEL_KEYS = {"name", "path", "aliases", "task", "device", "engine_args", "kv_cache_bytes",
+               "max_model_len", "startup_timeout", "memory", "gpus", "tensor_parallel_size",
+               "pinned", "replicas", "ttl", "preload", "max_concurrency", "max_queue",
+               "queue_timeout", "tool_parser", "chat_template", "max_tokens_policy", "fim",
+               "fim_max_tokens", "engine_env", "cpu_cores"}
+MAX_TOKENS_POLICIES = ("fit", "reject")
+
+
+def parse_model(raw: Any, where: str) -> ModelConfig:
+    """Validate one entry of ``models`` (a mapping) into a :class:`ModelConfig`."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: must be a mapping with at least name and path")
+    unknown = sorted(map(str, set(raw) - _MODEL_KEYS))
+    if unknown:
+        raise ConfigError(f"{where}.{unknown[0]}: unknown field (known: {', '.join(sorted(_MODEL_KEYS))})")
+    name = _name(raw.get("name"), f"{where}.name")
+    path = _str(raw.get("path"), f"{where}.path")
+    aliases_raw = raw.get("aliases") or []
+    if not isinstance(aliases_raw, list):
+        raise ConfigError(f"{where}.aliases: must be a list of names")
+    aliases = tuple(_name(a, f"{where}.aliases[{i}]") for i, a in enumerate(aliases_raw))
+    task = raw.get("task", "generate")
+    if task not in TASKS:
+        raise ConfigError(f"{where}.task: must be one of {', '.join(TASKS)}, got {task!r}")
+    device = raw.get("device", "auto")
+    if device not in DEVICES:
+        raise ConfigError(f"{where}.device: must be one of {', '.join(DEVICES)}, got {device!r}")
+    kv = raw.get("kv_cache_bytes")
+    mml = raw.get("max_model_len")
+    mem = raw.get("memory")
+    gpus = raw.get("gpus")
+    if gpus is not None:
+        if not isinstance(gpus, list) or not gpus or not all(
+                isinstance(g, int) and not isinstance(g, bool) and g >= 0 for g in gpus):
+            raise ConfigError(f"{where}.gpus: must be a non-empty list of GPU indices (0, 1, ...)")
+        if len(set(gpus)) != len(gpus):
+            raise ConfigError(f"{where}.gpus: lists a GPU twice")
+        gpus = tuple(gpus)
+    tp = raw.get("tensor_parallel_size")
+    if tp is not None:
+        tp = int(_number(tp, f"{where}.tensor_parallel_size", integer=True))
+        if tp & (tp - 1):
+            raise ConfigError(f"{where}.tensor_parallel_size: must be a power of two, got {tp}")
+        if gpus is not None and len(gpus) < tp:
+            raise ConfigError(f"{where}.tensor_parallel_size: {tp} needs at least {tp} GPUs in gpus")
+    flags = {}
+    for key in ("pinned", "preload"):
+        flags[key] = raw.get(key, False)
+        if not isinstance(flags[key], bool):
+            raise ConfigError(f"{where}.{key}: must be true or false")
+    replicas = int(_number(raw.get("replicas", 1), f"{where}.replicas", integer=True))
+    if replicas > 64:
+        raise ConfigError(f"{where}.replicas: at most 64")
+    ttl = float(_number(raw.get("ttl", 900), f"{where}.ttl", positive=False))
+    if ttl < 0:
+        raise ConfigError(f"{where}.ttl: must be 0 (never unload) or a number of seconds")
+    limits = {}
+    for key in ("max_concurrency", "max_queue"):
+        if raw.get(key) is not None:
+            limits[key] = int(_number(raw[key], f"{where}.{key}", integer=True, positive=False))
+            if limits[key] < (1 if key == "max_concurrency" else 0):
+                raise ConfigError(f"{where}.{key}: must be at least {1 if key == 'max_concurrency' else 0}")
+    limits["queue_timeout"] = float(_number(raw.get("queue_timeout", 300.0), f"{where}.queue_timeout"))
+    cores = raw.get("cpu_cores")
+    return ModelConfig(**_generation_fields(raw, where),
+        engine_env=_engine_env(raw.get("engine_env"), f"{where}.engine_env"),
+        cpu_cores=None if cores is None else int(_number(cores, f"{where}.cpu_cores", integer=True)),
+        name=name, path=path, aliases=aliases, task=task, device=device,
+        engine_args=_engine_args(raw.get("engine_args"), f"{where}.engine_args"),
+        kv_cache_bytes=None if kv is None else parse_bytes(kv, f"{where}.kv_cache_bytes"),
+        max_model_len=None if mml is None else int(_number(mml, f"{where}.max_model_len", integer=True)),
+        startup_timeout=float(_number(raw.get("startup_timeout", 600.0), f"{where}.startup_timeout")),
+        memory_bytes=None if mem is None else parse_bytes(mem, f"{where}.memory"),
+        gpus=gpus, tensor_parallel_size=tp, replicas=replicas, ttl=ttl, **flags, **limits,
+    )
+
+
+def _fim(value: Any, where: str) -> dict[str, Any]:
+    """``fim``: ``none``, a family name or format string, or ``{template, stop}``."""
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        value = {"template": value}
+    if not isinstance(value, dict) or set(value) - {"template", "stop"}:
+        raise ConfigError(f"{where}: must be none, a FIM family or template, or a mapping with "
+                          "template and stop")
+    template = _str(value.get("template"), f"{where}.template")
+    stop = value.get("stop") or []
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+        raise ConfigError(f"{where}.stop: must be a list of non-empty strings")
+    if template != "none":
+        from server.fim import FAMILIES
+        from string import Formatter
+        try:
+            fields = {f for _, f, _, _ in Formatter().parse(template) if f is not None}
+        except ValueError as exc:
+            raise ConfigError(f"{where}.template: {exc} (write literal braces as {{{{ and }}}})") from None
+        if template not in FAMILIES and fields != {"prefix", "suffix"}:
+            raise ConfigError(f"{where}.template: must be one of {', '.join(FAMILIES)}, or a format "
+                              "with {prefix} and {suffix} and no other {field}")
+    return {"fim_template": template, "fim_stop": tuple(stop)}
+
+
+def _engine_env(value: Any, where: str) -> tuple[tuple[str, str], ...]:
+    """``engine_env``: a mapping of variable name to a string (or number) value."""
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: must be a mapping of environment variable to value")
+    out = []
+    for name, val in value.items():
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            raise ConfigError(f"{where}: {name!r} is not an environment variable name")
+        if name == "CUDA_VISIBLE_DEVICES":
+            raise ConfigError(f"{where}.{name}: placement sets it; pin GPUs with gpus: [...]")
+        if isinstance(val, bool) or not isinstance(val, (str, int, float)):
+            raise ConfigError(f"{where}.{name}: must be a string or a number")
+        out.append((name, str(val)))
+    return tuple(out)
+
+
+def _generation_fields(raw: dict[str, Any], where: str) -> dict[str, Any]:
+    """The generation-only fields of a model entry: tools, chat template, output budget, FIM."""
+    out: dict[str, Any] = _fim(raw.get("fim"), f"{where}.fim")
+    for key in ("tool_parser", "chat_template"):
+        if raw.get(key) is not None:
+            out[key] = _str(raw[key], f"{where}.{key}")
+    if out.get("chat_template"):
+        out["chat_template"] = str(Path(out["chat_template"]).expanduser())
+        if not Path(out["chat_template"]).is_file():
+            raise ConfigError(f"{where}.chat_template: {out['chat_template']} is not a file")
+    policy = raw.get("max_tokens_policy", "fit")
+    if policy not in MAX_TOKENS_POLICIES:
+        raise ConfigError(f"{where}.max_tokens_policy: must be fit or reject, got {policy!r}")
+    out["max_tokens_policy"] = policy
+    if raw.get("fim_max_tokens") is not None:
+        out["fim_max_tokens"] = int(_number(raw["fim_max_tokens"], f"{where}.fim_max_tokens",
+                                            integer=True))
+    return out
+
+
+# YAML key → Settings field, for byte counts ("4GiB"); and keys that take one of a few words.
