@@ -93,6 +93,7 @@ class Scheduler(Messages, Actions):
         self.http = session if session is not None else new_session()
         self.closing = False
         self.stopped = False  # every engine stopped for good: the owning task ends
+        self._dirty = True  # whether the decisions must run after this batch of messages
         self.starts = 0  # engines started so far (a counter for metrics and tests)
         self._inbox: collections.deque = collections.deque()
         self._wake = asyncio.Event()
@@ -227,9 +228,11 @@ class Scheduler(Messages, Actions):
             self._wake.clear()
             while self._inbox:
                 kind, args = self._inbox.popleft()
-                try:
-                    getattr(self, f"_on_{kind}")(*args)
+                try:  # handlers that answer True decided everything there was to decide
+                    if getattr(self, f"_on_{kind}")(*args) is not True:
+                        self._dirty = True
                 except Exception:  # a bug in one message must not stop the scheduler
+                    self._dirty = True
                     log.exception("scheduler: %s", kind)
             self._settle()
             if self.stopped:
@@ -238,7 +241,7 @@ class Scheduler(Messages, Actions):
     def _settle(self) -> None:
         now = self.clock()
         timeouts = d.Timeouts(self.settings.place_wait_timeout)
-        for _ in range(50):
+        for _ in range(50 if self._dirty else 0):
             actions = d.step(self.books, list(self.waiters.values()), now, timeouts)
             for action in actions:
                 getattr(self, f"_do_{type(action).__name__.lower()}")(action, now)
@@ -246,6 +249,7 @@ class Scheduler(Messages, Actions):
             # its own grants and refusals); any other action may, so decide again.
             if all(isinstance(a, (d.Grant, d.Refuse)) for a in actions):
                 break
+        self._dirty = False
         self._view = None
         self._resolve_watchers()
         wake = d.next_wake(self.books, list(self.waiters.values()), now, timeouts)
@@ -259,6 +263,7 @@ class Scheduler(Messages, Actions):
 
     def _ring(self) -> None:
         self._timer = None
+        self._dirty = True  # time has passed: deadlines, back-offs and ttls may be due
         self._wake.set()
 
     def _resolve_watchers(self) -> None:

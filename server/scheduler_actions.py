@@ -86,7 +86,7 @@ class Actions:
                                                self.settings.cpu_memory_budget)
                 return snap.measured.get(rep.model)
         ctx = RunContext(book.config, self.http, self.health_interval, measure,
-                         reread_profile=book.profile.files.folder is None)
+                         reread_profile=book.profile.files.folder is None, offload=self.offload)
         self.runners[key] = self._spawn(run_engine(
             engine, ctx, ready=lambda info: self._send("ready", key, run, info),
             failed=lambda err: self._send("start_failed", key, run, err),

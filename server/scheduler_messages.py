@@ -31,36 +31,47 @@ class Messages:
 
     # ---- from requests and admin -------------------------------------------------------------
     def _on_acquire(self: "Scheduler", wid: int, name: str, priority: int, affinity: str | None,
-                    wait: float, fut: asyncio.Future) -> None:
+                    wait: float, fut: asyncio.Future) -> bool:
+        """Returns whether the request was answered here (no further decision is needed)."""
         if fut.done():
-            return
+            return True
         if self.closing:
             fut.set_exception(shutting_down())
-            return
+            return True
         book = self.books.get(name)
         queued = sum(1 for w in self.waiters.values() if w.model == name)
         error = d.admit(book, queued, name)
         if error is not None:
             fut.set_exception(error)
-            return
+            return True
         now = self.clock()
-        self.waiters[wid] = WaiterBook(wid, name, priority, next(self._seq), now, now + wait, affinity)
-        self.futures[wid] = fut
+        waiter = WaiterBook(wid, name, priority, next(self._seq), now, now + wait, affinity)
+        self.waiters[wid], self.futures[wid] = waiter, fut
+        if not queued:  # nobody waits before it: the decision for this one model is all there is
+            granted = d.grants(self.books, {name: [waiter]})
+            if granted:
+                self._do_grant(granted[0], now)
+                return True
         if book is not None and book.nofit is not None:
             book.retry = True  # a new request tries the placement again (room may have appeared)
+        return False
 
     def _on_cancel(self: "Scheduler", wid: int) -> None:
         self.waiters.pop(wid, None)
         self.futures.pop(wid, None)
 
-    def _on_release(self: "Scheduler", key: str, run: int) -> None:
+    def _on_release(self: "Scheduler", key: str, run: int) -> bool:
+        """Returns whether no further decision is needed."""
         rep = self._rep(key)
         if rep is None or rep.run != run or rep.leases <= 0:
-            return  # a lease on an engine that has since stopped or failed
+            return True  # a lease on an engine that has since stopped or failed
         rep.leases -= 1
         rep.last_used = self.clock()
         if rep.leases == 0:
             self._room_changed()  # an idle engine can be evicted
+        # Nothing to decide when nobody waits and nothing drains, waits for room or is reloaded.
+        return not self.waiters and not rep.drain and not any(
+            b.nofit is not None or b.pending is not None or b.retiring for b in self.books.values())
 
     def _on_preload(self: "Scheduler") -> None:
         for book in self.books.values():

@@ -169,6 +169,7 @@ class RunContext:
     health_interval: float
     measure: Callable[[], Awaitable[int | None]] | None
     reread_profile: bool
+    offload: Callable[..., Awaitable[Any]] = asyncio.to_thread  # runs the blocking file reads
 
 
 async def run_engine(engine: Engine, ctx: RunContext, ready: Callable[[ReadyInfo], None],
@@ -198,7 +199,7 @@ async def run_engine(engine: Engine, ctx: RunContext, ready: Callable[[ReadyInfo
     max_len = await served_max_model_len(ctx.client, engine.base_url)
     fresh = None
     if ctx.reread_profile:  # a hub model: vLLM has downloaded it by now
-        fresh = (await asyncio.to_thread(read_profiles, (ctx.model,)))[name]
+        fresh = (await ctx.offload(read_profiles, (ctx.model,)))[name]
     measured = None
     if ctx.measure is not None:
         try:

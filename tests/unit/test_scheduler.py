@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import replace
 
+import aiohttp
 import pytest
 
 from server.books import ModelState
@@ -80,6 +81,14 @@ async def inline(fn, *args):
     return fn(*args)
 
 
+class NoHttp:
+    """The scheduler's HTTP session (health checks, model cards): every call fails at once, with
+    no I/O, so nothing in these tests waits on a socket."""
+
+    def get(self, *args, **kwargs):
+        raise aiohttp.ClientConnectionError("no HTTP in the scheduler's unit tests")
+
+
 def make_pool(models, *, fail=(), **settings):
     log: list[tuple[str, str]] = []
     engines: dict[str, FakeEngine] = {}
@@ -91,7 +100,7 @@ def make_pool(models, *, fail=(), **settings):
     s = Settings(models=tuple(models), **settings)
     clock = Clock()
     pool = Scheduler(s, FakeInventory(), launcher=launcher, clock=clock, health_interval=1e9,
-                     reap_interval=1e9, offload=inline)
+                     reap_interval=1e9, offload=inline, session=NoHttp())
     pool.start()
     return pool, clock, log, engines
 
@@ -111,9 +120,10 @@ async def settle() -> None:
 
 
 async def tick(pool, clock, seconds: float) -> None:
-    """Move the clock on and let the scheduler decide what that changes."""
+    """Move the clock on, ring the scheduler's timer (as the real one would once the time is
+    due) and let it decide what that changes."""
     clock.now += seconds
-    pool._wake.set()
+    pool._ring()
     await settle()
 
 
