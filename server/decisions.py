@@ -27,9 +27,9 @@ The rules, in the order :func:`step` applies them:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Iterable, Sequence
 
+from server.effects import Action, Apply, Forget, Grant, Launch, Place, Refuse, Start, Stop, Timeouts  # noqa: F401  (re-exported)
 from server.books import ModelBook, ModelState, Phase, ReplicaBook, WaiterBook, bookings
 from server.errors import CapacityError, ModelNotFound, ModelUnavailable, VramgateError
 from server.lifecycle import ReplicaView, idle_expired, pick_replica, restart_delay
@@ -37,60 +37,6 @@ from server.placement import NoFit, Plan, Policy, Requirement, plan
 from server.gpus import Snapshot
 
 FAILURE_MEMORY = 3600.0  # seconds a failure is remembered for the back-off
-
-
-@dataclass(frozen=True)
-class Grant:
-    waiter: int
-    replica: str
-
-
-@dataclass(frozen=True)
-class Refuse:
-    waiter: int
-    error: VramgateError
-
-
-@dataclass(frozen=True)
-class Start:
-    model: str
-    indices: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class Place:
-    replica: str
-
-
-@dataclass(frozen=True)
-class Launch:
-    replica: str
-
-
-@dataclass(frozen=True)
-class Stop:
-    replica: str
-    reason: str
-
-
-@dataclass(frozen=True)
-class Forget:
-    model: str
-
-
-@dataclass(frozen=True)
-class Apply:
-    model: str
-
-
-Action = Grant | Refuse | Start | Place | Launch | Stop | Forget | Apply
-
-
-@dataclass(frozen=True)
-class Timeouts:
-    """The waits that end in a 503: for room (``place_wait``), seconds."""
-
-    place_wait: float = 10.0
 
 
 def admit(book: ModelBook | None, queued: int, name: str) -> VramgateError | None:

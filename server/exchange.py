@@ -21,7 +21,7 @@ from server.errors import ClientGone, InvalidRequest, ModelNotFound, PermissionD
 from server.metrics import UNKNOWN_MODEL
 from server.relay import RelayResponse, error_response, read_limited, until_disconnect
 from server.requestid import LOGGED, SCOPE_KEY as RID_KEY
-from server.service import Call
+from server.calls import Call
 from server.validation import ROUTES, parse_body, validate
 
 
@@ -44,7 +44,7 @@ def infill_body(state: Any, key: Any, body: dict[str, Any]) -> tuple[dict[str, A
 
 
 async def read_call(request: Request, route: str) -> Call:
-    """The request as a :class:`~server.service.Call`. Raises :class:`VramgateError` (400, 403,
+    """The request as a :class:`~server.calls.Call`. Raises :class:`VramgateError` (400, 403,
     404, 413) or ``ClientGone``."""
     state, key = request.state, request.scope.get(SCOPE_KEY)
     settings = state.pool.settings

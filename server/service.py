@@ -26,14 +26,13 @@ import json
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncIterator, Callable
 
 import aiohttp
 
 from server import infill
+from server.calls import Answer, Call, Watch, affinity_key, unwatched  # noqa: F401  (re-exported)
 from server.admission import PRIORITIES, rate_check
-from server.config import ModelConfig
 from server.errors import ClientGone, RateLimited, VramgateError, normalize_upstream_error
 from server.modelfiles import UNKNOWN
 from server.profile import profile
@@ -41,70 +40,13 @@ from server.proxy import forward, relay_stream
 from server.requestid import access, access_line
 from server.rewrite import fim_completion, fit_output, special_stops
 from server.sse import ANTHROPIC, OPENAI, RESPONSES, StreamTap, answer_usage
-from server.validation import ROUTES, STOP_ROUTES, USAGE_ROUTES, ParsedRequest, engine_body
+from server.validation import ROUTES, STOP_ROUTES, USAGE_ROUTES, engine_body
 
 log = logging.getLogger("vramgate.api")
 FLAVORS = {"/v1/responses": RESPONSES, "/v1/messages": ANTHROPIC}
 # Seconds a stream waits for its engine before it is answered and keep-alives begin: errors known
 # sooner (no room, a failed model) are still answered as plain JSON.
 COMMIT_AFTER = 0.75
-AFFINITY_CHARS = 512  # the prompt prefix that keys replica affinity (characters)
-Watch = Callable[..., Awaitable[Any]]
-
-
-def affinity_key(route: str, body: dict[str, Any]) -> str:
-    """What requests that share a prompt prefix have in common: the first
-    :data:`AFFINITY_CHARS` characters of their prompt, messages (with the system prompt) or input."""
-    if route in ("/v1/completions", "/infill"):
-        head = body.get("prompt")
-    elif route == "/v1/responses":
-        head = [body.get("instructions"), body.get("input")]
-    else:
-        head = [body.get("system"), body.get("messages")]
-    text = head if isinstance(head, str) else json.dumps(head, separators=(",", ":"), default=str)
-    return text[:AFFINITY_CHARS]
-
-
-async def unwatched(aw: Awaitable[Any], undo: Callable[[Any], Any] | None = None) -> Any:
-    """A ``watch`` for a caller that never leaves (a batch runner)."""
-    return await aw
-
-
-@dataclass
-class Call:
-    """One inference call. ``route`` is the public route (``/infill`` included); ``raw`` the body
-    as sent and ``parsed`` its validated form (for ``/infill``, already a completion); ``key`` the
-    API key (``server.auth.ApiKey``) or ``None``; ``priority`` lower first, ``None`` for the
-    default (interactive for FIM, else normal); ``middle`` and ``warm``: ``/infill``'s prompt and
-    whether it only warms the cache (``n_predict`` 0)."""
-
-    route: str
-    raw: bytes
-    parsed: ParsedRequest
-    model: ModelConfig
-    key: Any = None
-    priority: int | None = None
-    request_id: str = ""
-    middle: str = ""
-    warm: bool = False
-    started: float = field(default_factory=time.perf_counter)
-
-    @property
-    def engine_route(self) -> str:
-        return "/v1/completions" if self.route == "/infill" else self.route
-
-
-@dataclass
-class Answer:
-    """What a call produced: a whole ``body`` (with ``media_type``), or a ``stream`` of bytes whose
-    ``finalize(complete)`` must be called once it ends. ``headers`` go with it."""
-
-    status: int
-    headers: dict[str, str]
-    body: bytes = b""
-    media_type: str = "application/json"
-    stream: AsyncIterator[bytes] | None = None
-    finalize: Callable[[bool], None] | None = None
 
 
 class Service:
