@@ -9,7 +9,7 @@ import signal
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -78,10 +78,58 @@ def shutdown_starter(pool: Scheduler, settings: Settings, upstreams: set,
             await asyncio.sleep(max(0.0, settings.shutdown_timeout - 1.0))
             for resp in list(upstreams):
                 resp.close()
-        task = asyncio.ensure_future(cut_late())
-        background.add(task)
-        task.add_done_callback(background.discard)
+        in_background(background, cut_late())
     return begin_shutdown
+
+
+def in_background(background: set, aw: Awaitable[Any]) -> None:
+    """Run ``aw`` as a task kept referenced in ``background`` until it ends."""
+    task = asyncio.ensure_future(aw)
+    background.add(task)
+    task.add_done_callback(background.discard)
+
+
+@asynccontextmanager
+async def gateway(settings: Settings, devices: Inventory, launcher: Launcher | None,
+                  reload: Callable[[], Settings] | None, clock: Callable[[], float]
+                  ) -> AsyncIterator[tuple[GatewayState, Callable[[], None]]]:
+    """The running gateway: the metrics, the models' profiles, the reaping of engines an earlier
+    gateway on this data dir left, the one HTTP client, the scheduler and the request service;
+    a SIGHUP reloads. Yields the state and the function that begins a shutdown; on exit every
+    engine is stopped."""
+    metrics = Metrics({m.name: routes_for_task(m.task) for m in settings.models},
+                      [s.value for s in ModelState])
+    profiles = await asyncio.to_thread(read_profiles, settings.models)
+    records = GroupRecords(settings.data_dir / "run" / "engines")
+    # Engines an earlier gateway on this data dir left running (it was killed) go first.
+    await asyncio.to_thread(records.reap)
+    session = new_session()  # the one HTTP client: the data path and the control plane
+    pool = Scheduler(settings, devices, launcher=launcher, events=metrics, profiles=profiles,
+                     records=records, clock=clock, session=session)
+    do_reload = reloader(pool, reload)
+    upstreams: set = set()  # engine responses being read, cut short before a forced exit
+    background: set = set()  # the reload and shutdown tasks, kept referenced
+
+    async def reload_logged() -> None:
+        try:
+            await do_reload()
+        except ConfigError as exc:
+            log.error("configuration not reloaded: %s", exc)
+
+    loop = asyncio.get_running_loop()
+    # No SIGHUP handler where the loop cannot have one (Windows; a loop off the main thread).
+    with contextlib.suppress(NotImplementedError, RuntimeError):  # a signal handler only enqueues
+        loop.add_signal_handler(signal.SIGHUP, lambda: in_background(background, reload_logged()))
+    pool.start()
+    try:
+        service = Service(pool, metrics, session, upstreams=upstreams)
+        yield (GatewayState(pool, service, metrics, int(time.time()), do_reload),
+               shutdown_starter(pool, settings, upstreams, background))
+    finally:
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.remove_signal_handler(signal.SIGHUP)
+        await pool.stop_all()
+        await session.close()
 
 
 def create_app(settings: Settings, *, launcher: Launcher | None = None,
@@ -100,48 +148,11 @@ def create_app(settings: Settings, *, launcher: Launcher | None = None,
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict]:
-        metrics = Metrics({m.name: routes_for_task(m.task) for m in settings.models},
-                          [s.value for s in ModelState])
-        profiles = await asyncio.to_thread(read_profiles, settings.models)
-        records = GroupRecords(settings.data_dir / "run" / "engines")
-        # Engines an earlier gateway on this data dir left running (it was killed) go first.
-        await asyncio.to_thread(records.reap)
-        session = new_session()  # the one HTTP client: the data path and the control plane
-        pool = Scheduler(settings, devices, launcher=launcher, events=metrics, profiles=profiles,
-                         records=records, clock=clock, session=session)
-
-        do_reload = reloader(pool, reload)
-
-        def on_sighup() -> None:  # a signal handler only enqueues
-            async def run() -> None:
-                try:
-                    await do_reload()
-                except ConfigError as exc:
-                    log.error("configuration not reloaded: %s", exc)
-            task = asyncio.ensure_future(run())
-            background.add(task)
-            task.add_done_callback(background.discard)
-
-        loop = asyncio.get_running_loop()
-        # No SIGHUP handler where the loop cannot have one (Windows; a loop off the main thread).
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(signal.SIGHUP, on_sighup)
-        upstreams: set = set()  # engine responses being read, cut short before a forced exit
-        background: set = set()  # the reload and shutdown tasks, kept referenced
-
-        begin_shutdown = shutdown_starter(pool, settings, upstreams, background)
-
-        # uvicorn's signal handler calls this; it only enqueues (see cli.GatewayServer).
-        app.state.begin_shutdown = lambda: loop.call_soon_threadsafe(begin_shutdown)
-        pool.start()
-        try:
-            service = Service(pool, metrics, session, upstreams=upstreams)
-            yield vars(GatewayState(pool, service, metrics, int(time.time()), do_reload))
-        finally:
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.remove_signal_handler(signal.SIGHUP)
-            await pool.stop_all()
-            await session.close()
+        async with gateway(settings, devices, launcher, reload, clock) as (state, begin_shutdown):
+            # uvicorn's signal handler calls this; it only enqueues (see cli.GatewayServer).
+            loop = asyncio.get_running_loop()
+            app.state.begin_shutdown = lambda: loop.call_soon_threadsafe(begin_shutdown)
+            yield vars(state)
 
     # CORS outermost: preflights need no key, and a 401 carries the CORS headers.
     middleware = [Middleware(Cors, origins=settings.auth.cors_origins,

@@ -93,6 +93,20 @@ def parse_settings(raw: Any, *,
     unknown = sorted(map(str, set(raw) - _TOP_KEYS))
     if unknown:
         raise ConfigError(f"{unknown[0]}: unknown field (known: {', '.join(sorted(_TOP_KEYS))})")
+    kw = _scalar_fields(raw)
+    if "simulate_gpus" in raw or overrides.get("simulate_gpus"):
+        spec = overrides.get("simulate_gpus") or _str(raw["simulate_gpus"], "simulate_gpus")
+        kw["simulate_gpus"] = parse_spec(spec)  # a bad layout is a configuration error now
+    kw["models"] = _models(raw, overrides.get("data_dir") or kw.get("data_dir"), default_models)
+    env_keys = tuple(overrides.pop("api_keys", None) or ())
+    kw["auth"] = parse_auth(raw, env_keys, overrides.pop("admin_key", None))
+    kw.update({k: v for k, v in overrides.items() if v is not None})
+    return Settings(**kw)
+
+
+def _scalar_fields(raw: dict[str, Any]) -> dict[str, Any]:
+    """The top level's plain fields: host, port, data_dir, engine module and Python, the timeouts
+    (seconds), counts, byte sizes and choices."""
     kw: dict[str, Any] = {}
     if "host" in raw:
         kw["host"] = _str(raw["host"], "host")
@@ -124,16 +138,19 @@ def parse_settings(raw: Any, *,
             if raw[key] not in choices:
                 raise ConfigError(f"{key}: must be {' or '.join(choices)}, got {raw[key]!r}")
             kw[key] = raw[key]
-    if "simulate_gpus" in raw or overrides.get("simulate_gpus"):
-        spec = overrides.get("simulate_gpus") or _str(raw["simulate_gpus"], "simulate_gpus")
-        kw["simulate_gpus"] = parse_spec(spec)  # a bad layout is a configuration error now
+    return kw
+
+
+def _models(raw: dict[str, Any], data_dir: Any,
+            default_models: Callable[[Path], tuple[ModelConfig, ...]] | None) -> tuple[ModelConfig, ...]:
+    """``models``, or ``default_models(data_dir)`` when the document has none; every name and
+    alias used once."""
     if "models" in raw:
         if not isinstance(raw["models"], list) or not raw["models"]:
             raise ConfigError("models: must be a non-empty list")
         models = tuple(parse_model(m, f"models[{i}]") for i, m in enumerate(raw["models"]))
     else:
-        data_dir = overrides.get("data_dir") or kw.get("data_dir") or Settings.__dataclass_fields__[
-            "data_dir"].default_factory()
+        data_dir = data_dir or Settings.__dataclass_fields__["data_dir"].default_factory()
         models = default_models(Path(data_dir)) if default_models else ()
     if not models:
         raise ConfigError("models: no models configured")
@@ -144,11 +161,7 @@ def parse_settings(raw: Any, *,
             if key in seen:
                 raise ConfigError(f"{where}: {key!r} is already used by {seen[key]}")
             seen[key] = where
-    kw["models"] = models
-    env_keys = tuple(overrides.pop("api_keys", None) or ())
-    kw["auth"] = parse_auth(raw, env_keys, overrides.pop("admin_key", None))
-    kw.update({k: v for k, v in overrides.items() if v is not None})
-    return Settings(**kw)
+    return models
 
 
 def load_settings(path: Path | None, *,

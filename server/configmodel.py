@@ -75,7 +75,8 @@ MAX_TOKENS_POLICIES = ("fit", "reject")
 
 
 def parse_model(raw: Any, where: str) -> ModelConfig:
-    """Validate one entry of ``models`` (a mapping) into a :class:`ModelConfig`."""
+    """Validate one entry of ``models`` (a mapping) into a :class:`ModelConfig`. Raises
+    :class:`ConfigError` naming the field's path (``models[1].tensor_parallel_size: ...``)."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: must be a mapping with at least name and path")
     unknown = sorted(map(str, set(raw) - _MODEL_KEYS))
@@ -90,12 +91,23 @@ def parse_model(raw: Any, where: str) -> ModelConfig:
     task = raw.get("task", "generate")
     if task not in TASKS:
         raise ConfigError(f"{where}.task: must be one of {', '.join(TASKS)}, got {task!r}")
+    cores = raw.get("cpu_cores")
+    return ModelConfig(**_generation_fields(raw, where), **_placement_fields(raw, where),
+        **_lifecycle_fields(raw, where),
+        engine_env=_engine_env(raw.get("engine_env"), f"{where}.engine_env"),
+        cpu_cores=None if cores is None else int(_number(cores, f"{where}.cpu_cores", integer=True)),
+        name=name, path=path, aliases=aliases, task=task,
+        engine_args=_engine_args(raw.get("engine_args"), f"{where}.engine_args"),
+    )
+
+
+def _placement_fields(raw: dict[str, Any], where: str) -> dict[str, Any]:
+    """``device``, ``gpus``, ``tensor_parallel_size`` (a power of two, no more than ``gpus``),
+    ``replicas`` (at most 64), ``memory``, ``kv_cache_bytes`` (bytes) and ``max_model_len``
+    (tokens)."""
     device = raw.get("device", "auto")
     if device not in DEVICES:
         raise ConfigError(f"{where}.device: must be one of {', '.join(DEVICES)}, got {device!r}")
-    kv = raw.get("kv_cache_bytes")
-    mml = raw.get("max_model_len")
-    mem = raw.get("memory")
     gpus = raw.get("gpus")
     if gpus is not None:
         if not isinstance(gpus, list) or not gpus or not all(
@@ -111,36 +123,37 @@ def parse_model(raw: Any, where: str) -> ModelConfig:
             raise ConfigError(f"{where}.tensor_parallel_size: must be a power of two, got {tp}")
         if gpus is not None and len(gpus) < tp:
             raise ConfigError(f"{where}.tensor_parallel_size: {tp} needs at least {tp} GPUs in gpus")
-    flags = {}
-    for key in ("pinned", "preload"):
-        flags[key] = raw.get(key, False)
-        if not isinstance(flags[key], bool):
-            raise ConfigError(f"{where}.{key}: must be true or false")
     replicas = int(_number(raw.get("replicas", 1), f"{where}.replicas", integer=True))
     if replicas > 64:
         raise ConfigError(f"{where}.replicas: at most 64")
-    ttl = float(_number(raw.get("ttl", 900), f"{where}.ttl", positive=False))
-    if ttl < 0:
-        raise ConfigError(f"{where}.ttl: must be 0 (never unload) or a number of seconds")
-    limits = {}
-    for key in ("max_concurrency", "max_queue"):
-        if raw.get(key) is not None:
-            limits[key] = int(_number(raw[key], f"{where}.{key}", integer=True, positive=False))
-            if limits[key] < (1 if key == "max_concurrency" else 0):
-                raise ConfigError(f"{where}.{key}: must be at least {1 if key == 'max_concurrency' else 0}")
-    limits["queue_timeout"] = float(_number(raw.get("queue_timeout", 300.0), f"{where}.queue_timeout"))
-    cores = raw.get("cpu_cores")
-    return ModelConfig(**_generation_fields(raw, where),
-        engine_env=_engine_env(raw.get("engine_env"), f"{where}.engine_env"),
-        cpu_cores=None if cores is None else int(_number(cores, f"{where}.cpu_cores", integer=True)),
-        name=name, path=path, aliases=aliases, task=task, device=device,
-        engine_args=_engine_args(raw.get("engine_args"), f"{where}.engine_args"),
+    kv, mml, mem = raw.get("kv_cache_bytes"), raw.get("max_model_len"), raw.get("memory")
+    return dict(
+        device=device, gpus=gpus, tensor_parallel_size=tp, replicas=replicas,
         kv_cache_bytes=None if kv is None else parse_bytes(kv, f"{where}.kv_cache_bytes"),
         max_model_len=None if mml is None else int(_number(mml, f"{where}.max_model_len", integer=True)),
-        startup_timeout=float(_number(raw.get("startup_timeout", 600.0), f"{where}.startup_timeout")),
-        memory_bytes=None if mem is None else parse_bytes(mem, f"{where}.memory"),
-        gpus=gpus, tensor_parallel_size=tp, replicas=replicas, ttl=ttl, **flags, **limits,
-    )
+        memory_bytes=None if mem is None else parse_bytes(mem, f"{where}.memory"))
+
+
+def _lifecycle_fields(raw: dict[str, Any], where: str) -> dict[str, Any]:
+    """``pinned``, ``preload``, ``ttl``, ``max_concurrency``, ``max_queue``, ``queue_timeout`` and
+    ``startup_timeout`` (seconds)."""
+    out: dict[str, Any] = {}
+    for key in ("pinned", "preload"):
+        out[key] = raw.get(key, False)
+        if not isinstance(out[key], bool):
+            raise ConfigError(f"{where}.{key}: must be true or false")
+    out["ttl"] = float(_number(raw.get("ttl", 900), f"{where}.ttl", positive=False))
+    if out["ttl"] < 0:
+        raise ConfigError(f"{where}.ttl: must be 0 (never unload) or a number of seconds")
+    for key in ("max_concurrency", "max_queue"):
+        if raw.get(key) is not None:
+            out[key] = int(_number(raw[key], f"{where}.{key}", integer=True, positive=False))
+            if out[key] < (1 if key == "max_concurrency" else 0):
+                raise ConfigError(f"{where}.{key}: must be at least {1 if key == 'max_concurrency' else 0}")
+    out["queue_timeout"] = float(_number(raw.get("queue_timeout", 300.0), f"{where}.queue_timeout"))
+    out["startup_timeout"] = float(_number(raw.get("startup_timeout", 600.0),
+                                           f"{where}.startup_timeout"))
+    return out
 
 
 def _fim(value: Any, where: str) -> dict[str, Any]:

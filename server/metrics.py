@@ -22,14 +22,26 @@ ITL_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4,
                2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 
 
+NAMESPACE = "vramgate"
+
+
 class Metrics:
     """The gateway's metrics. Create one per app; ``render()`` gives the exposition text."""
 
     def __init__(self, models: dict[str, tuple[str, ...]], states: list[str]) -> None:
-        """``models`` maps each canonical model name to the routes it serves."""
+        """``models`` maps each canonical model name to the routes it serves; ``states`` are the
+        model states ``vramgate_model_state`` reports."""
         disable_created_metrics()  # no *_created series: they double the series count for nothing
         self.registry = CollectorRegistry(auto_describe=True)
-        ns = "vramgate"
+        self._states = states
+        self._request_metrics()
+        self._engine_metrics()
+        self._device_metrics()
+        self._prefill(models)
+
+    def _request_metrics(self) -> None:
+        """Requests: counts, durations, TTFT, ITL, tokens, in flight, queued, refused."""
+        ns = NAMESPACE
         self.requests = Counter("requests", "Requests answered, by model, route and status class.",
                                 ["model", "route", "status_class"], namespace=ns,
                                 registry=self.registry)
@@ -55,9 +67,12 @@ class Metrics:
         self.rejections = Counter("rejections", "Requests refused before the engine, by reason "
                                   "(queue_full, queue_timeout, rate_limit_exceeded, ...).",
                                   ["model", "reason"], namespace=ns, registry=self.registry)
+
+    def _engine_metrics(self) -> None:
+        """Models and engines: state, starts, failures, stops, load time, engines loaded."""
+        ns = NAMESPACE
         self.model_state = Gauge("model_state", "1 for the state each model is in, else 0.",
                                  ["model", "state"], namespace=ns, registry=self.registry)
-        self._states = states
         self.engine_starts = Counter("engine_starts", "Engine processes started.", ["model"],
                                      namespace=ns, registry=self.registry)
         self.engine_failures = Counter("engine_failures", "Engines that failed to start, exited or "
@@ -71,6 +86,10 @@ class Metrics:
                                                              300, 600, 1200), registry=self.registry)
         self.loaded = Gauge("engines_loaded", "Engines running (loading or ready).", namespace=ns,
                             registry=self.registry)
+
+    def _device_metrics(self) -> None:
+        """Devices: GPU memory (NVML), utilisation, temperature, power; bytes booked."""
+        ns = NAMESPACE
         gpu = ["gpu"]
         self.gpu_total = Gauge("gpu_memory_total_bytes", "GPU memory, as NVML reports it.", gpu,
                                namespace=ns, registry=self.registry)
@@ -90,6 +109,9 @@ class Metrics:
         self.cpu_reserved = Gauge("cpu_memory_reserved_bytes",
                                   "RAM vramgate has booked for its CPU engines.", namespace=ns,
                                   registry=self.registry)
+
+    def _prefill(self, models: dict[str, tuple[str, ...]]) -> None:
+        """Every known label set at 0, so a rate() over it exists before the first event."""
         for route in INFERENCE_ROUTES:
             self.requests.labels(UNKNOWN_MODEL, route, "4xx")
         for name, routes in models.items():
