@@ -90,6 +90,9 @@ async def metrics_endpoint(request: Request) -> Response:
                            if r.state in (ModelState.LOADING, ModelState.READY)))
     for name, m in models.items():
         metrics.queued.labels(name).set(m.waiting)
+    batches = state.batches
+    metrics.set_batches(await batches.store.call(batches.store.status_counts),
+                        batches.lines_queued(), batches.seconds_since_progress())
     try:
         snap = await pool.snapshot()
         gpus = await asyncio.to_thread(read_inventory) if snap.source == "nvml" and any(

@@ -15,7 +15,9 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 
-from server import admin, api
+from server import admin, api, batchapi
+from server.batchrunner import BatchRunner
+from server.batchstore import BatchStore
 from server.auth import AuthMiddleware
 from server.cors import LOOPBACK_BINDS, Cors
 from server.requestid import RequestIdMiddleware
@@ -37,13 +39,14 @@ log = logging.getLogger("vramgate.app")
 @dataclass
 class GatewayState:
     """What every request sees as ``request.state``: the scheduler (``pool``), the request
-    service, the metrics, the start time (Unix seconds) and the reload function."""
+    service, the metrics, the start time (Unix seconds), the reload function and the batch runner."""
 
     pool: Scheduler
     service: Service
     metrics: Metrics
     started: int
     reload: Callable[[], Awaitable[dict]]
+    batches: BatchRunner
 
 
 def reloader(pool: Scheduler, reload: Callable[[], Settings] | None
@@ -94,7 +97,8 @@ async def gateway(settings: Settings, devices: Inventory, launcher: Launcher | N
                   reload: Callable[[], Settings] | None, clock: Callable[[], float]
                   ) -> AsyncIterator[tuple[GatewayState, Callable[[], None]]]:
     """The running gateway: the metrics, the models' profiles, the reaping of engines an earlier
-    gateway on this data dir left, the one HTTP client, the scheduler and the request service;
+    gateway on this data dir left, the one HTTP client, the scheduler, the request service and
+    the batch runner (its SQLite store in ``<data_dir>/batches``);
     a SIGHUP reloads. Yields the state and the function that begins a shutdown; on exit every
     engine is stopped."""
     metrics = Metrics({m.name: routes_for_task(m.task) for m in settings.models},
@@ -121,13 +125,18 @@ async def gateway(settings: Settings, devices: Inventory, launcher: Launcher | N
     with contextlib.suppress(NotImplementedError, RuntimeError):  # a signal handler only enqueues
         loop.add_signal_handler(signal.SIGHUP, lambda: in_background(background, reload_logged()))
     pool.start()
+    service = Service(pool, metrics, session, upstreams=upstreams)
+    store = await asyncio.to_thread(BatchStore, settings.data_dir / "batches")
+    batches = BatchRunner(store, service, lambda: pool.settings, metrics)
     try:
-        service = Service(pool, metrics, session, upstreams=upstreams)
-        yield (GatewayState(pool, service, metrics, int(time.time()), do_reload),
+        await batches.start()  # batches an earlier run left active resume
+        yield (GatewayState(pool, service, metrics, int(time.time()), do_reload, batches),
                shutdown_starter(pool, settings, upstreams, background))
     finally:
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.remove_signal_handler(signal.SIGHUP)
+        await batches.stop()
+        await asyncio.to_thread(store.close)
         await pool.stop_all()
         await session.close()
 
@@ -161,7 +170,7 @@ def create_app(settings: Settings, *, launcher: Launcher | None = None,
                   Middleware(RequestIdMiddleware, log_format=settings.log_format),
                   Middleware(AuthMiddleware, auth=settings.auth),
                   Middleware(api.InferenceFastPath)]
-    app = Starlette(routes=api.routes + admin.routes, lifespan=lifespan, middleware=middleware,
+    app = Starlette(routes=api.routes + batchapi.routes + admin.routes, lifespan=lifespan, middleware=middleware,
                     exception_handlers={HTTPException: api.http_error, Exception: api.server_error})
     app.router.redirect_slashes = False
     return app

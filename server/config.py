@@ -93,7 +93,8 @@ class ModelConfig:
 class Settings:
     """The whole server configuration. Times are seconds; ``data_dir`` holds models and engine logs.
     ``stream_keepalive``: seconds between keep-alive events on a stream that waits for its engine
-    (0: the stream waits silently)."""
+    (0: the stream waits silently). ``batch_concurrency``: lines of one batch in flight at once;
+    ``max_file_bytes``: the largest upload ``POST /v1/files`` takes (bytes)."""
 
     models: tuple[ModelConfig, ...]
     host: str = "127.0.0.1"
@@ -115,6 +116,8 @@ class Settings:
     max_body_bytes: int = 32 * 2**20
     log_format: str = "text"
     stream_keepalive: float = 4.0
+    batch_concurrency: int = 2  # lines of one batch in flight at once (server.batchrunner)
+    max_file_bytes: int = 512 * 2**20  # the largest upload to /v1/files
 
     @property
     def log_dir(self) -> Path:

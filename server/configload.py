@@ -25,11 +25,12 @@ _TOP_KEYS = {"host", "port", "data_dir", "models", "engine_module", "engine_pyth
              "shutdown_timeout", "engine_stop_grace", "load_wait_timeout", "placement",
              "gpu_headroom", "kv_cache_sequences", "simulate_gpus", "max_loaded_models",
              "place_wait_timeout", "cpu_memory_budget", "api_keys", "admin_key", "metrics_auth",
-             "cors_origins", "allowed_hosts", "max_body_bytes", "log_format", "stream_keepalive"}
+             "cors_origins", "allowed_hosts", "max_body_bytes", "log_format", "stream_keepalive",
+             "batch_concurrency", "max_file_bytes"}
 
 
 _BYTE_FIELDS = {"gpu_headroom": "gpu_headroom_bytes", "max_body_bytes": "max_body_bytes",
-                "cpu_memory_budget": "cpu_memory_budget"}
+                "cpu_memory_budget": "cpu_memory_budget", "max_file_bytes": "max_file_bytes"}
 _CHOICE_FIELDS = {"placement": ("pack", "spread"), "log_format": ("text", "json")}
 
 
@@ -127,7 +128,7 @@ def _scalar_fields(raw: dict[str, Any]) -> dict[str, Any]:
                 "place_wait_timeout", "stream_keepalive")))
             if kw[key] < 0:
                 raise ConfigError(f"{key}: must not be negative")
-    for key in ("kv_cache_sequences", "max_loaded_models"):
+    for key in ("kv_cache_sequences", "max_loaded_models", "batch_concurrency"):
         if key in raw:
             kw[key] = int(_number(raw[key], key, integer=True))
     for key, field_name in _BYTE_FIELDS.items():

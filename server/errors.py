@@ -141,6 +141,19 @@ class RouteNotFound(VramgateError):
         super().__init__(message, should_retry=False)
 
 
+class NotFound(RouteNotFound):
+    """No file or batch with that id for this key (404): another key's objects are not found."""
+
+    code = None
+
+
+class Conflict(VramgateError):
+    """The object is in a state that does not allow this (409), e.g. cancelling a finished batch."""
+
+    status = 409
+    type = "invalid_request_error"
+
+
 class ModelUnavailable(VramgateError):
     """The model is configured but its engine cannot serve now (503, with ``Retry-After``)."""
 

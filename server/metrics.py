@@ -23,6 +23,8 @@ ITL_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4,
 
 
 NAMESPACE = "vramgate"
+BATCH_STATUSES = ("validating", "failed", "in_progress", "finalizing", "completed", "expired",
+                  "cancelling", "cancelled")
 
 
 class Metrics:
@@ -34,9 +36,11 @@ class Metrics:
         disable_created_metrics()  # no *_created series: they double the series count for nothing
         self.registry = CollectorRegistry(auto_describe=True)
         self._states = states
+        self.models = tuple(models)
         self._request_metrics()
         self._engine_metrics()
         self._device_metrics()
+        self._batch_metrics()
         self._prefill(models)
 
     def _request_metrics(self) -> None:
@@ -110,6 +114,29 @@ class Metrics:
                                   "RAM vramgate has booked for its CPU engines.", namespace=ns,
                                   registry=self.registry)
 
+    def _batch_metrics(self) -> None:
+        """The Batch API: lines answered, batches by status, lines waiting, progress."""
+        ns = NAMESPACE
+        self.batch_requests = Counter("batch_requests", "Batch lines answered, by model and "
+                                      "outcome (completed: 2xx, failed: an error line).",
+                                      ["model", "outcome"], namespace=ns, registry=self.registry)
+        self.batches = Gauge("batches", "Batches by status.", ["status"], namespace=ns,
+                             registry=self.registry)
+        self.batch_lines_queued = Gauge("batch_lines_queued", "Lines of running batches not "
+                                        "answered yet.", ["model"], namespace=ns,
+                                        registry=self.registry)
+        self.batch_stalled = Gauge("batch_seconds_since_progress", "The longest time any "
+                                   "in-progress batch has gone without an answered line.",
+                                   namespace=ns, registry=self.registry)
+
+    def set_batches(self, statuses: dict[str, int], queued: dict[str, int], stalled: float) -> None:
+        """Batch gauges at a scrape: counts by status, lines queued per model, seconds stalled."""
+        for status in BATCH_STATUSES:
+            self.batches.labels(status).set(statuses.get(status, 0))
+        for model in self.models:
+            self.batch_lines_queued.labels(model).set(queued.get(model, 0))
+        self.batch_stalled.set(stalled)
+
     def _prefill(self, models: dict[str, tuple[str, ...]]) -> None:
         """Every known label set at 0, so a rate() over it exists before the first event."""
         for route in INFERENCE_ROUTES:
@@ -123,6 +150,8 @@ class Metrics:
             self.itl.labels(name)
             for reason in ("evicted", "idle", "unload"):
                 self.engine_stops.labels(name, reason)
+            for outcome in ("completed", "failed"):
+                self.batch_requests.labels(name, outcome)
             for route in routes:
                 for cls in ("2xx", "4xx", "5xx"):
                     self.requests.labels(name, route, cls)

@@ -1,0 +1,296 @@
+"""One batch while it runs (``server.batchrunner`` starts them): validate the input file, serve
+its lines at ``batch`` priority with a bounded number in flight, append each result as it comes,
+and finalize into the output and error files. :class:`BatchJob` is the only writer of its row."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import TYPE_CHECKING, Any
+
+from server.admission import PRIORITIES
+from server.auth import allowed
+from server.batchcheck import check_lines, read_tasks
+from server.batchstore import ResultFile, new_id, read_results
+from server.calls import Call
+from server.errors import (InvalidRequest, ModelNotFound, PermissionDenied, UpstreamError,
+                           VramgateError)
+from server.validation import validate
+
+if TYPE_CHECKING:
+    from server.batchrunner import BatchRunner
+
+log = logging.getLogger("vramgate.batch")
+RESULT_TTL = 30 * 86400  # seconds a result file is kept (OpenAI's default for batch output)
+RETRY_MAX = 30.0  # seconds, the longest wait before a refused line is tried again
+
+
+def usage_of(body: Any) -> tuple[int, int]:
+    """(input, output) tokens of an answer's ``usage``, whichever API's names it uses."""
+    usage = body.get("usage") if isinstance(body, dict) else None
+    if not isinstance(usage, dict):
+        return 0, 0
+    inp = usage.get("prompt_tokens", usage.get("input_tokens", 0)) or 0
+    out = usage.get("completion_tokens", usage.get("output_tokens", 0)) or 0
+    return int(inp), int(out)
+
+
+def result_line(custom_id: str, request_id: str, status: int | None, body: Any,
+                error: dict[str, str] | None = None) -> bytes:
+    """One line of a result file: ``{id, custom_id, response: {status_code, request_id, body},
+    error}`` (``response`` ``None`` for a line that never got an answer)."""
+    response = None if status is None else {"status_code": status, "request_id": request_id,
+                                            "body": body}
+    return json.dumps({"id": new_id("batch_req_"), "custom_id": custom_id, "response": response,
+                       "error": error}, separators=(",", ":")).encode()
+
+
+class Retry(Exception):
+    """The gateway refused a line for now (429/503 of its own): try it again after ``delay`` s."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__(delay)
+        self.delay = delay
+
+
+class BatchJob:
+    """One batch while it runs; :meth:`run` is the whole of it, and the only writer of its row."""
+
+    def __init__(self, runner: BatchRunner, doc: dict[str, Any], owner: str) -> None:
+        self.runner, self.store, self.doc, self.owner = runner, runner.store, doc, owner
+        self.clock = runner.clock
+
+    async def save(self, progressed: bool = False) -> None:
+        await self.store.call(self.store.put_batch, self.doc,
+                              progressed=self.clock() if progressed else None)
+
+    async def move(self, status: str) -> None:
+        self.doc["status"] = status
+        self.doc[f"{status}_at"] = int(self.clock())
+        await self.save()
+        log.info("batch %s: %s", self.doc["id"], status)
+
+    async def run(self) -> None:
+        try:
+            if self.doc["status"] == "validating":
+                await self.validate()
+            if self.doc["status"] in ("in_progress", "cancelling"):
+                await self.execute()
+            if self.doc["status"] == "finalizing":
+                await self.finalize("completed")
+        except OSError as exc:  # a full disk, most often: this batch fails, the server goes on
+            log.error("batch %s failed: %s", self.doc["id"], exc)
+            await self.fail("server_error", f"Writing the batch's results failed: {exc}")
+        except PermissionDenied as exc:  # its key was removed by a reload
+            await self.fail("invalid_api_key", exc.message)
+
+    async def fail(self, code: str, message: str) -> None:
+        self.doc["errors"] = {"object": "list", "data": [
+            {"code": code, "line": None, "param": None, "message": message}]}
+        await self.move("failed")
+
+    async def validate(self) -> None:
+        """Check the input file (``batchcheck``): ``failed`` with its errors, or ``in_progress``."""
+        settings, endpoint = self.runner.settings(), self.doc["endpoint"]
+        key = self.runner.key_for(self.owner)
+
+        def known(name: str) -> bool:
+            model = settings.resolve(name)
+            return model is not None and allowed(key, (model.name, *model.aliases)) and \
+                model.task == ("embed" if endpoint == "/v1/embeddings" else "generate")
+        path = self.store.path_for(self.doc["input_file_id"])
+
+        def check() -> Any:
+            with open(path, "rb") as f:
+                return check_lines(f, endpoint, path.stat().st_size, known)
+        checked = await self.store.call(check)
+        if checked.errors:
+            self.doc["errors"] = {"object": "list", "data": checked.errors}
+            await self.move("failed")
+            return
+        if self.runner.cancelled[self.doc["id"]].is_set():
+            await self.finalize("cancelled")
+            return
+        self.doc["model"] = settings.resolve(checked.model).name
+        self.doc["request_counts"]["total"] = len(checked.custom_ids)
+        self.doc["_output"], self.doc["_error"] = new_id("file-"), new_id("file-")
+        await self.move("in_progress")
+
+    # ---- running the lines --------------------------------------------------------------------
+    def result_paths(self) -> tuple[Any, Any]:
+        return self.store.path_for(self.doc["_output"]), self.store.path_for(self.doc["_error"])
+
+    def finished(self) -> set[str]:
+        """The custom_ids already answered (read from the result files: a restart resumes)."""
+        counts = self.doc["request_counts"]
+        counts["completed"] = counts["failed"] = 0
+        self.doc["usage"] = {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0,
+                                     "input_tokens_details": {"cached_tokens": 0},
+                                     "output_tokens_details": {"reasoning_tokens": 0}}
+        out, err = self.result_paths()
+        done: set[str] = set()
+        for path, kind in ((out, "completed"), (err, "failed")):
+            for line in read_results(path):
+                done.add(line["custom_id"])
+                counts[kind] += 1
+                if line.get("response"):
+                    self.count_usage(line["response"]["body"])
+        return done
+
+    def count_usage(self, body: Any) -> None:
+        inp, out = usage_of(body)
+        usage = self.doc["usage"]
+        usage["input_tokens"] += inp
+        usage["output_tokens"] += out
+        usage["total_tokens"] += inp + out
+
+    async def execute(self) -> None:
+        out_path, err_path = self.result_paths()
+        done = await self.store.call(self.finished)
+        path = self.store.path_for(self.doc["input_file_id"])
+
+        def todo() -> list[dict[str, Any]]:
+            with open(path, "rb") as f:
+                return [t for t in read_tasks(f) if t["custom_id"] not in done]
+        tasks = await self.store.call(todo)
+        files = await self.store.call(lambda: (ResultFile(out_path), ResultFile(err_path)))
+        try:
+            await self.serve_all(tasks, *files)
+        finally:
+            await self.store.call(lambda: [f.close() for f in files])
+
+    async def serve_all(self, tasks: list[dict[str, Any]], out: ResultFile, err: ResultFile) -> None:
+        runner, batch_id = self.runner, self.doc["id"]
+        cancel = runner.cancelled[batch_id]
+        key = runner.key_for(self.owner)
+        slots = asyncio.Semaphore(max(1, runner.settings().batch_concurrency))
+        deadline = self.doc["expires_at"]
+        running: set[asyncio.Task] = set()
+        self.publish()
+        pending = list(reversed(tasks))
+        while pending and not cancel.is_set() and self.clock() < deadline:
+            acquire = asyncio.ensure_future(slots.acquire())
+            stop = asyncio.ensure_future(cancel.wait())
+            await asyncio.wait({acquire, stop}, timeout=max(0.0, deadline - self.clock()),
+                               return_when=asyncio.FIRST_COMPLETED)
+            stop.cancel()
+            if not acquire.done() or acquire.cancelled():
+                acquire.cancel()
+                break
+            if cancel.is_set() or self.clock() >= deadline:
+                slots.release()
+                break
+            task = pending.pop()
+            line = asyncio.ensure_future(self.line(task, key, out, err, slots, deadline))
+            running.add(line)
+            line.add_done_callback(running.discard)
+        while running and not cancel.is_set() and self.clock() < deadline:
+            stop = asyncio.ensure_future(cancel.wait())
+            await asyncio.wait({*running, stop}, timeout=max(0.0, deadline - self.clock()),
+                               return_when=asyncio.FIRST_COMPLETED)
+            stop.cancel()
+        if cancel.is_set():
+            if self.doc["status"] != "cancelling":
+                await self.move("cancelling")
+            await asyncio.gather(*running, return_exceptions=True)  # in-flight lines finish
+            await self.finalize("cancelled")
+        elif pending or running:
+            await self.expire(running, err)
+        else:
+            await self.move("finalizing")
+
+    async def line(self, task: dict[str, Any], key: Any, out: ResultFile, err: ResultFile,
+                   slots: asyncio.Semaphore, deadline: float) -> None:
+        """Serve one line until it has an answer (retrying the gateway's own refusals), then
+        append it to its file."""
+        cid = task["custom_id"]
+        request_id = f"{self.doc['id']}:{cid}"
+        try:
+            while True:
+                try:
+                    status, body = await self.serve(task["body"], key, request_id)
+                    break
+                except Retry as again:
+                    await asyncio.sleep(min(again.delay, max(0.0, deadline - self.clock())))
+                    if self.clock() >= deadline:
+                        return  # expire() writes it
+            target = out if 200 <= status < 300 else err
+            await self.store.call(target.append, [result_line(cid, request_id, status, body)])
+            self.doc["request_counts"]["completed" if target is out else "failed"] += 1
+            self.count_usage(body)
+            outcome = "completed" if target is out else "failed"
+            if self.runner.metrics is not None:
+                self.runner.metrics.batch_requests.labels(self.doc["model"], outcome).inc()
+            self.publish()
+            await self.save(progressed=True)
+        finally:
+            slots.release()
+
+    async def serve(self, body: dict[str, Any], key: Any, request_id: str) -> tuple[int, Any]:
+        """One line's request through the request service: (status, answer body). Raises
+        :class:`Retry` for a refusal of the gateway's own (429, 502–504)."""
+        route = self.doc["endpoint"]
+        try:
+            if body.get("stream"):
+                raise InvalidRequest("stream is not supported in a batch.", param="body.stream")
+            parsed = validate(route, body)
+            model = self.runner.settings().resolve(parsed.model)
+            if model is None:
+                raise ModelNotFound(parsed.model)
+            if not allowed(key, (model.name, *model.aliases)):
+                raise PermissionDenied(f"This API key may not use the model '{parsed.model}'.")
+            call = Call(route, json.dumps(body).encode(), parsed, model, key=key,
+                        priority=PRIORITIES["batch"], request_id=request_id)
+            answer = await self.runner.service.serve(call)
+        except VramgateError as exc:
+            if exc.status in (429, 502, 503, 504) and not isinstance(exc, UpstreamError):
+                raise Retry(min(RETRY_MAX, exc.retry_after or 1.0)) from None
+            return exc.status, exc.envelope()
+        return answer.status, json.loads(answer.body)
+
+    def publish(self) -> None:
+        counts = self.doc["request_counts"]
+        self.runner.progress[self.doc["id"]] = (
+            counts["completed"] + counts["failed"], counts["total"], self.clock(), self.doc["model"])
+
+    # ---- the end ------------------------------------------------------------------------------
+    async def expire(self, running: set[asyncio.Task], err: ResultFile) -> None:
+        """Past the completion window: cancel the lines in flight and write every unanswered one
+        to the error file with code ``batch_expired``."""
+        for line in running:
+            line.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
+        done = await self.store.call(self.finished)
+        path = self.store.path_for(self.doc["input_file_id"])
+
+        def write() -> None:
+            with open(path, "rb") as f:
+                lines = [result_line(t["custom_id"], "", None, None, {
+                    "code": "batch_expired",
+                    "message": "This request could not be executed before the completion window "
+                               "expired."}) for t in read_tasks(f) if t["custom_id"] not in done]
+            err.append(lines)
+        await self.store.call(write)
+        await self.store.call(self.finished)
+        await self.finalize("expired")
+
+    async def finalize(self, status: str) -> None:
+        """Register the non-empty result files as ``batch_output`` files, then end in ``status``."""
+        if self.doc["status"] not in ("finalizing", "cancelling"):
+            await self.move("finalizing")
+        now = int(self.clock())
+        for field, private in (("output_file_id", "_output"), ("error_file_id", "_error")):
+            if private not in self.doc:  # cancelled while validating: no result files
+                continue
+            path = self.store.path_for(self.doc[private])
+            size = path.stat().st_size if path.exists() else 0
+            if size and self.doc.get(field) is None:
+                name = "batch_" + ("output" if field == "output_file_id" else "error") + ".jsonl"
+                await self.store.call(self.store.add_file, {
+                    "id": self.doc[private], "owner": self.owner, "bytes": size,
+                    "created_at": now, "filename": name, "purpose": "batch_output",
+                    "status": "processed", "expires_at": now + RESULT_TTL, "path": str(path)})
+                self.doc[field] = self.doc[private]
+        self.runner.progress.pop(self.doc["id"], None)
+        await self.move(status)
