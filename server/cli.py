@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from server import cli_plan, cli_remote
+from server import cli_batches, cli_plan, cli_remote
 from server.configload import load_settings
 from server.errors import ConfigError
 
@@ -110,7 +110,7 @@ def prepare(data_dir: Path) -> None:
     click.echo(f"embedded models ready in {data_dir / 'models'}")
 
 
-for _command in (*cli_remote.COMMANDS, *cli_plan.COMMANDS):
+for _command in (*cli_remote.COMMANDS, *cli_plan.COMMANDS, *cli_batches.COMMANDS):
     main.add_command(_command)
 
 

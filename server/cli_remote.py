@@ -33,7 +33,7 @@ def table(rows: list[tuple[str, ...]]) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the raw JSON.")
 def models(url: str, key: str | None, as_json: bool) -> None:
     """List the configured models of a running server and their state."""
-    data = _admin(url, "GET", "/v1/models", timeout=10, key=key)["data"]
+    data = call_server(url, "GET", "/v1/models", timeout=10, key=key)["data"]
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
@@ -43,7 +43,9 @@ def models(url: str, key: str | None, as_json: bool) -> None:
     table(rows)
 
 
-def _admin(url: str, method: str, path: str, timeout: float = 30, key: str | None = None) -> dict:
+def call_server(url: str, method: str, path: str, timeout: float = 30, key: str | None = None) -> dict:
+    """``method path`` on the server at ``url`` with ``key``: the JSON answer. Raises
+    ``click.ClickException`` with the server's error message, or when it cannot be reached."""
     import httpx
 
     headers = {"authorization": f"Bearer {key}"} if key else {}
@@ -69,7 +71,7 @@ _key = click.option("--key", envvar=["VRAMGATE_ADMIN_KEY", "VRAMGATE_API_KEY"],
 @click.option("--json", "as_json", is_flag=True, help="Print the raw JSON.")
 def ps(url: str, key: str | None, as_json: bool) -> None:
     """The engines of a running server: state, placement, memory, uptime, requests in flight."""
-    data = _admin(url, "GET", "/admin/models", key=key)["data"]
+    data = call_server(url, "GET", "/admin/models", key=key)["data"]
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
@@ -95,7 +97,7 @@ def ps(url: str, key: str | None, as_json: bool) -> None:
 @_key
 def load(name: str, url: str, key: str | None) -> None:
     """Load model NAME on a running server and wait until it is ready."""
-    data = _admin(url, "POST", f"/admin/models/{quote(name, safe='')}/load", timeout=1800, key=key)
+    data = call_server(url, "POST", f"/admin/models/{quote(name, safe='')}/load", timeout=1800, key=key)
     click.echo(f"{data['id']}: {data['state']}")
 
 
@@ -106,7 +108,7 @@ def load(name: str, url: str, key: str | None) -> None:
 @click.option("--force", is_flag=True, help="Do not wait for in-flight requests.")
 def unload(name: str, url: str, key: str | None, force: bool) -> None:
     """Unload model NAME on a running server (after its in-flight requests, unless --force)."""
-    data = _admin(url, "POST", f"/admin/models/{quote(name, safe='')}/unload" + ("?force=true" if force else ""),
+    data = call_server(url, "POST", f"/admin/models/{quote(name, safe='')}/unload" + ("?force=true" if force else ""),
                   timeout=1800, key=key)
     click.echo(f"{data['id']}: {data['state']}")
 

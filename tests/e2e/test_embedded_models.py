@@ -455,11 +455,54 @@ def test_real_prometheus_evaluates_the_dashboard_and_alert_rules(gw, client, tmp
             results[expr] = answer["data"]["result"]
         main = [e for e in dashboard_exprs() if any(k in e for k in (
             "vramgate_requests_total", "vllm:generation_tokens_total", "vramgate_model_state",
-            "vllm:kv_cache_usage_perc", "vramgate_time_to_first_token_seconds_bucket"))]
-        assert len(main) >= 5
+            "vllm:kv_cache_usage_perc", "vramgate_time_to_first_token_seconds_bucket",
+            "vramgate_batch"))]
+        assert len(main) >= 8
         for expr in main:
             assert results[expr], f"no data for {expr}"
         assert query('up{job="vramgate"}')["data"]["result"][0]["value"][1] == "1"
     finally:
         prom.terminate()
         prom.wait(10)
+
+
+BATCH_BODIES = {
+    "/v1/chat/completions": lambda i: {"model": CHAT, "max_tokens": 8, "temperature": 0,
+                                       "messages": [{"role": "user", "content": f"Count to {i}"}]},
+    "/v1/completions": lambda i: {"model": CHAT, "prompt": f"{i} plus one is", "max_tokens": 6},
+    "/v1/embeddings": lambda i: {"model": EMBED, "input": f"sentence number {i}"},
+    "/v1/responses": lambda i: {"model": CHAT, "input": f"Say {i}", "max_output_tokens": 8},
+}
+
+
+@pytest.mark.parametrize("endpoint", list(BATCH_BODIES))
+def test_a_batch_on_the_real_engines(client, endpoint):
+    """The SDK's batch workflow on each endpoint: upload, create, poll, download; every line
+    answered by the engine, with its usage."""
+    import io
+    lines = [{"custom_id": f"line-{i}", "method": "POST", "url": endpoint,
+              "body": BATCH_BODIES[endpoint](i)} for i in range(4)]
+    f = client.files.create(file=io.BytesIO(b"".join(json.dumps(x).encode() + b"\n" for x in lines)),
+                            purpose="batch")
+    batch = client.batches.create(input_file_id=f.id, endpoint=endpoint, completion_window="24h",
+                                  metadata={"suite": "e2e"})
+    deadline = time.monotonic() + 180
+    while batch.status not in ("completed", "failed", "expired", "cancelled"):
+        assert time.monotonic() < deadline, batch
+        time.sleep(0.2)  # polling, as the SDK's users do
+        batch = client.batches.retrieve(batch.id)
+    assert batch.status == "completed" and batch.request_counts.completed == 4, batch
+    assert batch.metadata == {"suite": "e2e"} and batch.error_file_id is None
+    out = {r["custom_id"]: r for r in
+           map(json.loads, client.files.content(batch.output_file_id).text.splitlines())}
+    assert sorted(out) == [f"line-{i}" for i in range(4)]
+    for r in out.values():
+        body = r["response"]["body"]
+        assert r["response"]["status_code"] == 200
+        if endpoint == "/v1/embeddings":
+            assert len(body["data"][0]["embedding"]) == 384 and body["usage"]["prompt_tokens"] > 0
+        elif endpoint == "/v1/responses":
+            assert body["output"] and body["usage"]["output_tokens"] > 0
+        else:
+            assert body["choices"][0] and body["usage"]["completion_tokens"] > 0
+    assert batch.usage.input_tokens > 0

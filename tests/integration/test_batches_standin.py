@@ -9,16 +9,19 @@ import json
 import re
 import signal
 import sqlite3
+import subprocess
+import sys
 import threading
 
 import httpx
 import openai
 import pytest
 
-from tests.gateway import Gateway, standin_gateway, wait_for
+from tests.gateway import ROOT, Gateway, standin_gateway, wait_for
 
 KEYS = ["sk-a", "sk-b"]
 CONFIG = {"api_keys": KEYS, "admin_key": "sk-admin", "batch_concurrency": 2,
+          "max_file_bytes": "8MiB",
           "models": [{"name": "fast", "path": "standin:ok", "preload": True},
                      {"name": "slow", "path": "standin:delay=0.1", "preload": True,
                       "max_concurrency": 1, "max_queue": 50},
@@ -89,6 +92,20 @@ def test_the_sdk_workflow_end_to_end(gw):
     assert batch_id in [x.id for x in listed.data]
     # Each line went through the request path: the access log names the batch and the line.
     assert wait_for(lambda: f"{batch_id}:r4" in gw.log_text(), 5)
+    shown = subprocess.run([sys.executable, "-m", "server", "batches", "list", "--url", gw.url,
+                            "--key", "sk-a"], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert re.search(rf"^{batch_id}\s+completed\s+fast\s+/v1/completions\s+5/5$", shown.stdout, re.M)
+    cancel = subprocess.run([sys.executable, "-m", "server", "batches", "cancel", batch_id,
+                             "--url", gw.url, "--key", "sk-b"], capture_output=True, text=True, cwd=ROOT)
+    assert cancel.returncode == 1 and "No batch found" in cancel.stderr  # another key's batch
+
+
+def test_an_upload_over_max_file_bytes_is_a_413_and_the_server_goes_on(gw):
+    c = client(gw)
+    with pytest.raises(openai.APIStatusError) as err:
+        c.files.create(file=("big.jsonl", io.BytesIO(b"x" * (9 << 20))), purpose="batch")
+    assert err.value.status_code == 413 and "max_file_bytes" in err.value.message
+    assert c.files.create(file=("small.jsonl", io.BytesIO(b"{}\n")), purpose="batch").bytes == 3
 
 
 def test_an_engine_error_goes_to_the_error_file_with_the_engines_body(gw):
