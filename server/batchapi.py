@@ -219,7 +219,8 @@ async def _batch(request: Request) -> dict[str, Any]:
     found = await store.call(store.get_batch, batch_id)
     if found is None or not _visible(found[1], _viewer(request)):
         raise NotFound(f"No batch found with id '{batch_id}'.")
-    return found[0]
+    live = request.state.batches.live.get(batch_id)  # newer than its row (saved once a second)
+    return dict(live) if live is not None else found[0]
 
 
 async def get_batch(request: Request) -> Response:

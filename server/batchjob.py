@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sqlite3
 from typing import TYPE_CHECKING, Any
 
 from server.admission import PRIORITIES
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("vramgate.batch")
 RESULT_TTL = 30 * 86400  # seconds a result file is kept (OpenAI's default for batch output)
 RETRY_MAX = 30.0  # seconds, the longest wait before a refused line is tried again
+SAVE_EVERY = 1.0  # seconds between writes of a running batch's row
 
 
 def usage_of(body: Any) -> tuple[int, int]:
@@ -60,10 +62,18 @@ class BatchJob:
     def __init__(self, runner: BatchRunner, doc: dict[str, Any], owner: str) -> None:
         self.runner, self.store, self.doc, self.owner = runner, runner.store, doc, owner
         self.clock = runner.clock
+        self.saved = 0.0
+        self.broken: BaseException | None = None  # a result that could not be written
+        self.halt = asyncio.Event()  # set with ``broken``: no more lines start
 
     async def save(self, progressed: bool = False) -> None:
-        await self.store.call(self.store.put_batch, self.doc,
-                              progressed=self.clock() if progressed else None)
+        """Write the row; after a line at most every :data:`SAVE_EVERY` seconds (a restart
+        counts the lines from the result files, so the row only needs to be near)."""
+        now = self.clock()
+        if progressed and now - self.saved < SAVE_EVERY:
+            return
+        self.saved = now
+        await self.store.call(self.store.put_batch, self.doc, progressed=now if progressed else None)
 
     async def move(self, status: str) -> None:
         self.doc["status"] = status
@@ -79,9 +89,16 @@ class BatchJob:
                 await self.execute()
             if self.doc["status"] == "finalizing":
                 await self.finalize("completed")
-        except OSError as exc:  # a full disk, most often: this batch fails, the server goes on
+        except (OSError, sqlite3.Error) as exc:  # a full disk, most often: this batch fails
             log.error("batch %s failed: %s", self.doc["id"], exc)
-            await self.fail("server_error", f"Writing the batch's results failed: {exc}")
+            self.doc["errors"] = {"object": "list", "data": [{
+                "code": "server_error", "line": None, "param": None,
+                "message": f"Writing the batch's results failed: {exc}"}]}
+            self.doc["status"], self.doc["failed_at"] = "failed", int(self.clock())
+            try:
+                await self.save()
+            except (OSError, sqlite3.Error) as again:  # its row stays active: a restart resumes
+                log.error("batch %s: its failure could not be stored: %s", self.doc["id"], again)
         except PermissionDenied as exc:  # its key was removed by a reload
             await self.fail("invalid_api_key", exc.message)
 
@@ -169,27 +186,35 @@ class BatchJob:
         running: set[asyncio.Task] = set()
         self.publish()
         pending = list(reversed(tasks))
-        while pending and not cancel.is_set() and self.clock() < deadline:
-            acquire = asyncio.ensure_future(slots.acquire())
-            stop = asyncio.ensure_future(cancel.wait())
-            await asyncio.wait({acquire, stop}, timeout=max(0.0, deadline - self.clock()),
+        def going() -> bool:
+            return not cancel.is_set() and not self.halt.is_set() and self.clock() < deadline
+
+        async def until(*aws: Any) -> None:  # one of aws, a cancel, a failed write or the deadline
+            stops = [asyncio.ensure_future(cancel.wait()), asyncio.ensure_future(self.halt.wait())]
+            await asyncio.wait({*aws, *stops}, timeout=max(0.0, deadline - self.clock()),
                                return_when=asyncio.FIRST_COMPLETED)
-            stop.cancel()
+            for stop in stops:
+                stop.cancel()
+        while pending and going():
+            acquire = asyncio.ensure_future(slots.acquire())
+            await until(acquire)
             if not acquire.done() or acquire.cancelled():
                 acquire.cancel()
                 break
-            if cancel.is_set() or self.clock() >= deadline:
+            if not going():
                 slots.release()
                 break
             task = pending.pop()
             line = asyncio.ensure_future(self.line(task, key, out, err, slots, deadline))
             running.add(line)
             line.add_done_callback(running.discard)
-        while running and not cancel.is_set() and self.clock() < deadline:
-            stop = asyncio.ensure_future(cancel.wait())
-            await asyncio.wait({*running, stop}, timeout=max(0.0, deadline - self.clock()),
-                               return_when=asyncio.FIRST_COMPLETED)
-            stop.cancel()
+        while running and going():
+            await until(*running)
+        if self.broken is not None:
+            for line in running:
+                line.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
+            raise self.broken
         if cancel.is_set():
             if self.doc["status"] != "cancelling":
                 await self.move("cancelling")
@@ -216,7 +241,12 @@ class BatchJob:
                     if self.clock() >= deadline:
                         return  # expire() writes it
             target = out if 200 <= status < 300 else err
-            await self.store.call(target.append, [result_line(cid, request_id, status, body)])
+            try:
+                await self.store.call(target.append, [result_line(cid, request_id, status, body)])
+            except OSError as exc:  # a full disk: the batch fails (serve_all raises it)
+                self.broken = self.broken or exc
+                self.halt.set()
+                return
             self.doc["request_counts"]["completed" if target is out else "failed"] += 1
             self.count_usage(body)
             outcome = "completed" if target is out else "failed"

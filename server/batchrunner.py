@@ -55,6 +55,7 @@ class BatchRunner:
         self.store, self.service, self.settings, self.metrics, self.clock = (
             store, service, settings, metrics, clock)
         self.tasks: dict[str, asyncio.Task] = {}
+        self.live: dict[str, dict[str, Any]] = {}  # id → the running batch's Batch object (its job's)
         self.cancelled: dict[str, asyncio.Event] = {}
         self.progress: dict[str, tuple[int, int, float, str]] = {}  # id → done, total, last, model
         self._timer: asyncio.Task | None = None
@@ -87,12 +88,14 @@ class BatchRunner:
         if doc["status"] == "cancelling":
             self.cancelled[doc["id"]].set()
         from server.batchjob import BatchJob
+        self.live[doc["id"]] = doc
         task = asyncio.ensure_future(BatchJob(self, doc, owner).run())
         self.tasks[doc["id"]] = task
         task.add_done_callback(lambda _: self._forget(doc["id"]))
 
     def _forget(self, batch_id: str) -> None:
         self.tasks.pop(batch_id, None)
+        self.live.pop(batch_id, None)
         self.cancelled.pop(batch_id, None)
         self.progress.pop(batch_id, None)
 

@@ -151,12 +151,6 @@ class BatchStore:
         return {r["status"]: r["n"] for r in
                 self._db.execute("SELECT status, COUNT(*) AS n FROM batches GROUP BY status")}
 
-    def stalled(self, since: float) -> int:
-        """Batches ``in_progress`` whose last line finished before ``since`` (Unix seconds)."""
-        row = self._db.execute("SELECT COUNT(*) AS n FROM batches WHERE status = 'in_progress' "
-                               "AND progressed_at < ?", (since,)).fetchone()
-        return int(row["n"])
-
 
 def file_object(row: dict[str, Any]) -> dict[str, Any]:
     """A store row as the OpenAI File object."""
@@ -176,21 +170,27 @@ class ResultFile:
             with open(path, "rb+") as f:
                 data = f.read()
                 f.truncate(data.rfind(b"\n") + 1)
-        self._f = open(path, "ab")
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
 
     def append(self, lines: list[bytes]) -> None:
         """Write ``lines`` (each one JSON document, no newline) and fsync. Raises ``OSError``
-        (a full disk among them)."""
-        self._f.write(b"".join(line + b"\n" for line in lines))
-        self._f.flush()
-        os.fsync(self._f.fileno())
+        (a full disk among them), after cutting off whatever part of them was written."""
+        data = b"".join(line + b"\n" for line in lines)
+        start = os.lseek(self._fd, 0, os.SEEK_END)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._fd, view):]
+            os.fsync(self._fd)
+        except OSError:
+            try:
+                os.ftruncate(self._fd, start)
+            except OSError:
+                pass  # a partial last line is cut when the file is opened again
+            raise
 
     def close(self) -> None:
-        self._f.close()
-
-    @property
-    def size(self) -> int:
-        return self.path.stat().st_size
+        os.close(self._fd)
 
 
 def read_results(path: Path) -> Iterator[dict[str, Any]]:

@@ -43,7 +43,7 @@ class Phase(str, Enum):
 @dataclass
 class ReplicaBook:
     """One engine of a model. ``run`` counts its starts: messages about an earlier run are
-    stale. ``leases`` are its requests in flight; ``drain`` means stop it once they end (an unload
+    stale. ``leases`` are its requests in flight (``batch_leases`` of them at batch priority); ``drain`` means stop it once they end (an unload
     or a reload), ``stop_sent`` that its stop is under way. ``after`` holds the keys of the
     engines it evicts, which must stop before it starts. ``booked_bytes``: the plan's share while
     starting, NVML's measurement once ready (cases C18)."""
@@ -59,6 +59,7 @@ class ReplicaBook:
     booked_bytes: int = 0
     measured_bytes: int | None = None
     leases: int = 0
+    batch_leases: int = 0  # of ``leases``, those of batch priority (decisions.BATCH)
     last_used: float = 0.0
     ready_since: float | None = None
     load_seconds: float | None = None
@@ -113,6 +114,10 @@ class ModelBook:
     def leases(self) -> int:
         return sum(r.leases for r in self.replicas)
 
+    @property
+    def batch_leases(self) -> int:
+        return sum(r.batch_leases for r in self.replicas)
+
 
 @dataclass
 class WaiterBook:
@@ -135,17 +140,17 @@ class Lease:
     """The right to send one request to a ready replica; ``release()`` exactly once when done
     (more calls do nothing). ``base_url`` is the engine's; ``max_model_len`` its context (tokens)."""
 
-    __slots__ = ("key", "run", "base_url", "max_model_len", "released", "_send")
+    __slots__ = ("key", "run", "base_url", "max_model_len", "released", "batch", "_send")
 
     def __init__(self, send: Callable[..., None], key: str, run: int, base_url: str,
-                 max_model_len: int | None) -> None:
-        self._send, self.key, self.run = send, key, run
+                 max_model_len: int | None, batch: bool = False) -> None:
+        self._send, self.key, self.run, self.batch = send, key, run, batch
         self.base_url, self.max_model_len, self.released = base_url, max_model_len, False
 
     def release(self) -> None:
         if not self.released:
             self.released = True
-            self._send("release", self.key, self.run)
+            self._send("release", self.key, self.run, self.batch)
 
 
 @dataclass(frozen=True)

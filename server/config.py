@@ -94,6 +94,7 @@ class Settings:
     """The whole server configuration. Times are seconds; ``data_dir`` holds models and engine logs.
     ``stream_keepalive``: seconds between keep-alive events on a stream that waits for its engine
     (0: the stream waits silently). ``batch_concurrency``: lines of one batch in flight at once;
+    ``batch_beside``: batch-priority leases a model may hold while other requests run on it;
     ``max_file_bytes``: the largest upload ``POST /v1/files`` takes (bytes)."""
 
     models: tuple[ModelConfig, ...]
@@ -117,6 +118,7 @@ class Settings:
     log_format: str = "text"
     stream_keepalive: float = 4.0
     batch_concurrency: int = 2  # lines of one batch in flight at once (server.batchrunner)
+    batch_beside: int = 1  # batch leases on a model while other requests run on it (decisions)
     max_file_bytes: int = 512 * 2**20  # the largest upload to /v1/files
 
     @property

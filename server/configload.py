@@ -26,7 +26,7 @@ _TOP_KEYS = {"host", "port", "data_dir", "models", "engine_module", "engine_pyth
              "gpu_headroom", "kv_cache_sequences", "simulate_gpus", "max_loaded_models",
              "place_wait_timeout", "cpu_memory_budget", "api_keys", "admin_key", "metrics_auth",
              "cors_origins", "allowed_hosts", "max_body_bytes", "log_format", "stream_keepalive",
-             "batch_concurrency", "max_file_bytes"}
+             "batch_concurrency", "batch_beside", "max_file_bytes"}
 
 
 _BYTE_FIELDS = {"gpu_headroom": "gpu_headroom_bytes", "max_body_bytes": "max_body_bytes",
@@ -128,9 +128,11 @@ def _scalar_fields(raw: dict[str, Any]) -> dict[str, Any]:
                 "place_wait_timeout", "stream_keepalive")))
             if kw[key] < 0:
                 raise ConfigError(f"{key}: must not be negative")
-    for key in ("kv_cache_sequences", "max_loaded_models", "batch_concurrency"):
+    for key in ("kv_cache_sequences", "max_loaded_models", "batch_concurrency", "batch_beside"):
         if key in raw:
-            kw[key] = int(_number(raw[key], key, integer=True))
+            kw[key] = int(_number(raw[key], key, integer=True, positive=key != "batch_beside"))
+            if kw[key] < 0:
+                raise ConfigError(f"{key}: must not be negative")
     for key, field_name in _BYTE_FIELDS.items():
         if key in raw:
             kw[field_name] = parse_bytes(raw[key], key)

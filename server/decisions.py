@@ -10,7 +10,10 @@ The rules, in the order :func:`step` applies them:
 - **Drain.** A replica marked to drain (an unload, a reload) stops once its leases end.
 - **Grant.** Waiters get ready replicas in priority order (lower ``priority`` first, then arrival),
   never more than ``max_concurrency`` leases on a model (its limit as configured *now*, so a reload
-  that lowers it never lets more run). The replica is :func:`~server.lifecycle.pick_replica`'s.
+  that lowers it never lets more run). While other requests run on a model, at most
+  ``batch_beside`` batch-priority leases do (an engine batches every sequence it holds, so each
+  background one slows the others' steps; ``loadtest/batch.py`` measures it).
+  The replica is :func:`~server.lifecycle.pick_replica`'s.
 - **Refuse.** A waiter is refused when its model was removed (404), gave up after failures, is
   backing off after a failure, has waited ``queue_timeout`` for a slot, ``place_wait_timeout`` for
   room, or its deadline (``load_wait_timeout``) for a loading engine.
@@ -30,6 +33,7 @@ from __future__ import annotations
 from typing import Iterable, Sequence
 
 from server.effects import Action, Apply, Forget, Grant, Launch, Place, Refuse, Start, Stop, Timeouts  # noqa: F401  (re-exported)
+from server.admission import PRIORITIES
 from server.books import ModelBook, ModelState, Phase, ReplicaBook, WaiterBook, bookings
 from server.errors import CapacityError, ModelNotFound, ModelUnavailable, VramgateError
 from server.lifecycle import ReplicaView, idle_expired, pick_replica, restart_delay
@@ -37,6 +41,7 @@ from server.placement import NoFit, Plan, Policy, Requirement, plan
 from server.gpus import Snapshot
 
 FAILURE_MEMORY = 3600.0  # seconds a failure is remembered for the back-off
+BATCH = PRIORITIES["batch"]  # this priority and lower ones (higher numbers) are background work
 
 
 def admit(book: ModelBook | None, queued: int, name: str) -> VramgateError | None:
@@ -74,22 +79,28 @@ def views(book: ModelBook, extra: dict[str, int] | None = None) -> list[ReplicaV
             for r in book.replicas]
 
 
-def grants(books: dict[str, ModelBook], queues: dict[str, list[WaiterBook]]) -> list[Grant]:
-    """Leases for waiters, best first, within each model's ``max_concurrency``."""
+def grants(books: dict[str, ModelBook], queues: dict[str, list[WaiterBook]],
+           beside: int = 1) -> list[Grant]:
+    """Leases for waiters, best first, within each model's ``max_concurrency``; no more than
+    ``beside`` batch-priority leases while other requests run on the model."""
     out = []
     for name, queue in queues.items():
         book = books.get(name)
         if book is None or book.retiring or book.pending is not None:
             continue
         limit, taken, extra = book.config.max_concurrency, book.leases, {}
+        batch = book.batch_leases
         for w in queue:
             if limit is not None and taken >= limit:
                 break
+            if w.priority >= BATCH and taken > batch and batch >= beside:
+                break  # the queue is in priority order: only batch waiters are left
             key = pick_replica(views(book, extra), w.affinity)
             if key is None:
                 break
             extra[key] = extra.get(key, 0) + 1
             taken += 1
+            batch += w.priority >= BATCH
             out.append(Grant(w.id, key))
     return out
 
@@ -237,7 +248,7 @@ def step(books: dict[str, ModelBook], waiters: Sequence[WaiterBook], now: float,
     that can be served is never refused; refused waiters trigger no start."""
     queues = by_model(waiters)
     out: list[Action] = [*drains(books), *settled(books)]
-    granted = grants(books, queues)
+    granted = grants(books, queues, timeouts.batch_beside)
     out += granted
     done = {g.waiter for g in granted}
     for w in waiters:

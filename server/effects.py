@@ -74,6 +74,9 @@ Action = Grant | Refuse | Start | Place | Launch | Stop | Forget | Apply
 
 @dataclass(frozen=True)
 class Timeouts:
-    """The waits that end in a 503: for room (``place_wait``), seconds."""
+    """The decisions' settings: the wait for room that ends in a 503 (``place_wait``, seconds),
+    and the batch-priority leases a model may hold while other requests run on it
+    (``batch_beside``, the setting of that name)."""
 
     place_wait: float = 10.0
+    batch_beside: int = 1

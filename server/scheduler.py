@@ -240,7 +240,7 @@ class Scheduler(Messages, Actions):
 
     def _settle(self) -> None:
         now = self.clock()
-        timeouts = d.Timeouts(self.settings.place_wait_timeout)
+        timeouts = d.Timeouts(self.settings.place_wait_timeout, self.settings.batch_beside)
         for _ in range(50 if self._dirty else 0):
             actions = d.step(self.books, list(self.waiters.values()), now, timeouts)
             for action in actions:

@@ -33,7 +33,10 @@ class Actions:
             self.waiters[a.waiter], self.futures[a.waiter] = waiter, fut
             return
         rep.leases += 1
-        fut.set_result(Lease(self._send, rep.key, rep.run, rep.engine.base_url, rep.max_model_len))
+        batch = waiter is not None and waiter.priority >= d.BATCH
+        rep.batch_leases += batch
+        fut.set_result(Lease(self._send, rep.key, rep.run, rep.engine.base_url, rep.max_model_len,
+                             batch))
 
     def _do_refuse(self: "Scheduler", a: d.Refuse, now: float) -> None:
         self.waiters.pop(a.waiter, None)

@@ -48,7 +48,7 @@ class Messages:
         waiter = WaiterBook(wid, name, priority, next(self._seq), now, now + wait, affinity)
         self.waiters[wid], self.futures[wid] = waiter, fut
         if not queued:  # nobody waits before it: the decision for this one model is all there is
-            granted = d.grants(self.books, {name: [waiter]})
+            granted = d.grants(self.books, {name: [waiter]}, self.settings.batch_beside)
             if granted:
                 self._do_grant(granted[0], now)
                 return True
@@ -60,12 +60,13 @@ class Messages:
         self.waiters.pop(wid, None)
         self.futures.pop(wid, None)
 
-    def _on_release(self: "Scheduler", key: str, run: int) -> bool:
+    def _on_release(self: "Scheduler", key: str, run: int, batch: bool = False) -> bool:
         """Returns whether no further decision is needed."""
         rep = self._rep(key)
         if rep is None or rep.run != run or rep.leases <= 0:
             return True  # a lease on an engine that has since stopped or failed
         rep.leases -= 1
+        rep.batch_leases = max(0, rep.batch_leases - batch)
         rep.last_used = self.clock()
         if rep.leases == 0:
             self._room_changed()  # an idle engine can be evicted
@@ -218,7 +219,7 @@ class Messages:
     def _clear(rep: ReplicaBook) -> None:
         rep.state, rep.phase, rep.plan, rep.requirement = ModelState.UNLOADED, Phase.IDLE, None, None
         rep.booked_bytes, rep.measured_bytes, rep.ready_since, rep.engine = 0, None, None, None
-        rep.leases, rep.drain = 0, False
+        rep.leases, rep.batch_leases, rep.drain = 0, 0, False
 
     def _failed(self: "Scheduler", book: ModelBook, rep: ReplicaBook, error: VramgateError) -> None:
         """Book an engine failure: reservation returned, back-off or give up."""

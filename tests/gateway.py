@@ -71,7 +71,8 @@ class Gateway:
     the embedded models. Use as a context manager; ``stop()`` sends SIGTERM and waits."""
 
     def __init__(self, tmp: Path, config: dict[str, Any] | None = None, *,
-                 data_dir: Path | None = None, env: dict[str, str] | None = None) -> None:
+                 data_dir: Path | None = None, env: dict[str, str] | None = None,
+                 max_file_size: int | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.tmp = tmp
@@ -83,7 +84,12 @@ class Gateway:
             cfg_path.write_text(yaml.safe_dump(config))
             args += ["--config", str(cfg_path)]
         self.log = open(self.log_path, "ab")
+
+        def limit() -> None:  # RLIMIT_FSIZE: a write past it fails (EFBIG), as on a full disk
+            import resource
+            resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_size, max_file_size))
         self.proc = subprocess.Popen(args, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
+                                     preexec_fn=limit if max_file_size else None,
                                      env={**os.environ, **(env or {})})
         self.client = httpx.Client(base_url=self.url, timeout=30)
 
@@ -143,9 +149,9 @@ class Gateway:
         return self.proc.returncode
 
 
-def standin_gateway(tmp: Path, config: dict[str, Any]) -> Gateway:
+def standin_gateway(tmp: Path, config: dict[str, Any], **kw: Any) -> Gateway:
     """A gateway whose engines are the stand-in (``tests/standin_engine.py``), which writes its
     records under ``tmp/standin``. ``config`` is the YAML document without ``engine_module``."""
     (tmp / "standin").mkdir(exist_ok=True)
     full = {"engine_module": "tests.standin_engine", "engine_stop_grace": 2, **config}
-    return Gateway(tmp, full, env={"STANDIN_DIR": str(tmp / "standin")})
+    return Gateway(tmp, full, env={"STANDIN_DIR": str(tmp / "standin")}, **kw)

@@ -273,3 +273,22 @@ def test_a_sigkill_mid_batch_resumes_without_running_a_written_line_again(tmp_pa
     for cid in written:
         served = re.findall(rf"{batch_id}:{cid}\b.*status=200|status=200.*{batch_id}:{cid}\b", log)
         assert len(served) == 1, (cid, served)
+
+
+def test_a_full_disk_fails_the_batch_clearly_and_the_server_goes_on(tmp_path):
+    """RLIMIT_FSIZE of 1 MiB on the gateway: its result file cannot grow past it (EFBIG, the way
+    a full disk refuses a write), while its log, database and the engines' files stay under it."""
+    g = standin_gateway(tmp_path, CONFIG, max_file_size=1 << 20)
+    try:
+        g.wait_states(60, done=("ready", "unloaded", "failed"))
+        c = client(g)
+        batch_id = submit(c, jsonl([task(f"d{i}", words=1000) for i in range(400)]))
+        b = wait_status(c, batch_id, ("failed", "completed"), timeout=120)
+        assert b.status == "failed" and b.errors.data[0].code == "server_error", b
+        assert "File too large" in b.errors.data[0].message
+        r = c.completions.create(model="fast", prompt="still here", max_tokens=3)
+        assert r.usage.completion_tokens == 3
+        small = wait_status(c, submit(c, jsonl([task("after")])), ("completed", "failed"))
+        assert small.status == "completed"
+    finally:
+        g.stop()
