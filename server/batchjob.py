@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING, Any
 from server.admission import PRIORITIES
 from server.auth import allowed
 from server.batchcheck import check_lines, read_tasks
-from server.batchstore import ResultFile, new_id, read_results
+from server.batchstore import ResultFile, new_id, read_results, result_line, usage_of
 from server.calls import Call
 from server.errors import (InvalidRequest, ModelNotFound, PermissionDenied, UpstreamError,
-                           VramgateError)
+                           VramgateError, error_body)
 from server.validation import validate
 
 if TYPE_CHECKING:
@@ -26,26 +26,6 @@ log = logging.getLogger("vramgate.batch")
 RESULT_TTL = 30 * 86400  # seconds a result file is kept (OpenAI's default for batch output)
 RETRY_MAX = 30.0  # seconds, the longest wait before a refused line is tried again
 SAVE_EVERY = 1.0  # seconds between writes of a running batch's row
-
-
-def usage_of(body: Any) -> tuple[int, int]:
-    """(input, output) tokens of an answer's ``usage``, whichever API's names it uses."""
-    usage = body.get("usage") if isinstance(body, dict) else None
-    if not isinstance(usage, dict):
-        return 0, 0
-    inp = usage.get("prompt_tokens", usage.get("input_tokens", 0)) or 0
-    out = usage.get("completion_tokens", usage.get("output_tokens", 0)) or 0
-    return int(inp), int(out)
-
-
-def result_line(custom_id: str, request_id: str, status: int | None, body: Any,
-                error: dict[str, str] | None = None) -> bytes:
-    """One line of a result file: ``{id, custom_id, response: {status_code, request_id, body},
-    error}`` (``response`` ``None`` for a line that never got an answer)."""
-    response = None if status is None else {"status_code": status, "request_id": request_id,
-                                            "body": body}
-    return json.dumps({"id": new_id("batch_req_"), "custom_id": custom_id, "response": response,
-                       "error": error}, separators=(",", ":")).encode()
 
 
 class Retry(Exception):
@@ -178,12 +158,24 @@ class BatchJob:
             await self.store.call(lambda: [f.close() for f in files])
 
     async def serve_all(self, tasks: list[dict[str, Any]], out: ResultFile, err: ResultFile) -> None:
+        """Serve ``tasks`` (the lines not answered yet) and end the batch; its lines in flight
+        are cancelled with it (a shutdown: their answers are lost, and a restart runs them)."""
+        running: set[asyncio.Task] = set()
+        try:
+            await self._serve_all(tasks, out, err, running)
+        except BaseException:
+            for line in running:
+                line.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
+            raise
+
+    async def _serve_all(self, tasks: list[dict[str, Any]], out: ResultFile, err: ResultFile,
+                         running: set[asyncio.Task]) -> None:
         runner, batch_id = self.runner, self.doc["id"]
         cancel = runner.cancelled[batch_id]
         key = runner.key_for(self.owner)
         slots = asyncio.Semaphore(max(1, runner.settings().batch_concurrency))
         deadline = self.doc["expires_at"]
-        running: set[asyncio.Task] = set()
         self.publish()
         pending = list(reversed(tasks))
         def going() -> bool:
@@ -240,20 +232,25 @@ class BatchJob:
                     await asyncio.sleep(min(again.delay, max(0.0, deadline - self.clock())))
                     if self.clock() >= deadline:
                         return  # expire() writes it
+                except Exception as exc:  # a fault of ours: the line gets a 500, the batch goes on
+                    log.exception("batch line %s failed", request_id)
+                    status, body = 500, error_body(f"The gateway failed on this line: {exc}",
+                                                   "server_error", None, "internal_error")
+                    break
             target = out if 200 <= status < 300 else err
             try:
                 await self.store.call(target.append, [result_line(cid, request_id, status, body)])
-            except OSError as exc:  # a full disk: the batch fails (serve_all raises it)
+                self.doc["request_counts"]["completed" if target is out else "failed"] += 1
+                self.count_usage(body)
+                self.publish()
+                await self.save(progressed=True)
+            except (OSError, sqlite3.Error) as exc:  # a full disk: the batch fails (serve_all)
                 self.broken = self.broken or exc
                 self.halt.set()
                 return
-            self.doc["request_counts"]["completed" if target is out else "failed"] += 1
-            self.count_usage(body)
-            outcome = "completed" if target is out else "failed"
             if self.runner.metrics is not None:
+                outcome = "completed" if target is out else "failed"
                 self.runner.metrics.batch_requests.labels(self.doc["model"], outcome).inc()
-            self.publish()
-            await self.save(progressed=True)
         finally:
             slots.release()
 
@@ -277,7 +274,11 @@ class BatchJob:
             if exc.status in (429, 502, 503, 504) and not isinstance(exc, UpstreamError):
                 raise Retry(min(RETRY_MAX, exc.retry_after or 1.0)) from None
             return exc.status, exc.envelope()
-        return answer.status, json.loads(answer.body)
+        try:
+            return answer.status, json.loads(answer.body)
+        except ValueError:
+            return 502, error_body("The engine's answer is not JSON.", "server_error", None,
+                                   "engine_bad_answer")
 
     def publish(self) -> None:
         counts = self.doc["request_counts"]

@@ -23,7 +23,9 @@ import re
 import time
 from typing import Any, Callable
 
-from server.batchstore import BatchStore
+from server.batchjob import BatchJob
+from server.auth import ApiKey
+from server.batchstore import BatchStore, owner_of
 from server.errors import PermissionDenied
 
 log = logging.getLogger("vramgate.batch")
@@ -87,7 +89,6 @@ class BatchRunner:
         self.cancelled[doc["id"]] = asyncio.Event()
         if doc["status"] == "cancelling":
             self.cancelled[doc["id"]].set()
-        from server.batchjob import BatchJob
         self.live[doc["id"]] = doc
         task = asyncio.ensure_future(BatchJob(self, doc, owner).run())
         self.tasks[doc["id"]] = task
@@ -111,11 +112,9 @@ class BatchRunner:
         :class:`PermissionDenied` when that key is no longer configured."""
         if owner == "":
             return None
-        from server.batchstore import owner_of
         auth = self.settings().auth
         keys = list(auth.api_keys)
         if auth.admin_key is not None:
-            from server.auth import ApiKey
             keys.append(ApiKey(auth.admin_key, name="admin"))
         for key in keys:
             if owner_of(key) == owner:

@@ -201,3 +201,23 @@ def read_results(path: Path) -> Iterator[dict[str, Any]]:
         for line in f:
             if line.endswith(b"\n"):
                 yield json.loads(line)
+
+
+def usage_of(body: Any) -> tuple[int, int]:
+    """(input, output) tokens of an answer's ``usage``, whichever API's names it uses."""
+    usage = body.get("usage") if isinstance(body, dict) else None
+    if not isinstance(usage, dict):
+        return 0, 0
+    inp = usage.get("prompt_tokens", usage.get("input_tokens", 0)) or 0
+    out = usage.get("completion_tokens", usage.get("output_tokens", 0)) or 0
+    return int(inp), int(out)
+
+
+def result_line(custom_id: str, request_id: str, status: int | None, body: Any,
+                error: dict[str, str] | None = None) -> bytes:
+    """One line of a result file: ``{id, custom_id, response: {status_code, request_id, body},
+    error}`` (``response`` ``None`` for a line that never got an answer)."""
+    response = None if status is None else {"status_code": status, "request_id": request_id,
+                                            "body": body}
+    return json.dumps({"id": new_id("batch_req_"), "custom_id": custom_id, "response": response,
+                       "error": error}, separators=(",", ":")).encode()

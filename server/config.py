@@ -118,7 +118,7 @@ class Settings:
     log_format: str = "text"
     stream_keepalive: float = 4.0
     batch_concurrency: int = 2  # lines of one batch in flight at once (server.batchrunner)
-    batch_beside: int = 1  # batch leases on a model while other requests run on it (decisions)
+    batch_beside: int = 0  # batch leases on a model while other requests run on it (decisions)
     max_file_bytes: int = 512 * 2**20  # the largest upload to /v1/files
 
     @property

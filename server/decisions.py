@@ -11,8 +11,9 @@ The rules, in the order :func:`step` applies them:
 - **Grant.** Waiters get ready replicas in priority order (lower ``priority`` first, then arrival),
   never more than ``max_concurrency`` leases on a model (its limit as configured *now*, so a reload
   that lowers it never lets more run). While other requests run on a model, at most
-  ``batch_beside`` batch-priority leases do (an engine batches every sequence it holds, so each
-  background one slows the others' steps; ``loadtest/batch.py`` measures it).
+  ``batch_beside`` batch-priority leases do (default 0: an engine batches every sequence it
+  holds, and one batch line beside four interactive streams raised their TTFT p50 by 24–28 % in
+  ``loadtest/batch.py``, none by 2–4 %).
   The replica is :func:`~server.lifecycle.pick_replica`'s.
 - **Refuse.** A waiter is refused when its model was removed (404), gave up after failures, is
   backing off after a failure, has waited ``queue_timeout`` for a slot, ``place_wait_timeout`` for
@@ -80,7 +81,7 @@ def views(book: ModelBook, extra: dict[str, int] | None = None) -> list[ReplicaV
 
 
 def grants(books: dict[str, ModelBook], queues: dict[str, list[WaiterBook]],
-           beside: int = 1) -> list[Grant]:
+           beside: int = 0) -> list[Grant]:
     """Leases for waiters, best first, within each model's ``max_concurrency``; no more than
     ``beside`` batch-priority leases while other requests run on the model."""
     out = []

@@ -79,4 +79,4 @@ class Timeouts:
     (``batch_beside``, the setting of that name)."""
 
     place_wait: float = 10.0
-    batch_beside: int = 1
+    batch_beside: int = 0

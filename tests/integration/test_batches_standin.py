@@ -25,7 +25,8 @@ CONFIG = {"api_keys": KEYS, "admin_key": "sk-admin", "batch_concurrency": 2,
           "models": [{"name": "fast", "path": "standin:ok", "preload": True},
                      {"name": "slow", "path": "standin:delay=0.1", "preload": True,
                       "max_concurrency": 1, "max_queue": 50},
-                     {"name": "other", "path": "standin:ok"}]}
+                     {"name": "other", "path": "standin:ok"},
+                     {"name": "instant", "path": "standin:delay=0"}]}
 
 
 @pytest.fixture(scope="module")
@@ -282,7 +283,7 @@ def test_a_full_disk_fails_the_batch_clearly_and_the_server_goes_on(tmp_path):
     try:
         g.wait_states(60, done=("ready", "unloaded", "failed"))
         c = client(g)
-        batch_id = submit(c, jsonl([task(f"d{i}", words=1000) for i in range(400)]))
+        batch_id = submit(c, jsonl([task(f"d{i}", model="instant", words=1000) for i in range(400)]))
         b = wait_status(c, batch_id, ("failed", "completed"), timeout=120)
         assert b.status == "failed" and b.errors.data[0].code == "server_error", b
         assert "File too large" in b.errors.data[0].message

@@ -9,7 +9,7 @@ import pytest
 from server.batchcheck import MAX_LINES, check_lines
 from server.batchrunner import window_seconds
 from server.batchstore import BatchStore, ResultFile, owner_of, read_results
-from server.batchjob import result_line, usage_of
+from server.batchstore import result_line, usage_of
 
 
 def line(cid, model="m", url="/v1/chat/completions"):
