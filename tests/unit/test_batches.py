@@ -92,3 +92,31 @@ def test_owners_are_hashes_never_keys():
     assert owner_of(None) == ""
     owner = owner_of(ApiKey("sk-secret"))
     assert "sk-secret" not in owner and owner == owner_of(ApiKey("sk-secret", name="other"))
+
+
+def test_the_runner_deletes_expired_files_and_resumes_nothing_when_idle(tmp_path):
+    import asyncio
+
+    from server.batchrunner import BatchRunner
+
+    async def go():
+        store = BatchStore(tmp_path)
+        path = tmp_path / "files" / "old.jsonl"
+        path.write_bytes(b"{}\n")
+        for file_id, expires in (("old", 50), ("new", 500), ("kept", None)):
+            store.add_file({"id": file_id, "owner": "", "bytes": 3, "created_at": 1,
+                            "filename": "x", "purpose": "batch", "status": "processed",
+                            "expires_at": expires, "path": str(path if file_id == "old" else
+                                                               tmp_path / "none")})
+        runner = BatchRunner(store, service=None, settings=lambda: None, clock=lambda: 100.0)
+        await runner.start()
+        for _ in range(500):  # the timer's first pass runs at once; wait for its writes
+            if await store.call(store.get_file, "old") is None:
+                break
+            await asyncio.sleep(0.01)
+        assert store.get_file("old") is None and not path.exists()
+        assert store.get_file("new") is not None and store.get_file("kept") is not None
+        assert runner.tasks == {}
+        await runner.stop()
+        store.close()
+    asyncio.run(go())
