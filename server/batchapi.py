@@ -9,6 +9,7 @@ never held whole in memory (Starlette's multipart parser spools past 1 MiB).
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from typing import Any, AsyncIterator
@@ -16,7 +17,7 @@ from typing import Any, AsyncIterator
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from server.auth import SCOPE_KEY
@@ -24,7 +25,7 @@ from server.batchcheck import ENDPOINTS
 from server.batchrunner import public, window_seconds
 from server.batchstore import file_object, new_id, owner_of
 from server.errors import BodyTooLarge, Conflict, InvalidRequest, NotFound, VramgateError
-from server.relay import error_response
+from server.relay import error_response, read_limited
 from server.validation import parse_body
 
 PURPOSES = ("batch", "user_data", "fine-tune", "assistants", "vision", "evals")
@@ -78,10 +79,8 @@ def _expiry(form: Any, created: int, purpose: str) -> int | None:
     if anchor not in (None, "created_at"):
         raise InvalidRequest("expires_after[anchor] must be 'created_at'.",
                              param="expires_after.anchor")
-    try:
-        value = int(seconds)
-    except ValueError:
-        value = 0
+    value = int(seconds) if isinstance(seconds, str) and seconds.isascii() and \
+        seconds.isdigit() else 0
     if not EXPIRY_RANGE[0] <= value <= EXPIRY_RANGE[1]:
         raise InvalidRequest(f"expires_after[seconds] must be from {EXPIRY_RANGE[0]} to "
                              f"{EXPIRY_RANGE[1]}.", param="expires_after.seconds")
@@ -94,7 +93,9 @@ async def create_file(request: Request) -> Response:
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise InvalidRequest("Upload the file as multipart/form-data with fields 'file' and "
                              "'purpose'.", param="file")
-    parser = MultiPartParser(request.headers, _limited(request, settings.max_file_bytes),
+    framing = 1 << 20  # the multipart boundaries and fields around the file
+    parser = MultiPartParser(request.headers,
+                             _limited(request, settings.max_file_bytes + framing),
                              max_files=1, max_fields=8)
     try:
         form = await parser.parse()
@@ -121,6 +122,10 @@ async def create_file(request: Request) -> Response:
                 shutil.copyfileobj(upload.file, out, 1 << 20)
             return path.stat().st_size
         row["bytes"] = await store.call(save)
+        if row["bytes"] > settings.max_file_bytes:
+            await store.call(path.unlink)
+            raise BodyTooLarge(f"The upload is over this server's limit of "
+                               f"{settings.max_file_bytes} bytes (max_file_bytes).", param="file")
         await store.call(store.add_file, row)
     finally:
         await form.close()
@@ -154,15 +159,35 @@ async def get_file(request: Request) -> Response:
 
 
 async def file_content(request: Request) -> Response:
-    """GET /v1/files/{id}/content: the bytes, streamed from disk."""
+    """GET /v1/files/{id}/content: the bytes, streamed from disk. The file is opened before the
+    answer starts, so a delete meanwhile is a 404 or a whole answer, never a cut one."""
     row = await _file_row(request)
-    return FileResponse(row["path"], media_type="application/octet-stream")
+    store = request.state.batches.store
+    try:
+        f = await store.call(open, row["path"], "rb")
+    except FileNotFoundError:
+        raise NotFound(f"No such File object: {row['id']}") from None
+    size = os.fstat(f.fileno()).st_size
+
+    async def chunks() -> AsyncIterator[bytes]:
+        try:
+            while chunk := await store.call(f.read, 1 << 20):
+                yield chunk
+        finally:
+            f.close()
+    return StreamingResponse(chunks(), media_type="application/octet-stream",
+                             headers={"content-length": str(size)})
 
 
 async def delete_file(request: Request) -> Response:
     """DELETE /v1/files/{id}."""
     store = request.state.batches.store
     row = await _file_row(request)
+    users = [doc["id"] for doc, _ in await store.call(store.active_batches)
+             if doc["input_file_id"] == row["id"]]
+    if users:
+        raise Conflict(f"The file {row['id']} is the input of batch {users[0]}, which has not "
+                       "ended: cancel it first, or wait.")
     await store.call(store.delete_file, row["id"])
     return JSONResponse({"id": row["id"], "object": "file", "deleted": True})
 
@@ -182,8 +207,10 @@ def new_batch(body: dict[str, Any], now: int) -> dict[str, Any]:
                              "'<n>s').", param="completion_window")
     meta = body.get("metadata")
     if meta is not None and (not isinstance(meta, dict) or len(meta) > 16 or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in meta.items())):
-        raise InvalidRequest("'metadata' must be at most 16 string keys and values.", param="metadata")
+            isinstance(k, str) and isinstance(v, str) and len(k) <= 64 and len(v) <= 512
+            for k, v in meta.items())):
+        raise InvalidRequest("'metadata' must be at most 16 pairs of strings, keys up to 64 and "
+                             "values up to 512 characters.", param="metadata")
     return {"id": new_id("batch_"), "object": "batch", "endpoint": body["endpoint"],
             "errors": None, "input_file_id": body["input_file_id"],
             "completion_window": body["completion_window"], "status": "validating",
@@ -197,7 +224,7 @@ def new_batch(body: dict[str, Any], now: int) -> dict[str, Any]:
 async def create_batch(request: Request) -> Response:
     """POST /v1/batches."""
     runner = request.state.batches
-    body = parse_body(await request.body())
+    body = parse_body(await read_limited(request, request.state.pool.settings.max_body_bytes))
     doc = new_batch(body, int(time.time()))
     request.path_params["file_id"] = doc["input_file_id"]
     try:

@@ -38,7 +38,7 @@ def parse_line(raw: bytes, number: int, endpoint: str, out: Checked) -> dict[str
     """One line's request, or ``None`` with its error added to ``out``."""
     try:
         task = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nesting deeper than Python's stack
         out.fail("invalid_json_line", "This line is not parseable as valid JSON.", number)
         return None
     if not isinstance(task, dict):
@@ -67,9 +67,10 @@ def parse_line(raw: bytes, number: int, endpoint: str, out: Checked) -> dict[str
 
 
 def check_lines(lines: Iterable[bytes], endpoint: str, size: int,
-                known: Callable[[str], bool]) -> Checked:
-    """Check an input file of ``size`` bytes given as its ``lines``; ``known(model)`` says whether
-    the caller may use a model. Blank lines are skipped."""
+                known: Callable[[str], tuple[str, str] | None]) -> Checked:
+    """Check an input file of ``size`` bytes given as its ``lines``; ``known(model)`` is ``None``
+    when the caller may use the model on this endpoint, else the error's ``(code, message)``.
+    Blank lines are skipped."""
     out = Checked()
     if size > MAX_BYTES:
         out.fail("file_too_large", f"The input file is {size} bytes; a batch takes at most "
@@ -96,9 +97,9 @@ def check_lines(lines: Iterable[bytes], endpoint: str, size: int,
         out.custom_ids.append(cid)
         if out.model is None:
             out.model = model
-            if not known(model):
-                out.fail("model_not_found", f"The model {model!r} does not exist or this key may "
-                         "not use it.", number, "body.model")
+            refused = known(model)
+            if refused is not None:
+                out.fail(refused[0], refused[1], number, "body.model")
         elif model != out.model:
             out.fail("model_mismatch", f"Every request in a batch must use one model: this line "
                      f"uses {model!r}, an earlier one {out.model!r}.", number, "body.model")

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import hashlib
 import logging
+import re
 import sqlite3
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +28,16 @@ log = logging.getLogger("vramgate.batch")
 RESULT_TTL = 30 * 86400  # seconds a result file is kept (OpenAI's default for batch output)
 RETRY_MAX = 30.0  # seconds, the longest wait before a refused line is tried again
 SAVE_EVERY = 1.0  # seconds between writes of a running batch's row
+SAFE_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,64}")  # fullmatch: what a request id may hold
+
+
+def line_request_id(batch_id: str, custom_id: str) -> str:
+    """A line's request id: ``<batch id>:<custom_id>`` when the custom_id is up to 64 safe
+    characters (``requestid``'s), else ``<batch id>:<a hash of it>``: it goes in a header and
+    the log, where control characters and huge ids do not belong."""
+    if not SAFE_ID.fullmatch(custom_id):
+        custom_id = "h" + hashlib.sha256(custom_id.encode("utf-8", "surrogatepass")).hexdigest()[:24]
+    return f"{batch_id}:{custom_id}"
 
 
 class Retry(Exception):
@@ -71,31 +83,43 @@ class BatchJob:
                 await self.finalize("completed")
         except (OSError, sqlite3.Error) as exc:  # a full disk, most often: this batch fails
             log.error("batch %s failed: %s", self.doc["id"], exc)
-            self.doc["errors"] = {"object": "list", "data": [{
-                "code": "server_error", "line": None, "param": None,
-                "message": f"Writing the batch's results failed: {exc}"}]}
-            self.doc["status"], self.doc["failed_at"] = "failed", int(self.clock())
-            try:
-                await self.save()
-            except (OSError, sqlite3.Error) as again:  # its row stays active: a restart resumes
-                log.error("batch %s: its failure could not be stored: %s", self.doc["id"], again)
+            await self.fail("server_error", f"Storing the batch failed: {exc}")
         except PermissionDenied as exc:  # its key was removed by a reload
             await self.fail("invalid_api_key", exc.message)
+        except Exception as exc:  # a fault of ours: the batch fails, it never stays active
+            log.exception("batch %s failed", self.doc["id"])
+            await self.fail("server_error", f"The gateway failed on this batch: {exc}")
 
     async def fail(self, code: str, message: str) -> None:
+        """End in ``failed`` with one error, keeping the results written so far."""
         self.doc["errors"] = {"object": "list", "data": [
             {"code": code, "line": None, "param": None, "message": message}]}
-        await self.move("failed")
+        try:
+            await self.register_results()
+        except (OSError, sqlite3.Error) as exc:
+            log.error("batch %s: its partial results could not be kept: %s", self.doc["id"], exc)
+        self.doc["status"], self.doc["failed_at"] = "failed", int(self.clock())
+        try:
+            await self.save()
+        except (OSError, sqlite3.Error) as exc:  # its row stays active: a restart tries again
+            log.error("batch %s: its failure could not be stored: %s", self.doc["id"], exc)
+        self.runner.progress.pop(self.doc["id"], None)
+        log.info("batch %s: failed (%s)", self.doc["id"], code)
 
     async def validate(self) -> None:
         """Check the input file (``batchcheck``): ``failed`` with its errors, or ``in_progress``."""
         settings, endpoint = self.runner.settings(), self.doc["endpoint"]
         key = self.runner.key_for(self.owner)
 
-        def known(name: str) -> bool:
+        def known(name: str) -> tuple[str, str] | None:
             model = settings.resolve(name)
-            return model is not None and allowed(key, (model.name, *model.aliases)) and \
-                model.task == ("embed" if endpoint == "/v1/embeddings" else "generate")
+            if model is None or not allowed(key, (model.name, *model.aliases)):
+                return "model_not_found", (f"The model {name!r} does not exist or this key may "
+                                           "not use it.")
+            if model.task != ("embed" if endpoint == "/v1/embeddings" else "generate"):
+                return "model_not_supported", (f"The model {name!r} serves {model.task} requests "
+                                               f"and cannot answer {endpoint}.")
+            return None
         path = self.store.path_for(self.doc["input_file_id"])
 
         def check() -> Any:
@@ -107,6 +131,7 @@ class BatchJob:
             await self.move("failed")
             return
         if self.runner.cancelled[self.doc["id"]].is_set():
+            await self.move("cancelling")
             await self.finalize("cancelled")
             return
         self.doc["model"] = settings.resolve(checked.model).name
@@ -222,7 +247,7 @@ class BatchJob:
         """Serve one line until it has an answer (retrying the gateway's own refusals), then
         append it to its file."""
         cid = task["custom_id"]
-        request_id = f"{self.doc['id']}:{cid}"
+        request_id = line_request_id(self.doc["id"], cid)
         try:
             while True:
                 try:
@@ -307,21 +332,28 @@ class BatchJob:
         await self.finalize("expired")
 
     async def finalize(self, status: str) -> None:
-        """Register the non-empty result files as ``batch_output`` files, then end in ``status``."""
+        """Register the result files, then end in ``status``."""
         if self.doc["status"] not in ("finalizing", "cancelling"):
             await self.move("finalizing")
+        await self.register_results()
+        self.runner.progress.pop(self.doc["id"], None)
+        await self.move(status)
+
+    async def register_results(self) -> None:
+        """The non-empty result files become ``batch_output`` files (kept :data:`RESULT_TTL`
+        seconds); empty ones are deleted."""
         now = int(self.clock())
         for field, private in (("output_file_id", "_output"), ("error_file_id", "_error")):
-            if private not in self.doc:  # cancelled while validating: no result files
+            if private not in self.doc:  # ended while validating: no result files
                 continue
             path = self.store.path_for(self.doc[private])
             size = path.stat().st_size if path.exists() else 0
-            if size and self.doc.get(field) is None:
+            if not size:
+                path.unlink(missing_ok=True)
+            elif self.doc.get(field) is None:
                 name = "batch_" + ("output" if field == "output_file_id" else "error") + ".jsonl"
                 await self.store.call(self.store.add_file, {
                     "id": self.doc[private], "owner": self.owner, "bytes": size,
                     "created_at": now, "filename": name, "purpose": "batch_output",
                     "status": "processed", "expires_at": now + RESULT_TTL, "path": str(path)})
                 self.doc[field] = self.doc[private]
-        self.runner.progress.pop(self.doc["id"], None)
-        await self.move(status)

@@ -29,13 +29,13 @@ from server.batchstore import BatchStore, owner_of
 from server.errors import PermissionDenied
 
 log = logging.getLogger("vramgate.batch")
-WINDOW = re.compile(r"^(\d+)([smh])$")
+WINDOW = re.compile(r"([0-9]{1,6})([smh])")  # fullmatch, ASCII digits only
 
 
 def window_seconds(text: Any) -> int | None:
     """``completion_window`` (``24h``; ``90m`` or ``30s`` too, never over 24 h) in seconds, or
     ``None`` for a value that is not one."""
-    m = WINDOW.match(text) if isinstance(text, str) else None
+    m = WINDOW.fullmatch(text) if isinstance(text, str) else None
     if m is None:
         return None
     seconds = int(m.group(1)) * {"s": 1, "m": 60, "h": 3600}[m.group(2)]

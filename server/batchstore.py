@@ -76,7 +76,7 @@ class BatchStore:
         return self.files_dir / f"{file_id}.jsonl"
 
     def add_file(self, row: dict[str, Any]) -> None:
-        self._db.execute("INSERT INTO files VALUES (:id, :owner, :bytes, :created_at, :filename, "
+        self._db.execute("INSERT OR REPLACE INTO files VALUES (:id, :owner, :bytes, :created_at, :filename, "
                          ":purpose, :status, :expires_at, :path)", row)
 
     def get_file(self, file_id: str) -> dict[str, Any] | None:

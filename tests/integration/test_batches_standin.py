@@ -26,7 +26,8 @@ CONFIG = {"api_keys": KEYS, "admin_key": "sk-admin", "batch_concurrency": 2,
                      {"name": "slow", "path": "standin:delay=0.1", "preload": True,
                       "max_concurrency": 1, "max_queue": 50},
                      {"name": "other", "path": "standin:ok"},
-                     {"name": "instant", "path": "standin:delay=0"}]}
+                     {"name": "instant", "path": "standin:delay=0"},
+                     {"name": "emb", "path": "standin:ok", "task": "embed"}]}
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +94,8 @@ def test_the_sdk_workflow_end_to_end(gw):
     assert batch_id in [x.id for x in listed.data]
     # Each line went through the request path: the access log names the batch and the line.
     assert wait_for(lambda: f"{batch_id}:r4" in gw.log_text(), 5)
+    files = gw.tmp / "data" / "batches" / "files"
+    assert not [p.name for p in files.iterdir() if p.stat().st_size == 0]  # no empty result file
     shown = subprocess.run([sys.executable, "-m", "server", "batches", "list", "--url", gw.url,
                             "--key", "sk-a"], capture_output=True, text=True, cwd=ROOT, check=True)
     assert re.search(rf"^{batch_id}\s+completed\s+fast\s+/v1/completions\s+5/5$", shown.stdout, re.M)
@@ -131,6 +134,9 @@ VALIDATION = [
     (b"\n\n", "empty_file", None),
     (jsonl([{"custom_id": "a", "method": "POST", "url": "/v1/completions"}]),
      "missing_required_parameter", 1),
+    (b'{"custom_id": "a", "body": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n",
+     "invalid_json_line", 1),  # deeper than Python's stack
+    (jsonl([task("a", model="emb")]), "model_not_supported", 1),
 ]
 
 
@@ -205,6 +211,7 @@ def test_keys_see_only_their_own_files_and_batches(gw):
     assert f.id not in [x.id for x in b.files.list()]
     assert batch.id not in [x.id for x in b.batches.list()]
     assert admin.files.retrieve(f.id).id == f.id and admin.batches.retrieve(batch.id).id == batch.id
+    wait_status(a, batch.id, ("completed",))  # the input of a batch still running stays
     assert a.files.delete(f.id).deleted
     with pytest.raises(openai.NotFoundError):
         a.files.retrieve(f.id)
@@ -287,9 +294,39 @@ def test_a_full_disk_fails_the_batch_clearly_and_the_server_goes_on(tmp_path):
         b = wait_status(c, batch_id, ("failed", "completed"), timeout=120)
         assert b.status == "failed" and b.errors.data[0].code == "server_error", b
         assert "File too large" in b.errors.data[0].message
+        kept = results(c, b.output_file_id)  # the answers written before the disk filled
+        assert kept and len(kept) == b.request_counts.completed
         r = c.completions.create(model="fast", prompt="still here", max_tokens=3)
         assert r.usage.completion_tokens == 3
         small = wait_status(c, submit(c, jsonl([task("after")])), ("completed", "failed"))
         assert small.status == "completed"
     finally:
         g.stop()
+
+
+def test_odd_ids_bodies_and_deletes_get_clear_answers(gw):
+    c = client(gw)
+    odd = ["a\r\nX-Evil: 1", "a\u0000b", "x" * 5000, "plain-1"]
+    b = wait_status(c, submit(c, jsonl([task(cid) for cid in odd])), ("completed", "failed"))
+    assert b.status == "completed" and b.request_counts.completed == 4, b
+    out = {r["custom_id"]: r for r in results(c, b.output_file_id)}
+    assert sorted(out) == sorted(odd)
+    assert out["plain-1"]["response"]["request_id"] == f"{b.id}:plain-1"
+    for cid in odd[:3]:  # an id unfit for a header or a log line is hashed there
+        assert re.fullmatch(rf"{b.id}:h[0-9a-f]{{24}}", out[cid]["response"]["request_id"])
+    assert "X-Evil" not in gw.log_text() and "\x00" not in gw.log_text()
+    with pytest.raises(openai.BadRequestError) as err:
+        f = c.files.create(file=("m.jsonl", io.BytesIO(jsonl([task("m")]))), purpose="batch")
+        c.batches.create(input_file_id=f.id, endpoint="/v1/completions", completion_window="24h",
+                         metadata={"k": "v" * 513})
+    assert err.value.body["param"] == "metadata"
+    too_big = httpx.post(gw.url + "/v1/batches", headers={"authorization": "Bearer sk-a"},
+                         content=b'{"metadata": "' + b"x" * (33 << 20) + b'"}', timeout=60)
+    assert too_big.status_code == 413
+    slow = submit(c, jsonl([task(f"busy{i}", model="slow", words=5) for i in range(20)]))
+    input_id = c.batches.retrieve(slow).input_file_id
+    with pytest.raises(openai.ConflictError):  # the input of a batch that has not ended
+        c.files.delete(input_id)
+    c.batches.cancel(slow)
+    wait_status(c, slow, ("cancelled",))
+    assert c.files.delete(input_id).deleted

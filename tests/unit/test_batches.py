@@ -18,7 +18,7 @@ def line(cid, model="m", url="/v1/chat/completions"):
 
 
 def known(name):
-    return name in ("m", "n")
+    return None if name in ("m", "n") else ("model_not_found", "no such model")
 
 
 def test_a_good_file_gives_its_model_and_ids():
@@ -34,6 +34,7 @@ def test_a_good_file_gives_its_model_and_ids():
     ([line("a"), line("b", model="n")], "model_mismatch", 2),
     ([line("a", model="zzz")], "model_not_found", 1),
     ([b" \n"], "empty_file", None),
+    ([b'{"custom_id": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n"], "invalid_json_line", 1),
 ])
 def test_each_fault_names_its_line(lines, code, number):
     out = check_lines(lines, "/v1/chat/completions", 10, known)
