@@ -30,6 +30,47 @@ def _errors(route: str, codes: tuple[int, ...]) -> dict[str, Any]:
             for c in codes}
 
 
+def _op(summary: str, codes: tuple[int, ...], params: tuple[str, ...] = (),
+        query: dict[str, Any] | None = None, body: dict[str, Any] | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {"summary": summary, "responses": {
+        "200": {"description": "the object"}, **_errors("", codes)}}
+    out["parameters"] = [{"name": p, "in": "path", "required": True, "schema": {"type": "string"}}
+                         for p in params] + [{"name": n, "in": "query", "schema": sch}
+                                             for n, sch in (query or {}).items()]
+    if body is not None:
+        out["requestBody"] = {"required": True, "content": body}
+    return out
+
+
+def batch_paths() -> dict[str, Any]:
+    """The Files and Batch routes (``server.batchapi``), as OpenAI documents them."""
+    upload = {"multipart/form-data": {"schema": {
+        "type": "object", "required": ["file", "purpose"],
+        "properties": {"file": {"type": "string", "format": "binary"},
+                       "purpose": {"type": "string"}}}}}
+    create = {"application/json": {"schema": {
+        "type": "object", "required": ["input_file_id", "endpoint", "completion_window"],
+        "additionalProperties": True,
+        "properties": {"input_file_id": {"type": "string"}, "endpoint": {"type": "string"},
+                       "completion_window": {"type": "string"},
+                       "metadata": {"type": ["object", "null"]}}}}}
+    paging = {"after": {"type": "string"}, "limit": {"type": "integer"}}
+    return {
+        "/v1/files": {
+            "post": _op("Upload a file (multipart)", (400, 401, 413), body=upload),
+            "get": _op("List files", (400, 401), query={
+                **paging, "order": {"type": "string"}, "purpose": {"type": "string"}})},
+        "/v1/files/{file_id}": {"get": _op("One file", (401, 404), ("file_id",)),
+                                "delete": _op("Delete a file", (401, 404, 409), ("file_id",))},
+        "/v1/files/{file_id}/content": {"get": _op("A file's bytes", (401, 404), ("file_id",))},
+        "/v1/batches": {"post": _op("Create a batch", (400, 401, 413), body=create),
+                        "get": _op("List batches", (400, 401), query=paging)},
+        "/v1/batches/{batch_id}": {"get": _op("One batch", (401, 404), ("batch_id",))},
+        "/v1/batches/{batch_id}/cancel": {"post": _op("Cancel a batch", (401, 404, 409),
+                                                      ("batch_id",))},
+    }
+
+
 def document() -> dict[str, Any]:
     """The whole OpenAPI document as a JSON-ready mapping."""
     paths: dict[str, Any] = {}
@@ -61,6 +102,7 @@ def document() -> dict[str, Any]:
         "parameters": [{"name": "model_id", "in": "path", "required": True,
                         "schema": {"type": "string"}}],
         "responses": {"200": {"description": "the model"}, **_errors("", (401, 404))}}}
+    paths.update(batch_paths())
     paths["/health"] = {"get": {"summary": "Liveness and each model's state",
                                 "responses": {"200": {"description": "ok"}}}}
     paths["/metrics"] = {"get": {"summary": "Prometheus metrics",
