@@ -272,7 +272,8 @@ async def list_batches(request: Request) -> Response:
     limit = _int_param(request, "limit", 20, 1, 100)
     docs = await store.call(store.list_batches, _viewer(request),
                             request.query_params.get("after"), limit + 1)
-    return JSONResponse(_page([public(d) for d in docs], limit))
+    live = request.state.batches.live  # a running batch's object is newer than its row
+    return JSONResponse(_page([public(live.get(d["id"], d)) for d in docs], limit))
 
 
 def _answering(handler: Any) -> Any:
