@@ -54,6 +54,9 @@ def show(batch_id: str, url: str, key: str | None) -> None:
     """One batch, whole (JSON), after a line of progress."""
     b = call_server(url, "GET", f"/v1/batches/{quote(batch_id, safe='')}", key=key)
     click.echo(f"{b['id']}: {b['status']}, {progress(b)} lines")
+    for error in ((b.get("errors") or {}).get("data") or [])[:5]:
+        where = f" (line {error['line']})" if error.get("line") else ""
+        click.echo(f"  {error['code']}{where}: {error['message']}")
     click.echo(json.dumps(b, indent=2))
 
 
