@@ -258,14 +258,15 @@ def test_batch_lines_wait_behind_interactive_requests(gw):
     assert order.index("interactive") < order.index("q1"), order
 
 
-def test_a_sigkill_mid_batch_resumes_without_running_a_written_line_again(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["sigkill", "sigterm"])
+def test_a_stop_mid_batch_resumes_without_running_a_written_line_again(tmp_path, sig):
     config = {**CONFIG, "batch_concurrency": 1}
     g = standin_gateway(tmp_path, config)
     g.wait_states(60, done=("ready", "unloaded", "failed"))
     c = client(g)
     batch_id = submit(c, jsonl([task(f"s{i}", model="slow", words=3) for i in range(12)]))
     assert wait_for(lambda: c.batches.retrieve(batch_id).request_counts.completed >= 3, 60)
-    g.stop(signal.SIGKILL)
+    g.stop(sig)
     db = sqlite3.connect(tmp_path / "data" / "batches" / "state.sqlite3")
     doc = json.loads(db.execute("SELECT doc FROM batches WHERE id = ?", (batch_id,)).fetchone()[0])
     db.close()
