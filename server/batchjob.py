@@ -293,7 +293,7 @@ class BatchJob:
             if not allowed(key, (model.name, *model.aliases)):
                 raise PermissionDenied(f"This API key may not use the model '{parsed.model}'.")
             call = Call(route, json.dumps(body).encode(), parsed, model, key=key,
-                        priority=PRIORITIES["batch"], request_id=request_id)
+                        priority=PRIORITIES["batch"], request_id=request_id, retried=True)
             answer = await self.runner.service.serve(call)
         except VramgateError as exc:
             if exc.status in (429, 502, 503, 504) and not isinstance(exc, UpstreamError):

@@ -41,7 +41,9 @@ class Call:
     as sent and ``parsed`` its validated form (for ``/infill``, already a completion); ``key`` the
     API key (``server.auth.ApiKey``) or ``None``; ``priority`` lower first, ``None`` for the
     default (interactive for FIM, else normal); ``middle`` and ``warm``: ``/infill``'s prompt and
-    whether it only warms the cache (``n_predict`` 0)."""
+    whether it only warms the cache (``n_predict`` 0); ``retried``: the caller tries a refusal of
+    the gateway's own (429, 503) again later (the batch runner), so such a refusal is no answer
+    and is not recorded (no metrics, no access-log line, no alert fed by it)."""
 
     route: str
     raw: bytes
@@ -52,6 +54,7 @@ class Call:
     request_id: str = ""
     middle: str = ""
     warm: bool = False
+    retried: bool = False
     started: float = field(default_factory=time.perf_counter)
 
     @property

@@ -120,6 +120,8 @@ def refusal(book: ModelBook | None, w: WaiterBook, now: float, t: Timeouts) -> V
     if book.gave_up:
         return book.error or ModelUnavailable(f"the model {w.model} failed", retry_after=60)
     if any(servable(r) for r in book.replicas):  # at its concurrency limit
+        if w.priority >= BATCH:
+            return None  # background work waits its turn; its runner withdraws it in time
         limit = book.config.queue_timeout
         return CapacityError(f"waited {limit:g} s in the queue for this model",
                              code="queue_timeout", retry_after=1) if now - w.arrived >= limit else None

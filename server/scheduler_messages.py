@@ -39,7 +39,9 @@ class Messages:
             fut.set_exception(shutting_down())
             return True
         book = self.books.get(name)
-        queued = sum(1 for w in self.waiters.values() if w.model == name)
+        # Batch waiters never fill the queue for others: they count only against batch requests.
+        queued = sum(1 for w in self.waiters.values() if w.model == name and (
+            priority >= d.BATCH or w.priority < d.BATCH))
         error = d.admit(book, queued, name)
         if error is not None:
             fut.set_exception(error)

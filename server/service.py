@@ -33,7 +33,8 @@ import aiohttp
 from server import infill
 from server.calls import Answer, Call, Watch, affinity_key, unwatched  # noqa: F401  (re-exported)
 from server.admission import PRIORITIES, rate_check
-from server.errors import ClientGone, RateLimited, VramgateError, normalize_upstream_error
+from server.errors import (ClientGone, RateLimited, UpstreamError, VramgateError,
+                           normalize_upstream_error)
 from server.modelfiles import UNKNOWN
 from server.profile import profile
 from server.proxy import forward, relay_stream
@@ -124,8 +125,10 @@ class Serving:
                 return self._waiting()
             return await self._answer(lease)
         except VramgateError as exc:
-            self.failed(exc)
-            self.done(exc.status)
+            if not (self.call.retried and exc.status in (429, 503)
+                    and not isinstance(exc, UpstreamError)):
+                self.failed(exc)
+                self.done(exc.status)
             raise
         except ClientGone:
             self.done(499)

@@ -444,3 +444,24 @@ def test_a_slow_stopping_evicted_engine_does_not_delay_another_placement():
         keep.release()
         await pool.stop_all()
     run(go())
+
+
+def test_batch_waiters_neither_fill_the_queue_for_others_nor_time_out_in_it():
+    async def go():
+        pool, clock, _, _ = make_pool([model("a", max_concurrency=1, max_queue=1, queue_timeout=30)])
+        held = await pool.acquire("a")
+        batch = [asyncio.create_task(pool.acquire("a", priority=10)) for _ in range(3)]
+        await settle()
+        refused = [t for t in batch if t.done()]  # batch requests count one another: one place
+        waiting = [t for t in batch if not t.done()]
+        assert len(waiting) == 1 and {t.exception().code for t in refused} == {"queue_full"}
+        interactive = asyncio.create_task(pool.acquire("a", priority=0))  # not refused: a batch
+        await settle()                                                      # waiter fills no place
+        assert not interactive.done()
+        await tick(pool, clock, 31)  # past queue_timeout: the interactive one is refused ...
+        assert interactive.done() and interactive.exception().code == "queue_timeout"
+        assert not waiting[0].done()  # ... the batch one waits on
+        held.release()
+        (await asyncio.wait_for(waiting[0], 5)).release()
+        await pool.stop_all()
+    run(go())

@@ -66,6 +66,13 @@ def test_a_call_is_served_recorded_once_and_rate_limited_without_http(caplog):
                 in metrics.render().decode()
             with pytest.raises(RateLimited):  # rpm 1: the key's second call in the minute
                 await service.serve(call(key))
+            assert 'status_class="4xx"} 1.0' in metrics.render().decode()
+            retried = call(key)
+            retried.retried = True  # the batch runner tries again later: no record of it
+            with pytest.raises(RateLimited):
+                await service.serve(retried)
+            assert 'status_class="4xx"} 1.0' in metrics.render().decode()
+            assert 'reason="rate_limit_exceeded"} 1.0' in metrics.render().decode()
             await settle()
             assert pool.models()["m"].in_flight == 0  # every lease went back
         finally:
