@@ -103,7 +103,6 @@ class BatchJob:
             await self.save()
         except (OSError, sqlite3.Error) as exc:  # its row stays active: a restart tries again
             log.error("batch %s: its failure could not be stored: %s", self.doc["id"], exc)
-        self.runner.progress.pop(self.doc["id"], None)
         log.info("batch %s: failed (%s)", self.doc["id"], code)
 
     async def validate(self) -> None:
@@ -306,9 +305,8 @@ class BatchJob:
                                    "engine_bad_answer")
 
     def publish(self) -> None:
-        counts = self.doc["request_counts"]
-        self.runner.progress[self.doc["id"]] = (
-            counts["completed"] + counts["failed"], counts["total"], self.clock(), self.doc["model"])
+        """Mark now as this batch's last progress (the stalled-batch gauge reads it)."""
+        self.runner.last_line[self.doc["id"]] = self.clock()
 
     # ---- the end ------------------------------------------------------------------------------
     async def expire(self, running: set[asyncio.Task], err: ResultFile) -> None:
@@ -336,7 +334,6 @@ class BatchJob:
         if self.doc["status"] not in ("finalizing", "cancelling"):
             await self.move("finalizing")
         await self.register_results()
-        self.runner.progress.pop(self.doc["id"], None)
         await self.move(status)
 
     async def register_results(self) -> None:

@@ -59,7 +59,7 @@ class BatchRunner:
         self.tasks: dict[str, asyncio.Task] = {}
         self.live: dict[str, dict[str, Any]] = {}  # id → the running batch's Batch object (its job's)
         self.cancelled: dict[str, asyncio.Event] = {}
-        self.progress: dict[str, tuple[int, int, float, str]] = {}  # id → done, total, last, model
+        self.last_line: dict[str, float] = {}  # id → when its last line was answered (clock)
         self._timer: asyncio.Task | None = None
 
     async def start(self) -> None:
@@ -98,7 +98,7 @@ class BatchRunner:
         self.tasks.pop(batch_id, None)
         self.live.pop(batch_id, None)
         self.cancelled.pop(batch_id, None)
-        self.progress.pop(batch_id, None)
+        self.last_line.pop(batch_id, None)
 
     async def _expire_files(self) -> None:
         while True:
@@ -124,11 +124,14 @@ class BatchRunner:
     def lines_queued(self) -> dict[str, int]:
         """Lines not yet answered, per model, over the running batches."""
         out: dict[str, int] = {}
-        for done, total, _, model in self.progress.values():
-            out[model] = out.get(model, 0) + total - done
+        for doc in self.live.values():
+            if doc["status"] == "in_progress":
+                c = doc["request_counts"]
+                out[doc["model"]] = out.get(doc["model"], 0) + c["total"] - c["completed"] - c["failed"]
         return out
 
     def seconds_since_progress(self) -> float:
         """The longest time (seconds) any in-progress batch has gone without a finished line."""
         now = self.clock()
-        return max((now - last for _, _, last, _ in self.progress.values()), default=0.0)
+        return max((now - last for batch_id, last in self.last_line.items()
+                    if self.live.get(batch_id, {}).get("status") == "in_progress"), default=0.0)

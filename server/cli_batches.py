@@ -9,10 +9,8 @@ from urllib.parse import quote
 
 import click
 
-from server.cli_remote import DEFAULT_URL, call_server, table
+from server.cli_remote import call_server, table, url_option
 
-_url = click.option("--url", envvar="VRAMGATE_URL", default=DEFAULT_URL, show_default=True,
-                    help="Base URL of a running vramgate.")
 _key = click.option("--key", envvar=["VRAMGATE_API_KEY", "VRAMGATE_ADMIN_KEY"],
                     help="API key (default: $VRAMGATE_API_KEY, then $VRAMGATE_ADMIN_KEY).")
 
@@ -31,7 +29,7 @@ def batches() -> None:
 
 
 @batches.command("list")
-@_url
+@url_option
 @_key
 @click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 100))
 @click.option("--json", "as_json", is_flag=True, help="Print the raw JSON.")
@@ -48,7 +46,7 @@ def list_(url: str, key: str | None, limit: int, as_json: bool) -> None:
 
 @batches.command()
 @click.argument("batch_id")
-@_url
+@url_option
 @_key
 def show(batch_id: str, url: str, key: str | None) -> None:
     """One batch, whole (JSON), after a line of progress."""
@@ -62,7 +60,7 @@ def show(batch_id: str, url: str, key: str | None) -> None:
 
 @batches.command()
 @click.argument("batch_id")
-@_url
+@url_option
 @_key
 def cancel(batch_id: str, url: str, key: str | None) -> None:
     """Cancel a batch: the lines in flight finish, the rest are not run."""

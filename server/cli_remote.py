@@ -59,14 +59,14 @@ def call_server(url: str, method: str, path: str, timeout: float = 30, key: str 
     return data
 
 
-_url = click.option("--url", envvar="VRAMGATE_URL", default=DEFAULT_URL, show_default=True,
+url_option = click.option("--url", envvar="VRAMGATE_URL", default=DEFAULT_URL, show_default=True,
                     help="Base URL of a running vramgate.")
 _key = click.option("--key", envvar=["VRAMGATE_ADMIN_KEY", "VRAMGATE_API_KEY"],
                     help="Key for a server with API keys (default: $VRAMGATE_ADMIN_KEY).")
 
 
 @click.command()
-@_url
+@url_option
 @_key
 @click.option("--json", "as_json", is_flag=True, help="Print the raw JSON.")
 def ps(url: str, key: str | None, as_json: bool) -> None:
@@ -93,7 +93,7 @@ def ps(url: str, key: str | None, as_json: bool) -> None:
 
 @click.command()
 @click.argument("name")
-@_url
+@url_option
 @_key
 def load(name: str, url: str, key: str | None) -> None:
     """Load model NAME on a running server and wait until it is ready."""
@@ -103,7 +103,7 @@ def load(name: str, url: str, key: str | None) -> None:
 
 @click.command()
 @click.argument("name")
-@_url
+@url_option
 @_key
 @click.option("--force", is_flag=True, help="Do not wait for in-flight requests.")
 def unload(name: str, url: str, key: str | None, force: bool) -> None:
@@ -115,7 +115,7 @@ def unload(name: str, url: str, key: str | None, force: bool) -> None:
 
 @click.command()
 @click.argument("name")
-@_url
+@url_option
 @_key
 @click.option("-n", "--lines", default=200, show_default=True, type=click.IntRange(1, 5000))
 def logs(name: str, url: str, key: str | None, lines: int) -> None:

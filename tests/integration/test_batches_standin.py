@@ -178,6 +178,10 @@ def test_cancel_mid_run_keeps_the_finished_lines(gw):
     c = client(gw)
     batch_id = submit(c, jsonl([task(f"c{i}", model="slow", words=5) for i in range(40)]))
     wait_for(lambda: c.batches.retrieve(batch_id).request_counts.completed >= 2, 60)
+    text = httpx.get(gw.url + "/metrics").text
+    queued = re.search(r'^vramgate_batch_lines_queued\{model="slow"\} (\S+)', text, re.M)
+    assert queued and 0 < float(queued.group(1)) <= 38, queued  # the lines not answered yet
+    assert re.search(r"^vramgate_batch_seconds_since_progress \S+", text, re.M)
     assert c.batches.cancel(batch_id).status == "cancelling"
     b = wait_status(c, batch_id, ("cancelled",))
     assert b.cancelling_at and b.cancelled_at
