@@ -16,6 +16,10 @@ Its behaviour comes from the model path, ``standin:MODE[,MODE...]``:
 - ``context=N``           the ``max_model_len`` its ``GET /v1/models`` reports (default 4096)
 - ``fork-core``           start a child in its own process group that ignores SIGTERM, as vLLM's
                           ``EngineCore`` lives beside its API server (its pid: ``core_pid``)
+- ``fail-wake``, ``slow-wake=S``, ``sleep-unsupported``: vLLM's sleep mode, served with
+                          ``--enable-sleep-mode`` and ``VLLM_SERVER_DEV_MODE=1`` (``/sleep``,
+                          ``/wake_up``, ``/is_sleeping``, ``/collective_rpc``): see
+                          ``tests/standin_sleep.py``
 
 It writes ``$STANDIN_DIR/<served name>.json`` (and ``<served name>@<port>.json``, one per replica)
 after every change: pid, port, argv, counters (``started``, ``completed``, ``aborted``,
@@ -37,6 +41,8 @@ import time
 from pathlib import Path
 
 from aiohttp import web
+
+from tests.standin_sleep import SleepMode, Ticket
 
 
 def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -61,6 +67,7 @@ class Standin:
         folder = Path(os.environ.get("STANDIN_DIR", "."))
         safe = self.name.replace("/", "_")
         self.outs = (folder / f"{safe}.json", folder / f"{safe}@{args.port}.json")
+        self.sleep = SleepMode(self, argv)
         self.save()
 
     def save(self) -> None:
@@ -80,6 +87,8 @@ class Standin:
 
     def words(self, body: dict) -> list[str]:
         n = int(body.get("max_tokens") or 8)
+        if not self.sleep.weights_valid():  # woken from a level-2 sleep without a reload
+            return [" garbage"] * n
         return [f" w{i}" for i in range(n)]
 
     def chunk(self, body: dict, obj: str, **fields) -> bytes:
@@ -108,59 +117,105 @@ class Standin:
                                      status=400)
         chat = request.path.endswith("chat/completions")
         obj = "chat.completion" if chat else "text_completion"
-        words = self.words(body)
-        usage = {"prompt_tokens": 3, "completion_tokens": len(words), "total_tokens": 3 + len(words)}
-        self.count("started")
-        self.count("running")
+        ticket = Ticket() if self.sleep.enabled else None
+        stream = bool(body.get("stream"))
+        # vLLM sends a stream's 200 and headers at once, even while it sleeps
+        resp = await self.open_stream(request) if stream and ticket is not None else None
+        admitted = False
         try:
-            if not body.get("stream"):
-                await asyncio.sleep(self.delay * len(words))
-                text = "".join(words)
-                choice = ({"index": 0, "message": {"role": "assistant", "content": text},
-                           "finish_reason": "length"} if chat else
-                          {"index": 0, "text": text, "finish_reason": "length"})
-                self.count("completed")
-                return web.json_response({"id": "standin-1", "object": obj, "created": 1,
-                                          "model": self.name, "choices": [choice], "usage": usage})
-            resp = web.StreamResponse(headers={"content-type": "text/event-stream; charset=utf-8"})
-            await resp.prepare(request)
-            for i, word in enumerate(words):
-                if i == 2 and "crash-mid-stream" in self.modes:
-                    os._exit(9)
-                if i == 2 and "crash-mid-event" in self.modes:
-                    await resp.write(b'data: {"id":"standin-1","choi')
-                    await asyncio.sleep(0.05)
-                    os._exit(9)
-                last = i == len(words) - 1
-                delta = {"content": word} if chat else None
-                choice = ({"index": 0, "delta": delta, "finish_reason": "length" if last else None}
-                          if chat else {"index": 0, "text": word,
-                                        "finish_reason": "length" if last else None})
-                await resp.write(self.chunk(body, obj + (".chunk" if chat else ""), choices=[choice]))
-                await asyncio.sleep(self.delay)
-            if (body.get("stream_options") or {}).get("include_usage"):
-                await resp.write(self.chunk(body, obj + (".chunk" if chat else ""), choices=[],
-                                            usage=usage))
-            await resp.write(b"data: [DONE]\n\n")
-            self.count("completed")
-            return resp
+            admitted = ticket is None or await self.sleep.admit(ticket)
+            if admitted:
+                self.count("started")
+                self.count("running")
+            words = self.words(body)  # after the wake: computed with the weights then loaded
+            usage = {"prompt_tokens": 3, "completion_tokens": len(words),
+                     "total_tokens": 3 + len(words)}
+            if not stream:
+                return await self.answer(ticket, admitted, chat, obj, words, usage)
+            resp = resp or await self.open_stream(request)
+            return await self.stream(resp, body, ticket, admitted, chat, obj, words, usage)
         except (asyncio.CancelledError, ConnectionResetError):
             self.count("aborted")
             raise
         finally:
-            self.count("running", -1)
+            if admitted:
+                self.count("running", -1)
+            if ticket is not None:
+                self.sleep.release(ticket, admitted)
+
+    async def open_stream(self, request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream; charset=utf-8"})
+        await resp.prepare(request)
+        return resp
+
+    async def answer(self, ticket: Ticket | None, admitted: bool, chat: bool, obj: str,
+                     words: list[str], usage: dict) -> web.Response:
+        """A non-streamed answer; a sleep with mode=abort makes it a 200 with the partial text."""
+        done = len(words)
+        if ticket is None:
+            await asyncio.sleep(self.delay * len(words))
+        else:
+            done = 0
+            while admitted and done < len(words) and not await self.sleep.tick(ticket, self.delay):
+                done += 1
+        reason = "length" if done == len(words) else "abort"
+        text = "".join(words[:done])
+        choice = ({"index": 0, "message": {"role": "assistant", "content": text},
+                   "finish_reason": reason} if chat else
+                  {"index": 0, "text": text, "finish_reason": reason})
+        if reason != "abort":
+            self.count("completed")
+        return web.json_response({"id": "standin-1", "object": obj, "created": 1,
+                                  "model": self.name, "choices": [choice],
+                                  "usage": dict(usage, completion_tokens=done, total_tokens=3 + done)})
+
+    async def stream(self, resp: web.StreamResponse, body: dict, ticket: Ticket | None,
+                     admitted: bool, chat: bool, obj: str, words: list[str],
+                     usage: dict) -> web.StreamResponse:
+        kind = obj + (".chunk" if chat else "")
+        sent, aborted = 0, not admitted
+        for i, word in enumerate(words if admitted else []):
+            if i == 2 and "crash-mid-stream" in self.modes:
+                os._exit(9)
+            if i == 2 and "crash-mid-event" in self.modes:
+                await resp.write(b'data: {"id":"standin-1","choi')
+                await asyncio.sleep(0.05)
+                os._exit(9)
+            last = i == len(words) - 1
+            delta = {"content": word} if chat else None
+            choice = ({"index": 0, "delta": delta, "finish_reason": "length" if last else None}
+                      if chat else {"index": 0, "text": word,
+                                    "finish_reason": "length" if last else None})
+            await resp.write(self.chunk(body, kind, choices=[choice]))
+            sent += 1
+            if await self.sleep.tick(ticket, self.delay):
+                aborted = not last
+                break
+        if aborted:  # how vLLM ends a stream a sleep (mode=abort) cut short
+            choice = {"index": 0, "finish_reason": "abort", "stop_reason": None,
+                      **({"delta": {}} if chat else {"text": ""})}
+            await resp.write(self.chunk(body, kind, choices=[choice]))
+        if (body.get("stream_options") or {}).get("include_usage"):
+            await resp.write(self.chunk(body, kind, choices=[], usage=dict(
+                usage, completion_tokens=sent, total_tokens=3 + sent)))
+        await resp.write(b"data: [DONE]\n\n")
+        if not aborted:
+            self.count("completed")
+        return resp
 
     async def metrics(self, request: web.Request) -> web.Response:
         labels = f'engine="0",model_name="{self.name}"'
         return web.Response(text="# HELP vllm:num_requests_running Requests running.\n"
                                  "# TYPE vllm:num_requests_running gauge\n"
                                  f"vllm:num_requests_running{{{labels}}} {self.stats['running']}.0\n"
+                                 + self.sleep.metrics(labels) +
                                  "# TYPE python_info gauge\npython_info 1.0\n")
 
     async def messages(self, request: web.Request) -> web.StreamResponse:
         """Anthropic's Messages API, as far as the tests need it: one text block of words."""
         body = await request.json()
         self.stats["last"] = body
+        await self.sleep.wait_awake()
         words = self.words(body)
         if not body.get("stream"):
             return web.json_response({"id": "msg-1", "type": "message", "role": "assistant",
@@ -197,6 +252,7 @@ class Standin:
         if not isinstance(body, dict) or not isinstance(body.get("input"), (str, list)):
             return web.json_response({"error": {"message": "bad input", "type": "BadRequestError",
                                                 "param": "input", "code": 400}}, status=400)
+        await self.sleep.wait_awake()
         inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
         data = [{"index": i, "object": "embedding", "embedding": [0.1] * 8} for i in range(len(inputs))]
         return web.json_response({"object": "list", "model": self.name, "data": data,
@@ -206,6 +262,7 @@ class Standin:
 def main(argv: list[str]) -> None:
     args, _ = parse(argv)
     standin = Standin(args, argv)
+    standin.sleep.refuse_start(argv)
     if "fail-start" in standin.modes:
         print("standin: failing at start as asked (CUDA out of memory, simulated)", flush=True)
         sys.exit(3)
@@ -225,6 +282,7 @@ def main(argv: list[str]) -> None:
     app.router.add_post("/v1/completions", standin.generate)
     app.router.add_post("/v1/embeddings", standin.embeddings)
     app.router.add_post("/v1/messages", standin.messages)
+    standin.sleep.attach(app)
     if "fail-after" in standin.modes:
         standin.healthy_at = float("inf")
 
