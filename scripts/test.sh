@@ -5,6 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/install.sh
+./scripts/install-router.sh   # vllm-router for tests/e2e/test_fleet.py (pinned, idempotent)
 # The observability tests run a real Prometheus (Debian's package: prometheus and promtool).
 if ! command -v promtool >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
