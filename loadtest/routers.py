@@ -383,7 +383,13 @@ def probes(base: str, target: str, probe_auth: Callable[[str], tuple[str, str]])
         limited = LIMITED[target] if key == KEY and model == "model-x" and target != "litellm" else key
         body = {"model": model, "messages": HELLO, "max_tokens": 4}
         post(limited, body)
-        out["429 rate_limit_exceeded"] = error_shape(post(limited, body))
+        try:  # LiteLLM retries a 429 itself, waiting out the Retry-After
+            out["429 rate_limit_exceeded"] = error_shape(post(limited, body))
+        except httpx.TimeoutException:
+            out["429 rate_limit_exceeded"] = {"status": "no answer in 30 s", "openai_envelope": False,
+                                              "type": None, "code": None, "param": None,
+                                              "message": "timeout", "retry_after": None,
+                                              "x_should_retry": None}
         out["400 empty messages"] = error_shape(post(KEY, {"model": "model-x", "messages": []}))
         out["400 empty messages, stream"] = error_shape(post(KEY, {"model": "model-x", "messages": [],
                                                                    "stream": True}))
