@@ -100,7 +100,7 @@ class ModelBook:
 
     def __post_init__(self) -> None:
         if not self.replicas:
-            self.replicas = [ReplicaBook(self.config.name, i) for i in range(self.config.replicas)]
+            self.replicas = [ReplicaBook(self.config.name, i) for i in range(self.config.engines)]
 
     @property
     def name(self) -> str:
@@ -138,14 +138,19 @@ class WaiterBook:
 
 class Lease:
     """The right to send one request to a ready replica; ``release()`` exactly once when done
-    (more calls do nothing). ``base_url`` is the engine's; ``max_model_len`` its context (tokens)."""
+    (more calls do nothing). ``base_url`` is the engine's, ``headers`` go with the request to it
+    and ``served_name`` is the model's name there (``None``: its name here); ``max_model_len`` its
+    context (tokens)."""
 
-    __slots__ = ("key", "run", "base_url", "max_model_len", "released", "batch", "_send")
+    __slots__ = ("key", "run", "base_url", "max_model_len", "released", "batch", "_send", "headers",
+                 "served_name")
 
     def __init__(self, send: Callable[..., None], key: str, run: int, base_url: str,
-                 max_model_len: int | None, batch: bool = False) -> None:
+                 max_model_len: int | None, batch: bool = False,
+                 headers: dict[str, str] | None = None, served_name: str | None = None) -> None:
         self._send, self.key, self.run, self.batch = send, key, run, batch
         self.base_url, self.max_model_len, self.released = base_url, max_model_len, False
+        self.headers, self.served_name = headers or {}, served_name
 
     def release(self) -> None:
         if not self.released:
@@ -181,8 +186,9 @@ class EngineView:
 
     @property
     def device(self) -> str:
-        """Where the engine runs (``cuda:0+cuda:1``, ``cpu``), or ``-`` when not placed."""
-        return "+".join(self.plan.devices) if self.plan else "-"
+        """Where the engine runs (``cuda:0+cuda:1``, ``cpu``, ``remote`` for an upstream), or
+        ``-`` when not placed."""
+        return ("+".join(self.plan.devices) or "remote") if self.plan else "-"
 
 
 @dataclass(frozen=True)
@@ -232,11 +238,11 @@ def bookings(books: dict[str, ModelBook], waiting: dict[str, int],
              exclude: str | None = None) -> tuple[Booking, ...]:
     """Every reservation in the books, as the planner takes them (keyed ``model#replica``). A
     replica counts as idle (evictable) only when ready, without requests in flight, nobody waits
-    for its model and it is not draining."""
+    for its model and it is not draining. An upstream (a plan on no device) books nothing."""
     return tuple(
         Booking(r.key, r.plan.devices, r.booked_bytes,
                 starting=r.state == ModelState.LOADING,
                 idle=(r.state == ModelState.READY and r.leases == 0 and not r.drain
                       and not waiting.get(b.name)),
                 pinned=b.config.pinned, last_used=r.last_used)
-        for b in books.values() for r in b.replicas if r.plan and r.key != exclude)
+        for b in books.values() for r in b.replicas if r.plan and r.plan.devices and r.key != exclude)

@@ -89,6 +89,12 @@ def plan(config_path: Path | None, data_dir: Path | None, simulate_gpus: str | N
                     "kv_cache_bytes": req.kv_cache_bytes, "overhead_bytes": req.overhead_bytes,
                     "tool_parser": profiles[req.model].tool_parser,
                     "fim": None if fim(req.model) == "-" else fim(req.model)}
+            model = settings.resolve(req.model)
+            if model is not None and model.distributed is not None and req.kind != "remote":
+                item["distributed"] = {"backend": model.distributed.backend,
+                                       "address": model.distributed.address,
+                                       "tensor_parallel_size": model.tensor_parallel_size or 1,
+                                       "pipeline_parallel_size": model.pipeline_parallel_size}
             if isinstance(res, Plan):
                 item.update(fits=True, devices=list(res.devices),
                             tensor_parallel_size=res.tensor_parallel_size,
@@ -103,7 +109,7 @@ def plan(config_path: Path | None, data_dir: Path | None, simulate_gpus: str | N
     rows = [("MODEL", "DEVICES", "TP", "PER DEVICE", "GPU MEM UTIL", "TOOLS", "FIM", "WHY")]
     for req, res in results:
         if isinstance(res, Plan):
-            rows.append((req.model, "+".join(res.devices), str(res.tensor_parallel_size),
+            rows.append((req.model, "+".join(res.devices) or "remote", str(res.tensor_parallel_size),
                          gib(res.bytes_per_device),
                          "-" if res.gpu_memory_utilization is None else
                          f"{res.gpu_memory_utilization:.4f}", tools(req.model), fim(req.model),

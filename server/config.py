@@ -31,6 +31,27 @@ TASKS = ("generate", "embed")
 DEVICES = ("auto", "cpu", "cuda")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/+-]*$")
 
+
+@dataclass(frozen=True)
+class Upstream:
+    """An OpenAI-compatible server elsewhere that serves a model (config ``upstreams[i]``):
+    ``url`` (``http[s]://host:port``, no ``/v1``), the environment variable holding its API key
+    (``api_key_env``; ``None``: it needs none) and ``model``, the name it serves the model under
+    (``None``: the same served model name as here)."""
+
+    url: str
+    api_key_env: str | None = None
+    model: str | None = None
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """A model whose one engine spans several hosts (config ``distributed``): vLLM's
+    ``backend`` executor (``ray``) on the cluster whose head is at ``address`` (``HOST:PORT``)."""
+
+    backend: str
+    address: str
+
 @dataclass(frozen=True)
 class ModelConfig:
     """One servable model.
@@ -50,6 +71,10 @@ class ModelConfig:
     are environment variables for its engines (vLLM reads many settings from there, such as
     ``VLLM_CPU_OMP_THREADS_BIND``); placement owns ``CUDA_VISIBLE_DEVICES``. ``cpu_cores``: on
     the CPU, each of its engines gets that many cores of its own (``engines.cpu_binding``).
+    ``upstreams`` are servers on other hosts that serve the model too, one replica each after the
+    ``replicas`` local engines (0 local ones when there is no ``path``); ``distributed`` runs its
+    one engine over a Ray cluster, ``tensor_parallel_size`` GPUs on each of
+    ``pipeline_parallel_size`` hosts.
 
     Generation models: ``tool_parser`` is vLLM's tool-call parser (``None``: chosen from the model's
     files, ``"none"``: no tools); ``chat_template`` a template file for vLLM's ``--chat-template``;
@@ -87,6 +112,18 @@ class ModelConfig:
     fim_max_tokens: int = 128
     engine_env: tuple[tuple[str, str], ...] = ()
     cpu_cores: int | None = None
+    upstreams: tuple[Upstream, ...] = ()
+    distributed: Distributed | None = None
+    pipeline_parallel_size: int = 1
+
+    @property
+    def engines(self) -> int:
+        """All its replicas: the local engines, then one per upstream."""
+        return self.replicas + len(self.upstreams)
+
+    def upstream(self, index: int) -> Upstream | None:
+        """The upstream that replica ``index`` is, or ``None`` for a local engine."""
+        return self.upstreams[index - self.replicas] if index >= self.replicas else None
 
 
 @dataclass(frozen=True)

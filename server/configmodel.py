@@ -5,11 +5,12 @@ error is a :class:`~server.errors.ConfigError` starting with the field path."""
 from __future__ import annotations
 
 import math
+import os
 import re
 from pathlib import Path
 from typing import Any
 
-from server.config import _NAME_RE, DEVICES, TASKS, ModelConfig
+from server.config import _NAME_RE, DEVICES, TASKS, Distributed, ModelConfig, Upstream
 from server.errors import ConfigError
 from server.units import parse_bytes
 
@@ -70,7 +71,8 @@ _MODEL_KEYS = {"name", "path", "aliases", "task", "device", "engine_args", "kv_c
                "max_model_len", "startup_timeout", "memory", "gpus", "tensor_parallel_size",
                "pinned", "replicas", "ttl", "preload", "max_concurrency", "max_queue",
                "queue_timeout", "tool_parser", "chat_template", "max_tokens_policy", "fim",
-               "fim_max_tokens", "engine_env", "cpu_cores"}
+               "fim_max_tokens", "engine_env", "cpu_cores", "upstreams", "distributed",
+               "pipeline_parallel_size"}
 MAX_TOKENS_POLICIES = ("fit", "reject")
 
 
@@ -83,7 +85,14 @@ def parse_model(raw: Any, where: str) -> ModelConfig:
     if unknown:
         raise ConfigError(f"{where}.{unknown[0]}: unknown field (known: {', '.join(sorted(_MODEL_KEYS))})")
     name = _name(raw.get("name"), f"{where}.name")
-    path = _str(raw.get("path"), f"{where}.path")
+    upstreams = _upstreams(raw.get("upstreams"), f"{where}.upstreams")
+    if upstreams and raw.get("path") is None:
+        path = ""  # served by its upstreams only
+        if raw.get("replicas", 0) != 0:
+            raise ConfigError(f"{where}.replicas: local replicas need a path")
+        raw = {**raw, "replicas": 0}
+    else:
+        path = _str(raw.get("path"), f"{where}.path")
     aliases_raw = raw.get("aliases") or []
     if not isinstance(aliases_raw, list):
         raise ConfigError(f"{where}.aliases: must be a list of names")
@@ -94,7 +103,7 @@ def parse_model(raw: Any, where: str) -> ModelConfig:
     cores = raw.get("cpu_cores")
     return ModelConfig(**_generation_fields(raw, where), **_placement_fields(raw, where),
         **_lifecycle_fields(raw, where),
-        engine_env=_engine_env(raw.get("engine_env"), f"{where}.engine_env"),
+        engine_env=_engine_env(raw.get("engine_env"), f"{where}.engine_env"), upstreams=upstreams,
         cpu_cores=None if cores is None else int(_number(cores, f"{where}.cpu_cores", integer=True)),
         name=name, path=path, aliases=aliases, task=task,
         engine_args=_engine_args(raw.get("engine_args"), f"{where}.engine_args"),
@@ -123,12 +132,22 @@ def _placement_fields(raw: dict[str, Any], where: str) -> dict[str, Any]:
             raise ConfigError(f"{where}.tensor_parallel_size: must be a power of two, got {tp}")
         if gpus is not None and len(gpus) < tp:
             raise ConfigError(f"{where}.tensor_parallel_size: {tp} needs at least {tp} GPUs in gpus")
-    replicas = int(_number(raw.get("replicas", 1), f"{where}.replicas", integer=True))
+    replicas = int(_number(raw.get("replicas", 1), f"{where}.replicas", integer=True, positive=False))
     if replicas > 64:
         raise ConfigError(f"{where}.replicas: at most 64")
+    if replicas < (0 if raw.get("upstreams") else 1):
+        raise ConfigError(f"{where}.replicas: must be at least 1 (0 only beside upstreams)")
     kv, mml, mem = raw.get("kv_cache_bytes"), raw.get("max_model_len"), raw.get("memory")
+    pp = int(_number(raw.get("pipeline_parallel_size", 1), f"{where}.pipeline_parallel_size",
+                     integer=True))
+    distributed = _distributed(raw.get("distributed"), f"{where}.distributed")
+    if pp > 1 and distributed is None:
+        raise ConfigError(f"{where}.pipeline_parallel_size: spans hosts, so it needs distributed")
+    if distributed is not None and replicas != 1:
+        raise ConfigError(f"{where}.replicas: a distributed model has one engine (replicas: 1)")
     return dict(
         device=device, gpus=gpus, tensor_parallel_size=tp, replicas=replicas,
+        distributed=distributed, pipeline_parallel_size=pp,
         kv_cache_bytes=None if kv is None else parse_bytes(kv, f"{where}.kv_cache_bytes"),
         max_model_len=None if mml is None else int(_number(mml, f"{where}.max_model_len", integer=True)),
         memory_bytes=None if mem is None else parse_bytes(mem, f"{where}.memory"))
@@ -154,6 +173,58 @@ def _lifecycle_fields(raw: dict[str, Any], where: str) -> dict[str, Any]:
     out["startup_timeout"] = float(_number(raw.get("startup_timeout", 600.0),
                                            f"{where}.startup_timeout"))
     return out
+
+
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+UPSTREAM_URL = re.compile(r"https?://[^/\s?#]+(/[^\s?#]*)?")
+
+
+def _upstreams(value: Any, where: str) -> tuple[Upstream, ...]:
+    """``upstreams``: a list of ``{url, api_key_env, model}`` (``url`` required; its path, if any,
+    is where ``/v1/...`` and ``/health`` go below). An ``api_key_env`` must name a variable that
+    is set, so a missing key fails the load and not the first request."""
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"{where}: must be a non-empty list of {{url, api_key_env, model}}")
+    out = []
+    for i, item in enumerate(value):
+        at = f"{where}[{i}]"
+        if isinstance(item, str):
+            item = {"url": item}
+        if not isinstance(item, dict) or set(item) - {"url", "api_key_env", "model"}:
+            raise ConfigError(f"{at}: must be a mapping with url, and optionally api_key_env, model")
+        url = _str(item.get("url"), f"{at}.url").rstrip("/")
+        if url.endswith("/v1"):
+            url = url[:-3]
+        if not UPSTREAM_URL.fullmatch(url):
+            raise ConfigError(f"{at}.url: must be http://host:port or https://host:port, got {url!r}")
+        env = item.get("api_key_env")
+        if env is not None:
+            env = _str(env, f"{at}.api_key_env")
+            if not ENV_NAME.fullmatch(env):
+                raise ConfigError(f"{at}.api_key_env: {env!r} is not an environment variable name")
+            if not os.environ.get(env):
+                raise ConfigError(f"{at}.api_key_env: the environment variable {env} is not set")
+        model = item.get("model")
+        out.append(Upstream(url, env, None if model is None else _str(model, f"{at}.model")))
+    if len({u.url for u in out}) != len(out):
+        raise ConfigError(f"{where}: lists one url twice")
+    return tuple(out)
+
+
+def _distributed(value: Any, where: str) -> Distributed | None:
+    """``distributed``: ``{backend: ray, address: HOST:PORT}`` (vLLM's Ray executor)."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or set(value) - {"backend", "address"}:
+        raise ConfigError(f"{where}: must be a mapping with backend (ray) and address (HOST:PORT)")
+    if value.get("backend", "ray") != "ray":
+        raise ConfigError(f"{where}.backend: only ray is supported, got {value.get('backend')!r}")
+    address = _str(value.get("address"), f"{where}.address")
+    if not re.fullmatch(r"[A-Za-z0-9._-]+:\d{1,5}|auto", address):
+        raise ConfigError(f"{where}.address: must be HOST:PORT (the Ray head, e.g. 10.0.0.1:6379)")
+    return Distributed("ray", address)
 
 
 def _fim(value: Any, where: str) -> dict[str, Any]:

@@ -57,7 +57,8 @@ def engine_launch(model: ModelConfig, *, port: int, device: str, python: str, mo
     not its arguments, when ``tool_choice`` is ``required`` or names a function, so arguments
     need not match the tool's schema). ``chat_template`` becomes ``--chat-template``. The model's
     own ``engine_args`` come last, so they win over ours; its ``engine_env`` joins the environment
-    (after ``cpu_cores``, the CPU binding of :func:`cpu_binding`).
+    (after ``cpu_cores``, the CPU binding of :func:`cpu_binding`). A ``distributed`` model gets
+    :func:`distributed_args` and ``RAY_ADDRESS`` (vLLM's Ray executor joins that cluster).
     """
     argv = [python, "-m", module, "--model", model.path, "--served-model-name", model.name,
             "--host", ENGINE_HOST, "--port", str(port), "--disable-uvicorn-access-log"]
@@ -72,9 +73,12 @@ def engine_launch(model: ModelConfig, *, port: int, device: str, python: str, mo
             argv += ["--tool-call-parser", tool_parser]
     if model.chat_template:
         argv += ["--chat-template", model.chat_template]
+    if model.distributed is not None:
+        argv += distributed_args(model)
+        env["RAY_ADDRESS"] = model.distributed.address
     if device == "cuda":
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in cuda_devices)
-        if tensor_parallel_size > 1:
+        if tensor_parallel_size > 1 and model.distributed is None:
             argv += ["--tensor-parallel-size", str(tensor_parallel_size)]
         if gpu_memory_utilization is not None:
             argv += ["--gpu-memory-utilization", f"{gpu_memory_utilization:.4f}"]
@@ -88,6 +92,16 @@ def engine_launch(model: ModelConfig, *, port: int, device: str, python: str, mo
     argv += list(model.engine_args)
     env.update(model.engine_env)
     return EngineLaunch(argv=tuple(argv), env=env, port=port)
+
+
+def distributed_args(model: ModelConfig) -> list[str]:
+    """vLLM's flags for one engine over a Ray cluster (pure): the Ray executor, and the model's
+    tensor parallel size (GPUs per host) and pipeline parallel size (hosts), as vLLM's
+    multi-node guide sets them (docs.vllm.ai, "Distributed inference and serving")."""
+    assert model.distributed is not None
+    return ["--distributed-executor-backend", model.distributed.backend,
+            "--tensor-parallel-size", str(model.tensor_parallel_size or 1),
+            "--pipeline-parallel-size", str(model.pipeline_parallel_size)]
 
 
 OMP_BIND = "VLLM_CPU_OMP_THREADS_BIND"
@@ -200,6 +214,9 @@ class EngineProcess:
     itself has not exited ``grace + 10`` seconds later). ``wait()`` returns the engine's exit status.
     """
 
+    headers: dict[str, str] = {}  # nothing to add to the requests sent to it
+    served_name = None  # it serves the model under the model's own name
+
     def __init__(self, name: str, launch: EngineLaunch, log_path: Path, *, grace: float,
                  records: Any = None) -> None:
         self.name = name
@@ -235,6 +252,10 @@ class EngineProcess:
     def base_url(self) -> str:
         return self.launch.base_url
 
+    @property
+    def health_url(self) -> str:
+        return self.launch.base_url + "/health"
+
     async def ready(self, timeout: float, client: Any) -> float:
         """Poll ``/health`` until 200; returns the seconds it took.
 
@@ -242,7 +263,7 @@ class EngineProcess:
         ``timeout`` seconds pass; the process is stopped before raising.
         """
         t0 = time.monotonic()
-        url = self.launch.base_url + "/health"
+        url = self.health_url
         while True:
             if self.returncode is not None:
                 await self.exited()

@@ -162,6 +162,13 @@ class ModelUnavailable(VramgateError):
     code = "model_unavailable"
 
 
+class EngineUnreachable(ModelUnavailable):
+    """No connection to the engine could be made (refused, no route, connect timeout): the
+    request never reached it, so it may go to another replica (``server.service``)."""
+
+    code = "engine_unreachable"
+
+
 class NvmlError(VramgateError):
     """NVML answered with an error while reading a GPU that it had listed (503: the devices
     cannot be read now). Raised by ``server.gpus.nvml``, the only reader of NVML."""

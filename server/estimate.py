@@ -12,6 +12,7 @@ head_dim 128, bf16) → 2 × 32 × 8 × 128 × 2 = 131072 bytes = 128 KiB per to
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -185,6 +186,10 @@ def requirement_for(model: "ModelConfig", kind: str, *, kv_sequences: int, avail
                 pass
     if model.memory_bytes is not None:
         weights, kv = model.memory_bytes, 0
+    stages = model.pipeline_parallel_size if model.distributed is not None else 1
+    if stages > 1:  # pipeline stages on other hosts: the head holds one stage's share
+        weights = None if weights is None else math.ceil(weights / stages)
+        kv = math.ceil(kv / stages)
     if weights is None and kind == "cpu":
         weights = 0
     allowed = tuple(f"cuda:{i}" for i in model.gpus) if model.gpus and kind == "cuda" else None

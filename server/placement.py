@@ -116,6 +116,9 @@ class Plan:
         return tuple(int(d.split(":")[1]) for d in self.devices if d.startswith("cuda:"))
 
 
+REMOTE = "remote"  # a Requirement's kind for an engine on another host: it takes nothing here
+
+
 @dataclass(frozen=True)
 class NoFit:
     """The model fits nowhere, even after evicting every idle engine; ``reason`` gives the numbers,
@@ -226,10 +229,13 @@ def plan(req: Requirement, devices: tuple[Device, ...], bookings: tuple[Booking,
     """Place ``req`` on ``devices`` given the ``bookings`` already made (the pure planner).
 
     Never over-commits: every device of the returned plan has ``available`` (module doc) of at
-    least ``bytes_per_device`` once the plan's ``evict`` list is removed from the books.
+    least ``bytes_per_device`` once the plan's ``evict`` list is removed from the books. A
+    :data:`REMOTE` requirement gets a plan on no device.
     """
     if policy.name not in POLICIES:
         raise ValueError(f"unknown placement policy {policy.name!r}")
+    if req.kind == REMOTE:
+        return Plan(req.model, (), 1, 0, None, why="an upstream on another host: nothing to book here")
     avail = available(devices, bookings, policy.headroom_bytes)
     result, short = _try_place(req, devices, avail, policy)
     over = 0 if policy.max_engines is None else max(0, len(bookings) + 1 - policy.max_engines)

@@ -55,7 +55,7 @@ def profile(model: ModelConfig, files: ModelFiles) -> Profile:
 def read_files(model: ModelConfig) -> ModelFiles:
     """``model``'s files as its engine will see them: a configured ``chat_template`` replaces
     the one in the model's folder (I/O)."""
-    if model.task != "generate":
+    if model.task != "generate" or not model.path:  # no files here: served by upstreams only
         return UNKNOWN
     files = read_model_files(model.path)
     if model.chat_template:

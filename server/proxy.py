@@ -14,7 +14,7 @@ from typing import AsyncIterator, Callable
 
 import aiohttp
 
-from server.errors import ModelUnavailable
+from server.errors import EngineUnreachable, ModelUnavailable
 from server.sse import EventSplitter, StreamFlavor, StreamTap
 
 # Engines answer slowly (a long generation); only the connection attempt is bounded.
@@ -28,11 +28,13 @@ def new_session() -> aiohttp.ClientSession:
         timeout=TIMEOUT, auto_decompress=False, skip_auto_headers=("User-Agent",))
 
 
-async def probe(session: aiohttp.ClientSession, url: str, timeout: float) -> tuple[int, bytes] | None:
-    """``GET url`` within ``timeout`` seconds: its status and body, or ``None`` when the engine
-    cannot be reached, resets the connection or does not answer in time."""
+async def probe(session: aiohttp.ClientSession, url: str, timeout: float,
+                headers: dict[str, str] | None = None) -> tuple[int, bytes] | None:
+    """``GET url`` (with ``headers``) within ``timeout`` seconds: its status and body, or ``None``
+    when the engine cannot be reached, resets the connection or does not answer in time."""
     try:
-        async with session.get(url, timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+        async with session.get(url, headers=headers,
+                               timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
             return resp.status, await resp.read()
     except (aiohttp.ClientError, OSError, asyncio.TimeoutError):
         return None
@@ -42,11 +44,15 @@ async def open_upstream(session: aiohttp.ClientSession, url: str, body: bytes,
                         headers: dict[str, str]) -> aiohttp.ClientResponse:
     """POST ``body`` to ``url``; returns the response once its headers arrived.
 
-    Raises :class:`ModelUnavailable` (503) when the engine cannot be reached. An engine error status
-    is returned as is, for :func:`read_error` to turn into an OpenAI error.
+    Raises :class:`EngineUnreachable` (503) when no connection could be made, and
+    :class:`ModelUnavailable` (503) when the connection failed later. An engine error status is
+    returned as is, for :func:`read_error` to turn into an OpenAI error.
     """
     try:
         return await session.post(url, data=body, headers=headers)
+    except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+        raise EngineUnreachable(f"the engine could not be reached: {exc.__class__.__name__}: {exc}",
+                                retry_after=5) from exc
     except (aiohttp.ClientError, OSError) as exc:
         raise ModelUnavailable(f"the engine did not answer: {exc.__class__.__name__}: {exc}",
                                retry_after=5) from exc

@@ -60,7 +60,7 @@ def apply(sched: "Scheduler", settings: Any, profiles: dict[str, Profile]) -> di
             sched.books[name] = book = sched._book(model)
             if model.preload:
                 from server.decisions import Start
-                sched._do_start(Start(name, tuple(range(model.replicas))), sched.clock())
+                sched._do_start(Start(name, tuple(range(model.engines))), sched.clock())
             continue
         if book.retiring:  # removed, then added back before it was gone
             book.retiring = False

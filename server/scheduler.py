@@ -140,6 +140,11 @@ class Scheduler(Messages, Actions):
         fut.cancel()
         self._send("cancel", wid)
 
+    def unreachable(self, lease: Lease, why: str) -> None:
+        """Say that ``lease``'s engine could not be reached: it stops serving at once and its
+        end is booked as a failure (as three failed health checks would be, sooner)."""
+        self._send("unreachable", lease.key, lease.run, why)
+
     async def acquire(self, name: str, priority: int = NORMAL, affinity: str | None = None,
                       timeout: float | None = None) -> Lease:
         """:meth:`request`, awaited (cancel-safe)."""

@@ -10,8 +10,9 @@ from typing import TYPE_CHECKING, Any
 
 from server import decisions as d
 from server.books import Lease, ModelState, Phase, ReplicaBook
-from server.engines import EngineLaunch, cpu_binding, cpu_list, engine_launch, free_port
+from server.engines import cpu_binding, cpu_list, engine_launch, free_port
 from server.placement import fmt
+from server.remote import RemoteEngine
 from server.supervisor import MARK, RunContext, placement_inputs, read_snapshot, run_engine, stop_engine
 
 if TYPE_CHECKING:
@@ -35,8 +36,9 @@ class Actions:
         rep.leases += 1
         batch = waiter is not None and waiter.priority >= d.BATCH
         rep.batch_leases += batch
-        fut.set_result(Lease(self._send, rep.key, rep.run, rep.engine.base_url, rep.max_model_len,
-                             batch))
+        eng = rep.engine
+        fut.set_result(Lease(self._send, rep.key, rep.run, eng.base_url, rep.max_model_len, batch,
+                             eng.headers, eng.served_name))
 
     def _do_refuse(self: "Scheduler", a: d.Refuse, now: float) -> None:
         self.waiters.pop(a.waiter, None)
@@ -63,7 +65,7 @@ class Actions:
         async def place() -> None:
             try:
                 snap, req = await self.offload(placement_inputs, self.inventory, usages, model,
-                                                    self.settings)
+                                               self.settings, rep.index)
             except Exception as exc:  # an odd model folder, a driver error: the model fails
                 self._send("place_error", rep.key, run, exc)
             else:
@@ -77,13 +79,13 @@ class Actions:
             return
         book = self.books[rep.model]
         rep.phase = Phase.STARTING
-        engine, launch = self._launch_for(book.config, rep)
+        engine, what = self._engine_for(book.config, rep)
         rep.engine, run, key = engine, rep.run, rep.key
-        log.info("starting engine for %s: %s", key, " ".join(launch.argv))
+        log.info("starting engine for %s: %s", key, what)
         self.starts += 1
         self.events.engine_started(rep.model)
         measure = None
-        if rep.plan.devices != ("cpu",):
+        if any(dev.startswith("cuda:") for dev in rep.plan.devices):
             async def measure() -> int | None:
                 snap = await self.offload(read_snapshot, self.inventory, self._usages(key),
                                                self.settings.cpu_memory_budget)
@@ -95,8 +97,12 @@ class Actions:
             failed=lambda err: self._send("start_failed", key, run, err),
             exited=lambda why: self._send("exited", key, run, why)), f"engine:{key}")
 
-    def _launch_for(self: "Scheduler", model: Any, rep: ReplicaBook) -> tuple[Any, EngineLaunch]:
-        """The engine for placed replica ``rep`` (from the launcher) and how it is started."""
+    def _engine_for(self: "Scheduler", model: Any, rep: ReplicaBook) -> tuple[Any, str]:
+        """The engine for placed replica ``rep`` and what it is, for the log: an upstream's URL,
+        or the command line of a local engine process (from the launcher)."""
+        upstream = model.upstream(rep.index)
+        if upstream is not None:
+            return RemoteEngine(rep.key, upstream, model.name), f"the upstream {upstream.url}"
         placed = rep.plan
         assert placed is not None
         kind = "cpu" if placed.devices == ("cpu",) else "cuda"
@@ -111,7 +117,7 @@ class Actions:
         if self.records is not None:
             launch.env[MARK] = self.records.instance
         name = model.name if model.replicas == 1 else rep.key.replace("#", "-")
-        return self.launcher(name, launch, self.settings), launch
+        return self.launcher(name, launch, self.settings), " ".join(launch.argv)
 
     def _do_stop(self: "Scheduler", a: d.Stop, now: float) -> None:
         rep = self._rep(a.replica)
@@ -149,7 +155,7 @@ class Actions:
         config, again = book.pending, book.restart
         self.books[a.model] = self._book(config)
         if again or config.preload:
-            self._do_start(d.Start(config.name, tuple(range(config.replicas))), now)
+            self._do_start(d.Start(config.name, tuple(range(config.engines))), now)
 
     def _log_placed(self: "Scheduler", rep: ReplicaBook, why: str) -> None:
         log.info("placed %s on %s (%s): %s", rep.key, "+".join(rep.devices), fmt(rep.booked_bytes),

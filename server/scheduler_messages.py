@@ -14,7 +14,7 @@ from server.books import ModelBook, ModelState, Phase, ReplicaBook, WaiterBook
 from server.errors import ModelUnavailable, VramgateError
 from server.gpus import Snapshot
 from server.placement import NoFit, Requirement, fmt
-from server.supervisor import ReadyInfo, failure_error
+from server.supervisor import ReadyInfo, failure_error, stop_engine
 
 if TYPE_CHECKING:
     from server.scheduler import Scheduler
@@ -204,6 +204,19 @@ class Messages:
         self.runners.pop(key, None)
         book = self.books[rep.model]
         self._failed(book, rep, failure_error(book.name, reason, getattr(rep.engine, "log_path", None)))
+
+    def _on_unreachable(self: "Scheduler", key: str, run: int, why: str) -> None:
+        rep = self._rep(key)
+        if rep is None or rep.run != run or rep.state != ModelState.READY or rep.stop_sent:
+            return  # stale, or already on its way out
+        log.error("engine for %s could not be reached: %s", key, why)
+        rep.state = ModelState.STOPPING  # no more grants; not stop_sent: its end is a failure
+        engine, runner = rep.engine, self.runners.pop(key, None)
+
+        async def end() -> None:
+            await stop_engine(engine, runner)
+            self._send("exited", key, run, f"could not be reached ({why})")
+        self._spawn(end(), f"unreachable:{key}")
 
     def _on_stopped(self: "Scheduler", key: str, run: int) -> None:
         rep = self._rep(key)

@@ -33,7 +33,7 @@ import aiohttp
 from server import infill
 from server.calls import Answer, Call, Watch, affinity_key, unwatched  # noqa: F401  (re-exported)
 from server.admission import PRIORITIES, rate_check
-from server.errors import (ClientGone, RateLimited, UpstreamError, VramgateError,
+from server.errors import (ClientGone, EngineUnreachable, RateLimited, UpstreamError, VramgateError,
                            normalize_upstream_error)
 from server.modelfiles import UNKNOWN
 from server.profile import profile
@@ -123,7 +123,15 @@ class Serving:
             lease = await self._lease()
             if lease is None:
                 return self._waiting()
-            return await self._answer(lease)
+            try:
+                return await self._answer(lease)
+            except EngineUnreachable as exc:  # it never reached that engine: once more, elsewhere
+                self.pool.unreachable(lease, exc.message)
+                self._unlease()
+                lease = await self._lease()
+                if lease is None:
+                    return self._waiting()
+                return await self._answer(lease)
         except VramgateError as exc:
             if not (self.call.retried and exc.status in (429, 503)
                     and not isinstance(exc, UpstreamError)):
@@ -160,11 +168,17 @@ class Serving:
 
     # ---- the engine ---------------------------------------------------------------------------
     def _leased(self, lease: Any, into: list[Callable[[], None]]) -> Any:
-        into.append(lease.release)
         in_flight = self.metrics.in_flight.labels(self.label)
         in_flight.inc()
-        into.append(in_flight.dec)
+        self.lease_undo = (lease.release, in_flight.dec)
+        into.extend(self.lease_undo)
         return lease
+
+    def _unlease(self) -> None:
+        """Give the lease back now, not when the answer ends (its engine could not be reached)."""
+        for undo in self.lease_undo:
+            self.cleanups.remove(undo)
+            undo()
 
     async def _lease(self) -> Any:
         """A lease on a ready engine, from the scheduler, at the call's priority. ``None`` for a
@@ -174,7 +188,7 @@ class Serving:
         if priority is None:
             priority = PRIORITIES["interactive"] if self.fim else PRIORITIES["normal"]
         affinity = (affinity_key(self.call.engine_route, self.parsed.body)
-                    if self.model.replicas > 1 else None)
+                    if self.model.engines > 1 else None)
         sched, name = self.pool, self.model.name
         wid, fut = sched.request(name, priority, affinity)
         try:
@@ -203,9 +217,10 @@ class Serving:
                 if self.call.route == "/infill":  # the client's own name for it
                     note = dataclasses.replace(note, params=("n_predict",))
                 self.headers["x-vramgate-max-tokens"] = note.header()
-        raw = engine_body(self.call.raw, self.parsed, self.model.name, body=body,
+        raw = engine_body(self.call.raw, self.parsed, lease.served_name or self.model.name, body=body,
                           want_usage=route in USAGE_ROUTES)
-        headers = {"content-type": "application/json", "x-request-id": self.call.request_id}
+        headers = {"content-type": "application/json", "x-request-id": self.call.request_id,
+                   **lease.headers}
         upstreams = self.service.upstreams
 
         def opened(resp: aiohttp.ClientResponse) -> None:  # closed with the answer, or at shutdown

@@ -44,11 +44,22 @@ MARK = "VRAMGATE_GATEWAY"  # environment variable naming the gateway instance th
 
 
 class Engine(Protocol):
-    """What the scheduler needs of an engine (five members)."""
+    """What the scheduler needs of an engine: where it answers, the headers and model name
+    requests to it carry, and four steps of its life. The local engine process
+    (``server.engines.EngineProcess``) and a server on another host (``server.remote``) are
+    the two kinds."""
+
+    headers: dict[str, str]  # added to every request forwarded to it (an upstream's API key)
+    served_name: str | None  # the model's name there (``None``: the served model name here)
 
     @property
     def base_url(self) -> str:
         """Where its OpenAI-compatible API answers (``http://host:port``)."""
+        ...
+
+    @property
+    def health_url(self) -> str:
+        """What answers 200 while it is healthy."""
         ...
 
     async def start(self) -> None:
@@ -116,9 +127,12 @@ def read_snapshot(inventory: Inventory, usages: Sequence[Usage], budget: int | N
 
 
 def placement_inputs(inventory: Inventory, usages: Sequence[Usage], model: ModelConfig,
-                     settings: Settings) -> tuple[Snapshot, Requirement]:
-    """A fresh snapshot and what ``model`` needs on it (reads its config.json and safetensors
-    headers). Blocking: run it in a thread."""
+                     settings: Settings, index: int = 0) -> tuple[Snapshot, Requirement]:
+    """A fresh snapshot and what replica ``index`` of ``model`` needs on it (reads its config.json
+    and safetensors headers). An upstream needs nothing here (``kind`` ``remote``). Blocking: run
+    it in a thread."""
+    if model.upstream(index) is not None:
+        return Snapshot((), {}, "remote"), Requirement(model.name, 0, overhead_bytes=0, kind="remote")
     snap = read_snapshot(inventory, usages, settings.cpu_memory_budget)
     kind = device_kind(model, snap)
     cpu_engines = sum(1 for m in settings.models if device_kind(m, snap) == "cpu")
@@ -127,12 +141,15 @@ def placement_inputs(inventory: Inventory, usages: Sequence[Usage], model: Model
                                  available_ram=cpu_dev.free_bytes, cpu_engines=cpu_engines)
 
 
-async def served_max_model_len(client: Any, base_url: str) -> int | None:
+async def served_max_model_len(client: Any, engine: Engine) -> int | None:
     """The context length (tokens) an engine serves, from its ``GET /v1/models``
-    (``data[0].max_model_len``, vLLM's model card); ``None`` when it does not say."""
-    got = await probe(client, base_url + "/v1/models", 5)
+    (``max_model_len`` of vLLM's model card: the card named ``engine.served_name`` on a server
+    that serves several, else the first); ``None`` when it does not say."""
+    got = await probe(client, engine.base_url + "/v1/models", 5, engine.headers)
     try:
-        value = json.loads(got[1])["data"][0].get("max_model_len") if got else None
+        cards = json.loads(got[1])["data"] if got else []
+        card = next((c for c in cards if c.get("id") == engine.served_name), cards[0] if cards else {})
+        value = card.get("max_model_len")
     except (ValueError, KeyError, IndexError, TypeError, AttributeError):
         return None
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
@@ -148,7 +165,7 @@ async def watch(engine: Engine, client: Any, interval: float) -> str:
             done, _ = await asyncio.wait({exited}, timeout=interval)
             if done:
                 return exited.result()
-            got = await probe(client, engine.base_url + "/health", 5)
+            got = await probe(client, engine.health_url, 5, engine.headers)
             ok = got is not None and got[0] == 200
             failed = 0 if ok else failed + 1
             if failed >= HEALTH_FAILURES:
@@ -196,7 +213,7 @@ async def run_engine(engine: Engine, ctx: RunContext, ready: Callable[[ReadyInfo
                                 retry_after=30))
         return
     seconds = time.monotonic() - t0
-    max_len = await served_max_model_len(ctx.client, engine.base_url)
+    max_len = await served_max_model_len(ctx.client, engine)
     fresh = None
     if ctx.reread_profile:  # a hub model: vLLM has downloaded it by now
         fresh = (await ctx.offload(read_profiles, (ctx.model,)))[name]
@@ -220,8 +237,11 @@ async def stop_engine(engine: Engine | None, runner: asyncio.Task | None) -> Non
 
 
 def failure_error(model: str, reason: str, log_path: Path | None) -> ModelUnavailable:
-    """The 503 for requests that find a model whose engine failed."""
-    tail = log_tail(log_path, 20) if log_path else ""
+    """The 503 for requests that find a model whose engine failed (with its log's last lines,
+    when it has a log: an upstream has none here)."""
+    if log_path is None:
+        return ModelUnavailable(f"the engine for {model} {reason}", retry_after=5)
+    tail = log_tail(log_path, 20)
     return ModelUnavailable(f"the engine for {model} {reason}; last lines of its log:\n{tail}",
                             retry_after=5)
 

@@ -33,6 +33,9 @@ class BrokenNvml:
 
 class IdleEngine:
     base_url = "http://127.0.0.1:9"
+    health_url = base_url + "/health"
+    headers: dict = {}
+    served_name = None
 
     async def start(self): ...
     async def ready(self, timeout, client): return 0.0

@@ -34,6 +34,8 @@ class FakeEngine:
     keeps it starting until set."""
 
     hold: asyncio.Event | None = None
+    headers: dict = {}
+    served_name = None
 
     def __init__(self, name, launch, log, fail: bool) -> None:
         self.name, self.launch, self.log, self.fail = name, launch, log, fail
@@ -43,6 +45,10 @@ class FakeEngine:
     @property
     def base_url(self) -> str:
         return self.launch.base_url
+
+    @property
+    def health_url(self) -> str:
+        return self.launch.base_url + "/health"
 
     async def start(self):
         self.log.append(("start", self.name))
