@@ -72,7 +72,7 @@ class Standin:
 
     def save(self) -> None:
         for out in self.outs:
-            tmp = out.with_suffix(".tmp")
+            tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")  # engines can share a name
             tmp.write_text(json.dumps(self.stats))
             os.replace(tmp, out)
 

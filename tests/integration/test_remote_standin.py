@@ -156,7 +156,12 @@ def test_local_and_remote_replicas_serve_one_model(tmp_path, upstreams):
                           "upstreams": [remote.url]}]}
     with standin_gateway(tmp_path, config) as gw:
         assert gw.wait_states(60) == {"mixed": "ready"}
-        replicas = gw.client.get("/admin/models").json()["data"][0]["replicas"]
+
+        def replicas() -> list[dict]:
+            return gw.client.get("/admin/models").json()["data"][0]["replicas"]
+        # the model is ready once one replica is; wait for both, or the remote one takes all 16
+        assert wait_for(lambda: [r["state"] for r in replicas()] == ["ready", "ready"], 60), replicas()
+        replicas = replicas()
         assert sorted(r["device"] for r in replicas) == ["cpu", "remote"]
         import concurrent.futures as cf
         with cf.ThreadPoolExecutor(8) as pool:  # concurrent: the fewest in flight spreads them
