@@ -40,6 +40,7 @@ def replica_object(rep: EngineView, now: float) -> dict[str, Any]:
             "devices": list(rep.plan.devices), "tensor_parallel_size": rep.plan.tensor_parallel_size,
             "gpu_memory_utilization": rep.plan.gpu_memory_utilization,
             "reserved_bytes": rep.booked_bytes, "measured_bytes": rep.measured_bytes,
+            "host_bytes": rep.host_bytes,
             "estimated_bytes": req.per_device_bytes(rep.plan.tensor_parallel_size)
             if req is not None and req.weight_bytes is not None else None}
     return out

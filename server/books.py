@@ -26,18 +26,21 @@ class ModelState(str, Enum):
     READY = "ready"
     FAILED = "failed"
     STOPPING = "stopping"
+    SLEEPING = "sleeping"  # the engine runs in vLLM's sleep mode (server.sleep)
 
 
 class Phase(str, Enum):
     """Where a loading replica is: ``queued`` for placement, ``placing`` (its inventory is being
     read), ``booked`` (placed; waits for its evicted engines to stop or for its GPU's turn),
-    ``starting`` (the engine process runs, not yet healthy). ``idle`` otherwise."""
+    ``starting`` (the engine process runs, not yet healthy; for a sleeping engine: its wake is
+    under way), ``falling_asleep`` (its ``/sleep`` call is under way). ``idle`` otherwise."""
 
     IDLE = "idle"
     QUEUED = "queued"
     PLACING = "placing"
     BOOKED = "booked"
     STARTING = "starting"
+    FALLING_ASLEEP = "falling_asleep"
 
 
 @dataclass
@@ -46,7 +49,10 @@ class ReplicaBook:
     stale. ``leases`` are its requests in flight (``batch_leases`` of them at batch priority); ``drain`` means stop it once they end (an unload
     or a reload), ``stop_sent`` that its stop is under way. ``after`` holds the keys of the
     engines it evicts, which must stop before it starts. ``booked_bytes``: the plan's share while
-    starting, NVML's measurement once ready (cases C18)."""
+    starting, NVML's measurement once ready (cases C18), what a sleeping engine still holds while
+    it sleeps (``awake_bytes`` keeps its figure awake, ``host_bytes`` the host RAM its level-1 sleep
+    took). ``sleepable``: started with sleep mode; ``asleep``: its process sleeps (also while it is
+    being placed for its wake)."""
 
     model: str
     index: int
@@ -69,6 +75,10 @@ class ReplicaBook:
     stop_sent: bool = False
     stop_reason: str = "unload"
     after: set[str] = field(default_factory=set)
+    sleepable: bool = False
+    asleep: bool = False
+    awake_bytes: int = 0
+    host_bytes: int = 0
 
     @property
     def key(self) -> str:
@@ -179,6 +189,7 @@ class EngineView:
     load_seconds: float | None
     max_model_len: int | None
     log_path: str | None
+    host_bytes: int = 0  # host RAM its level-1 sleep holds (bytes)
 
     @property
     def key(self) -> str:
@@ -225,7 +236,7 @@ def replica_view(rep: ReplicaBook) -> EngineView:
         tuple(getattr(getattr(eng, "launch", None), "env", {}).items()), rep.plan,
         rep.requirement, rep.booked_bytes, rep.measured_bytes, rep.leases, rep.last_used,
         rep.ready_since, rep.load_seconds, rep.max_model_len,
-        str(eng.log_path) if getattr(eng, "log_path", None) else None)
+        str(eng.log_path) if getattr(eng, "log_path", None) else None, rep.host_bytes)
 
 
 def model_view(book: ModelBook, waiting: int) -> ModelView:
@@ -237,12 +248,14 @@ def model_view(book: ModelBook, waiting: int) -> ModelView:
 def bookings(books: dict[str, ModelBook], waiting: dict[str, int],
              exclude: str | None = None) -> tuple[Booking, ...]:
     """Every reservation in the books, as the planner takes them (keyed ``model#replica``). A
-    replica counts as idle (evictable) only when ready, without requests in flight, nobody waits
-    for its model and it is not draining. An upstream (a plan on no device) books nothing."""
+    replica counts as idle (evictable) only when ready or asleep, without requests in flight,
+    nobody waits for its model and it is not draining. An upstream (a plan on no device) books
+    nothing."""
     return tuple(
         Booking(r.key, r.plan.devices, r.booked_bytes,
                 starting=r.state == ModelState.LOADING,
-                idle=(r.state == ModelState.READY and r.leases == 0 and not r.drain
-                      and not waiting.get(b.name)),
-                pinned=b.config.pinned, last_used=r.last_used)
+                idle=(r.state in (ModelState.READY, ModelState.SLEEPING) and r.phase == Phase.IDLE
+                      and r.leases == 0 and not r.drain and not waiting.get(b.name)),
+                pinned=b.config.pinned, last_used=r.last_used,
+                sleeping=r.asleep, host_bytes=r.host_bytes)
         for b in books.values() for r in b.replicas if r.plan and r.plan.devices and r.key != exclude)

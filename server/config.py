@@ -65,7 +65,10 @@ class ModelConfig:
     the model to those GPU indices; ``tensor_parallel_size`` fixes the TP size; ``pinned`` models
     are never evicted. ``replicas`` engines serve the model (each request goes to the one with the
     fewest in flight); an idle replica unloads ``ttl`` seconds after its last request ended (0 =
-    never); ``preload`` starts the model with the server instead of on its first request.
+    never); ``preload`` starts the model with the server instead of on its first request. On a GPU,
+    ``sleep_after`` (seconds, 0 = never) puts an idle engine into vLLM's sleep mode at
+    ``sleep_level`` (1: weights to host RAM, 2: weights discarded) before ``ttl`` unloads it
+    (``server.sleep``).
     ``max_concurrency`` requests at its engines at once (``None``: no limit), ``max_queue`` waiting
     beyond those (``None``: no limit), each for at most ``queue_timeout`` seconds. ``engine_env``
     are environment variables for its engines (vLLM reads many settings from there, such as
@@ -115,6 +118,8 @@ class ModelConfig:
     upstreams: tuple[Upstream, ...] = ()
     distributed: Distributed | None = None
     pipeline_parallel_size: int = 1
+    sleep_after: float = 0.0
+    sleep_level: int = 1
 
     @property
     def engines(self) -> int:

@@ -72,7 +72,7 @@ _MODEL_KEYS = {"name", "path", "aliases", "task", "device", "engine_args", "kv_c
                "pinned", "replicas", "ttl", "preload", "max_concurrency", "max_queue",
                "queue_timeout", "tool_parser", "chat_template", "max_tokens_policy", "fim",
                "fim_max_tokens", "engine_env", "cpu_cores", "upstreams", "distributed",
-               "pipeline_parallel_size"}
+               "pipeline_parallel_size", "sleep_after", "sleep_level"}
 MAX_TOKENS_POLICIES = ("fit", "reject")
 
 
@@ -170,9 +170,26 @@ def _lifecycle_fields(raw: dict[str, Any], where: str) -> dict[str, Any]:
             if out[key] < (1 if key == "max_concurrency" else 0):
                 raise ConfigError(f"{where}.{key}: must be at least {1 if key == 'max_concurrency' else 0}")
     out["queue_timeout"] = float(_number(raw.get("queue_timeout", 300.0), f"{where}.queue_timeout"))
+    out.update(_sleep_fields(raw, where, out["ttl"]))
     out["startup_timeout"] = float(_number(raw.get("startup_timeout", 600.0),
                                            f"{where}.startup_timeout"))
     return out
+
+
+def _sleep_fields(raw: dict[str, Any], where: str, ttl: float) -> dict[str, Any]:
+    """``sleep_after`` (seconds, 0 = never; below ``ttl`` when the model unloads at all) and
+    ``sleep_level`` (vLLM's: 1 or 2)."""
+    after = float(_number(raw.get("sleep_after", 0), f"{where}.sleep_after", positive=False))
+    if after < 0:
+        raise ConfigError(f"{where}.sleep_after: must be 0 (never sleep) or a number of seconds")
+    if after and ttl and after >= ttl:
+        raise ConfigError(f"{where}.sleep_after: {after:g} s must be less than ttl ({ttl:g} s), "
+                          f"or the engine unloads before it would sleep")
+    level = raw.get("sleep_level", 1)
+    if level not in (1, 2) or isinstance(level, bool):
+        raise ConfigError(f"{where}.sleep_level: must be 1 (weights to host RAM) or 2 (weights "
+                          f"discarded, reloaded from disk on wake)")
+    return {"sleep_after": after, "sleep_level": level}
 
 
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")

@@ -26,14 +26,19 @@ The rules, in the order :func:`step` applies them:
   before in the books: cases C16), best waiter first; :func:`place` decides where.
 - **Launch.** A placed replica starts once the engines it evicts have stopped, and when no other
   engine is starting on one of its GPUs.
-- **Reap.** Ready replicas idle past their model's ``ttl`` stop (``lifecycle.idle_expired``).
+- **Reap.** Ready replicas idle past their model's ``ttl`` stop (``lifecycle.idle_expired``), and
+  so do sleeping ones.
+- **Sleep.** On a GPU, a ready replica of a model with ``sleep_after`` that has had nothing in
+  flight and nobody waiting for that long sleeps (vLLM's sleep mode, ``server.sleep``). A model
+  with waiters wakes its sleeping replicas (a **Wake**, in the Start's place and by its rules):
+  each is placed again on its own devices, evicting idle engines if its budget needs the room.
 """
 
 from __future__ import annotations
 
 from typing import Iterable, Sequence
 
-from server.effects import Action, Apply, Forget, Grant, Launch, Place, Refuse, Start, Stop, Timeouts  # noqa: F401  (re-exported)
+from server.effects import Action, Apply, Forget, Grant, Launch, Place, Refuse, Sleep, Start, Stop, Timeouts, Wake  # noqa: F401  (re-exported)
 from server.admission import PRIORITIES
 from server.books import ModelBook, ModelState, Phase, ReplicaBook, WaiterBook, bookings
 from server.errors import CapacityError, ModelNotFound, ModelUnavailable, VramgateError
@@ -107,8 +112,15 @@ def grants(books: dict[str, ModelBook], queues: dict[str, list[WaiterBook]],
 
 
 def busy(book: ModelBook) -> bool:
-    """Whether an engine of the model is coming or going (loading or stopping)."""
-    return any(r.state in (ModelState.LOADING, ModelState.STOPPING) for r in book.replicas)
+    """Whether an engine of the model is coming or going (loading, stopping, falling asleep)."""
+    return any(r.state in (ModelState.LOADING, ModelState.STOPPING) or
+               r.phase == Phase.FALLING_ASLEEP for r in book.replicas)
+
+
+def asleep(book: ModelBook) -> tuple[int, ...]:
+    """The replicas that sleep and could be woken now (their ``/sleep`` call answered)."""
+    return tuple(r.index for r in book.replicas
+                 if r.state == ModelState.SLEEPING and r.phase == Phase.IDLE and not r.drain)
 
 
 def refusal(book: ModelBook | None, w: WaiterBook, now: float, t: Timeouts) -> VramgateError | None:
@@ -147,14 +159,15 @@ def wants_start(book: ModelBook) -> bool:
     waiting for room that has not appeared)."""
     if book.retiring or book.pending is not None or book.gave_up or busy(book):
         return False
-    if any(r.state == ModelState.READY for r in book.replicas):
-        return False
+    if any(r.state in (ModelState.READY, ModelState.SLEEPING) for r in book.replicas):
+        return False  # ready, or woken instead (a Wake)
     return book.nofit is None or book.retry
 
 
-def starts(books: dict[str, ModelBook], queues: dict[str, list[WaiterBook]]) -> list[Start]:
-    """Cold starts, best waiter first; none for a model whose best waiter ranks below one that
-    waits for room (module docstring)."""
+def starts(books: dict[str, ModelBook], queues: dict[str, list[WaiterBook]]) -> list[Start | Wake]:
+    """Cold starts and wakes, best waiter first; none for a model whose best waiter ranks below
+    one that waits for room (module docstring). A model with waiters wakes its sleeping replicas
+    even while another serves: waiters remain only when the ready ones are at their limit."""
     ranked = sorted(((q[0].priority, q[0].seq, name) for name, q in queues.items() if q))
     out, room_wait = [], None
     for priority, _, name in ranked:
@@ -163,7 +176,10 @@ def starts(books: dict[str, ModelBook], queues: dict[str, list[WaiterBook]]) -> 
             continue
         if room_wait is not None and priority > room_wait:
             break
-        if wants_start(book):
+        sleeping = asleep(book)
+        if sleeping and not (book.retiring or book.pending is not None or book.gave_up):
+            out.append(Wake(name, sleeping))
+        elif wants_start(book):
             out.append(Start(name, tuple(r.index for r in book.replicas
                                          if r.state == ModelState.UNLOADED)))
         elif book.nofit is not None and not busy(book):
@@ -242,7 +258,31 @@ def reap(books: dict[str, ModelBook], queues: dict[str, list[WaiterBook]], now: 
     all_views = [v for b in books.values() for v in views(b) if v.key not in busy_now]
     ttl = {name: b.config.ttl for name, b in books.items()}
     waiting = {name: len(q) for name, q in queues.items()}
-    return [Stop(key, "idle") for key in idle_expired(all_views, ttl, waiting, now)]
+    out = [Stop(key, "idle") for key in idle_expired(all_views, ttl, waiting, now)]
+    for name, book in books.items():  # a sleeping replica unloads ttl after its last request too
+        out += [Stop(book.replicas[i].key, "idle") for i in asleep(book)
+                if book.config.ttl > 0 and not waiting.get(name)
+                and now - book.replicas[i].last_used >= book.config.ttl]
+    return out
+
+
+def sleep_due(book: ModelBook, rep: ReplicaBook, now: float) -> float | None:
+    """When ready replica ``rep`` falls asleep if it stays idle (clock seconds), or ``None``: it
+    was not started with sleep mode, or has requests, or the model does not sleep."""
+    after = book.config.sleep_after
+    if not (after > 0 and rep.sleepable and servable(rep) and rep.leases == 0 and rep.phase == Phase.IDLE):
+        return None
+    return rep.last_used + after
+
+
+def sleeps(books: dict[str, ModelBook], queues: dict[str, list[WaiterBook]], now: float,
+           taken: Iterable[str] = ()) -> list[Sleep]:
+    """Ready replicas idle for their model's ``sleep_after`` with nobody waiting for the model
+    (none that ``taken`` names: granted or stopped in the same step)."""
+    skip = set(taken)
+    return [Sleep(r.key) for name, b in books.items() if not queues.get(name) and not b.retiring
+            and b.pending is None for r in b.replicas
+            if r.key not in skip and (due := sleep_due(b, r, now)) is not None and now >= due]
 
 
 def step(books: dict[str, ModelBook], waiters: Sequence[WaiterBook], now: float,
@@ -265,7 +305,9 @@ def step(books: dict[str, ModelBook], waiters: Sequence[WaiterBook], now: float,
     out += restarts(books, queues, now)
     out += next_placement(books, queues)
     out += launches(books)
-    out += reap(books, queues, now, (g.replica for g in granted))
+    reaped = reap(books, queues, now, (g.replica for g in granted))
+    out += reaped
+    out += sleeps(books, queues, now, [g.replica for g in granted] + [r.replica for r in reaped])
     return out
 
 
@@ -288,8 +330,11 @@ def next_wake(books: dict[str, ModelBook], waiters: Sequence[WaiterBook], now: f
             if delay:
                 times.append(now + delay)
         for r in book.replicas:
-            if servable(r) and r.leases == 0 and book.config.ttl > 0:
+            if (servable(r) or r.state == ModelState.SLEEPING) and r.leases == 0 and book.config.ttl > 0:
                 times.append(r.last_used + book.config.ttl)
+            due = sleep_due(book, r, now)
+            if due is not None:
+                times.append(due)
     future = [t for t in times if t > now]
     return min(future) if future else None
 

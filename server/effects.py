@@ -69,7 +69,23 @@ class Apply:
     model: str
 
 
-Action = Grant | Refuse | Start | Place | Launch | Stop | Forget | Apply
+@dataclass(frozen=True)
+class Sleep:
+    """Put the idle engine of replica ``replica`` into vLLM's sleep mode (``server.sleep``)."""
+
+    replica: str
+
+
+@dataclass(frozen=True)
+class Wake:
+    """Wake the sleeping replicas ``indices`` of model ``model``: each is placed again on its own
+    devices (evicting idle engines if its full budget must be made room for), then woken."""
+
+    model: str
+    indices: tuple[int, ...]
+
+
+Action = Grant | Refuse | Start | Place | Launch | Stop | Forget | Apply | Sleep | Wake
 
 
 @dataclass(frozen=True)

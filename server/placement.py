@@ -18,8 +18,8 @@ the model's attention heads), with the policy choosing among the devices that fi
   large holes stay free for large models;
 - ``spread``: the device(s) with the most available memory.
 
-When nothing fits, idle, unpinned engines are considered for eviction least recently used first,
-and the shortest such prefix that makes room is returned with the plan. When even that is not
+When nothing fits, idle, unpinned engines are considered for eviction, sleeping ones first, then
+least recently used first, and the shortest such prefix that makes room is returned with the plan. When even that is not
 enough, the result is a :class:`NoFit` whose reason gives the numbers.
 
 For vLLM on a GPU the plan carries ``--gpu-memory-utilization``: vLLM 0.32 reads it as a fraction
@@ -63,7 +63,10 @@ class Booking:
     """A reservation in vramgate's books: ``bytes_per_device`` on each of ``devices``.
 
     ``starting`` engines book at least their estimate; ``idle`` engines (no request in flight) that
-    are not ``pinned`` may be evicted, least recently used (``last_used``, seconds) first.
+    are not ``pinned`` may be evicted: ``sleeping`` ones first (vLLM's sleep mode: they serve
+    nothing until a wake), then least recently used (``last_used``, seconds) first. A sleeping
+    engine also books ``host_bytes`` of RAM (on the ``cpu`` device) for the weights its level-1
+    sleep moved there.
     """
 
     model: str
@@ -73,6 +76,8 @@ class Booking:
     idle: bool = False
     pinned: bool = False
     last_used: float = 0.0
+    sleeping: bool = False
+    host_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -153,6 +158,8 @@ def available(devices: tuple[Device, ...], bookings: tuple[Booking, ...],
         for dev in b.devices:
             if dev in booked:
                 booked[dev] += b.bytes_per_device
+        if b.host_bytes and "cpu" in booked:
+            booked["cpu"] += b.host_bytes
     return {d.id: d.free_bytes + d.seen_bytes - booked[d.id] - (headroom if d.kind == "cuda" else 0)
             for d in devices}
 
@@ -224,6 +231,64 @@ def _try_place(req: Requirement, devices: tuple[Device, ...], avail: dict[str, i
     return None, 0 if best_short is math.inf else int(best_short)
 
 
+def _spare(victims: list[Booking], over: int, fits) -> list[Booking] | None:
+    """The engines of ``victims`` (in eviction order) to really evict, given ``fits(gone)``
+    (whether the placement succeeds without those), or ``None`` when even all of them do not
+    make room. Each one the placement turns out not to need (one on another GPU, a sleeping
+    engine whose little memory did not matter) is spared, last first; at least ``over`` go
+    (``max_loaded_models``)."""
+    if not fits(victims):
+        return None
+    gone = list(victims)
+    for b in reversed(victims[:-1]):
+        if len(gone) > over and fits([g for g in gone if g is not b]):
+            gone.remove(b)
+    return gone
+
+
+def _without(bookings: tuple[Booking, ...], gone: list[Booking]) -> tuple[Booking, ...]:
+    names = {b.model for b in gone}
+    return tuple(b for b in bookings if b.model not in names)
+
+
+def _evictable(bookings: tuple[Booking, ...]) -> list[Booking]:
+    """Idle, unpinned engines that are not starting, in eviction order: sleeping first, then
+    least recently used."""
+    return sorted((b for b in bookings if b.idle and not b.pinned and not b.starting),
+                  key=lambda b: (not b.sleeping, b.last_used, b.model))
+
+
+def wake_plan(key: str, asleep: Plan, need: int, devices: tuple[Device, ...],
+              bookings: tuple[Booking, ...], policy: Policy = Policy()) -> Plan | NoFit:
+    """Room for the wake of sleeping replica ``key``, placed by ``asleep``: ``need`` bytes (what
+    it held awake) on each of the same devices, as ``available`` counts them given every other
+    booking; idle engines on those devices are evicted for it when that is short (sleeping ones
+    first, then least recently used). The plan keeps the engine's tensor parallel size and
+    ``--gpu-memory-utilization`` (its process keeps them); a :class:`NoFit` when even evicting
+    every idle engine there does not make room."""
+    def fits(gone: list[Booking]) -> bool:
+        avail = available(devices, _without(bookings, gone), policy.headroom_bytes)
+        return all(avail.get(dev, -1) >= need for dev in asleep.devices)
+    mine = set(asleep.devices)
+    victims = [b for b in _evictable(bookings) if mine & set(b.devices)] if policy.allow_eviction else []
+    gone: list[Booking] | None = [] if fits([]) else None
+    for n in range(1, len(victims) + 1):
+        if gone is not None:
+            break
+        gone = _spare(victims[:n], 0, fits)
+    on = "+".join(asleep.devices)
+    if gone is None:
+        avail = available(devices, bookings, policy.headroom_bytes)
+        rooms = ", ".join(f"{dev} {fmt(avail.get(dev, 0))} available" for dev in asleep.devices)
+        return NoFit(asleep.model, f"its wake needs {fmt(need)} per device on {on} ({rooms}, even "
+                                   f"after evicting every idle engine there)")
+    freed = "; after evicting idle " + ", ".join(
+        f"{b.model} ({fmt(b.bytes_per_device)})" for b in gone) if gone else ""
+    return Plan(asleep.model, asleep.devices, asleep.tensor_parallel_size, need,
+                asleep.gpu_memory_utilization, evict=tuple(b.model for b in gone),
+                why=f"{fmt(need)} per device back on {on}{freed}")
+
+
 def plan(req: Requirement, devices: tuple[Device, ...], bookings: tuple[Booking, ...],
          policy: Policy = Policy()) -> Plan | NoFit:
     """Place ``req`` on ``devices`` given the ``bookings`` already made (the pure planner).
@@ -242,18 +307,23 @@ def plan(req: Requirement, devices: tuple[Device, ...], bookings: tuple[Booking,
     if result is not None and not over:
         return result
     if policy.allow_eviction:
-        victims = sorted((b for b in bookings if b.idle and not b.pinned and not b.starting),
-                         key=lambda b: (b.last_used, b.model))
+        victims = _evictable(bookings)
+
+        def fits(gone: list[Booking]) -> bool:
+            avail_then = available(devices, _without(bookings, gone), policy.headroom_bytes)
+            return _try_place(req, devices, avail_then, policy)[0] is not None
         for n in range(max(1, over), len(victims) + 1):
-            gone = {b.model for b in victims[:n]}
-            kept = tuple(b for b in bookings if b.model not in gone)
-            found, _ = _try_place(req, devices, available(devices, kept, policy.headroom_bytes), policy)
-            if found is not None:
+            gone = _spare(victims[:n], over, fits)
+            if gone is not None:
+                kept = _without(bookings, gone)
+                found, _ = _try_place(req, devices, available(devices, kept, policy.headroom_bytes),
+                                      policy)
+                assert found is not None
                 freed = ", ".join(f"{b.model} ({fmt(b.bytes_per_device)} on {'+'.join(b.devices)})"
-                                  for b in victims[:n])
+                                  for b in gone)
                 return Plan(found.model, found.devices, found.tensor_parallel_size,
                             found.bytes_per_device, found.gpu_memory_utilization,
-                            evict=tuple(b.model for b in victims[:n]),
+                            evict=tuple(b.model for b in gone),
                             why=f"{found.why}; after evicting idle {freed}")
     if result is not None:  # it fits, but max_engines are loaded and none of them is idle
         return NoFit(req.model, f"max_loaded_models={policy.max_engines} engines are loaded and "

@@ -63,6 +63,8 @@ class Events:
     def engine_failed(self, model: str) -> None: ...
     def engine_stopped(self, model: str, reason: str) -> None: ...
     def engine_ready(self, model: str, seconds: float) -> None: ...
+    def engine_slept(self, model: str) -> None: ...
+    def engine_woke(self, model: str, seconds: float) -> None: ...
 
 
 class Scheduler(Messages, Actions):
@@ -239,7 +241,10 @@ class Scheduler(Messages, Actions):
                 except Exception:  # a bug in one message must not stop the scheduler
                     self._dirty = True
                     log.exception("scheduler: %s", kind)
-            self._settle()
+            try:
+                self._settle()
+            except Exception:  # a bug in one decision or action must not stop the scheduler
+                log.exception("scheduler: deciding")
             if self.stopped:
                 return
 
@@ -301,7 +306,9 @@ class Scheduler(Messages, Actions):
     def _usages(self, healthy: str | None = None) -> list[Usage]:
         """Our engines as plain data for the inventory; ``healthy``: the key of one that has
         just passed its health check (it counts as ready)."""
-        return [Usage(r.model, r.engine.pid, r.plan.devices, r.plan.bytes_per_device,
+        # A sleeping engine holds what it booked asleep, and its weights in host RAM ("cpu").
+        return [Usage(r.model, r.engine.pid, r.plan.devices + (("cpu",) if r.host_bytes else ()),
+                      r.booked_bytes if r.asleep else r.plan.bytes_per_device,
                       r.ready_since is not None or r.key == healthy)
                 for b in self.books.values() for r in b.replicas
                 if r.plan and r.engine is not None and getattr(r.engine, "pid", None)]

@@ -10,9 +10,10 @@ from typing import TYPE_CHECKING, Any
 
 from server import decisions as d
 from server.books import Lease, ModelState, Phase, ReplicaBook
-from server.engines import cpu_binding, cpu_list, engine_launch, free_port
+from server.engines import cpu_binding, cpu_list, engine_launch, free_port, sleeps
 from server.placement import fmt
 from server.remote import RemoteEngine
+from server.sleep import sleep_engine, wake_engine
 from server.supervisor import MARK, RunContext, placement_inputs, read_snapshot, run_engine, stop_engine
 
 if TYPE_CHECKING:
@@ -79,6 +80,9 @@ class Actions:
             return
         book = self.books[rep.model]
         rep.phase = Phase.STARTING
+        if rep.asleep:
+            self._send_wake(rep)
+            return
         engine, what = self._engine_for(book.config, rep)
         rep.engine, run, key = engine, rep.run, rep.key
         log.info("starting engine for %s: %s", key, what)
@@ -106,6 +110,7 @@ class Actions:
         placed = rep.plan
         assert placed is not None
         kind = "cpu" if placed.devices == ("cpu",) else "cuda"
+        rep.sleepable = sleeps(model, kind)
         cores = cpu_binding(self.settings.models, cpu_list()).get(rep.key) if kind == "cpu" else None
         launch = engine_launch(
             model, port=free_port(), device=kind, python=self.settings.engine_python or sys.executable,
@@ -139,9 +144,54 @@ class Actions:
                 self._send("stopped", rep.key, run)
         self._spawn(stop(), f"stop:{rep.key}")
 
+    def _do_sleep(self: "Scheduler", a: d.Sleep, now: float) -> None:
+        rep = self._rep(a.replica)
+        if rep is None or not d.servable(rep) or rep.leases or rep.phase != Phase.IDLE:
+            return
+        level, engine, run, key = self.books[rep.model].config.sleep_level, rep.engine, rep.run, rep.key
+        rep.state, rep.phase = ModelState.SLEEPING, Phase.FALLING_ASLEEP
+        log.info("putting %s to sleep (level %d): idle for %.0f s", key, level, now - rep.last_used)
+        measure = self.inventory.source == "nvml"  # a simulated GPU has nothing to measure
+
+        async def fall_asleep() -> None:
+            try:
+                seconds = await sleep_engine(self.http, engine, level)
+                measured = None
+                if measure:
+                    snap = await self.offload(read_snapshot, self.inventory, self._usages(),
+                                              self.settings.cpu_memory_budget)
+                    measured = snap.measured.get(rep.model)
+            except Exception as exc:  # the engine's state is unknown now: it goes, as a failure
+                self._send("sleep_failed", key, run, str(exc))
+            else:
+                self._send("slept", key, run, seconds, measured)
+        self._spawn(fall_asleep(), f"sleep:{key}")
+
+    def _do_wake(self: "Scheduler", a: d.Wake, now: float) -> None:
+        """Queue the sleeping replicas for a placement on their own devices (``_on_placed``)."""
+        book = self.books[a.model]
+        for i in a.indices:
+            rep = book.replicas[i]
+            if rep.state == ModelState.SLEEPING and rep.phase == Phase.IDLE:
+                rep.state, rep.phase = ModelState.LOADING, Phase.QUEUED
+
+    def _send_wake(self: "Scheduler", rep: ReplicaBook) -> None:
+        """Send the wake of placed, sleeping replica ``rep``; its answer comes back as a message."""
+        model, engine, run, key = self.books[rep.model].config, rep.engine, rep.run, rep.key
+        log.info("waking %s (level %d)", key, model.sleep_level)
+
+        async def wake() -> None:
+            try:
+                seconds = await wake_engine(self.http, engine, model.sleep_level, model.startup_timeout)
+            except Exception as exc:
+                self._send("wake_failed", key, run, str(exc))
+            else:
+                self._send("woke", key, run, seconds)
+        self._spawn(wake(), f"wake:{key}")
+
     def _drain(self: "Scheduler", rep: ReplicaBook, reason: str, force: bool = False) -> None:
         """Mark ``rep`` to stop once its requests end (at once with ``force``)."""
-        if rep.state in (ModelState.READY, ModelState.LOADING):
+        if rep.state in (ModelState.READY, ModelState.LOADING, ModelState.SLEEPING):
             rep.drain, rep.stop_reason, rep.state = True, reason, ModelState.STOPPING
         if force and rep.state == ModelState.STOPPING and not rep.stop_sent:
             self._do_stop(d.Stop(rep.key, reason), self.clock())

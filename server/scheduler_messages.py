@@ -13,7 +13,8 @@ from server import reconfig
 from server.books import ModelBook, ModelState, Phase, ReplicaBook, WaiterBook
 from server.errors import ModelUnavailable, VramgateError
 from server.gpus import Snapshot
-from server.placement import NoFit, Requirement, fmt
+from server.placement import NoFit, Plan, Requirement, fmt, wake_plan
+from server.sleep import sleeping_bookings
 from server.supervisor import ReadyInfo, failure_error, stop_engine
 
 if TYPE_CHECKING:
@@ -135,6 +136,9 @@ class Messages:
         if rep is None or rep.run != run or rep.phase != Phase.PLACING:
             return  # stopped or restarted while its inventory was read
         book = self.books[rep.model]
+        if rep.asleep:
+            self._placed_for_wake(rep, snap)
+            return
         result = d.place(self.books, self._waiting(), key, req, snap, self.policy)
         if isinstance(result, NoFit):
             error = ModelUnavailable(f"cannot place {book.name}: {result.reason}", retry_after=10)
@@ -148,17 +152,38 @@ class Messages:
                     w.room_since = self.clock()
             return
         rep.plan, rep.requirement, rep.booked_bytes = result, req, result.bytes_per_device
-        rep.phase, rep.after = Phase.BOOKED, set(result.evict)
         book.nofit = None
+        self._book_plan(rep, result)
+        self._log_placed(rep, result.why)
+
+    def _placed_for_wake(self: "Scheduler", rep: ReplicaBook, snap: Snapshot) -> None:
+        """A sleeping replica's wake needs its full budget back on its own devices: booked (with
+        idle engines evicted for it), or, when no room can be made there, the sleeping engine
+        stops and the model starts anew wherever it fits."""
+        assert rep.plan is not None
+        result = wake_plan(rep.key, rep.plan, rep.awake_bytes, snap.devices,
+                           d.bookings(self.books, self._waiting(), exclude=rep.key), self.policy)
+        if isinstance(result, NoFit):
+            log.warning("cannot wake %s on %s: %s; stopping it to start anew", rep.key,
+                        "+".join(rep.devices), result.reason)
+            rep.state, rep.phase = ModelState.SLEEPING, Phase.IDLE
+            self._do_stop(d.Stop(rep.key, "no_room_to_wake"), self.clock())
+            return
+        rep.booked_bytes = rep.awake_bytes
+        self._book_plan(rep, result)
+        self._log_placed(rep, f"its wake: {result.why}")
+
+    def _book_plan(self: "Scheduler", rep: ReplicaBook, result: Plan) -> None:
+        """``rep`` is booked: it starts once the engines ``result`` evicts have stopped."""
+        rep.phase, rep.after = Phase.BOOKED, set(result.evict)
         now = self.clock()
         for victim_key in result.evict:
             victim = self._rep(victim_key)
             if victim is not None:
                 log.warning("evicting %s (%s on %s, idle for %.0f s) to place %s: %s", victim.model,
                             fmt(victim.booked_bytes), "+".join(victim.devices),
-                            now - victim.last_used, book.name, result.why)
+                            now - victim.last_used, rep.model, result.why)
                 self._do_stop(d.Stop(victim_key, "evicted"), now)
-        self._log_placed(rep, result.why)
 
     def _on_place_error(self: "Scheduler", key: str, run: int, exc: Exception) -> None:
         rep = self._rep(key)
@@ -196,10 +221,64 @@ class Messages:
         self.runners.pop(key, None)
         self._failed(self.books[rep.model], rep, error)
 
+    def _on_slept(self: "Scheduler", key: str, run: int, seconds: float,
+                  measured: int | None) -> None:
+        rep = self._rep(key)
+        if rep is None or rep.run != run or rep.state != ModelState.SLEEPING or \
+                rep.phase != Phase.FALLING_ASLEEP:
+            return  # stopped (or failed) meanwhile
+        config = self.books[rep.model].config
+        weights = rep.requirement.weight_bytes if rep.requirement else None
+        rep.awake_bytes = rep.booked_bytes
+        rep.booked_bytes, rep.host_bytes = sleeping_bookings(rep.awake_bytes, measured, weights,
+                                                             config.sleep_level)
+        rep.phase, rep.asleep = Phase.IDLE, True
+        log.info("%s sleeps (level %d, %.1f s): booked %s per device (was %s), %s of host RAM", key,
+                 config.sleep_level, seconds, fmt(rep.booked_bytes), fmt(rep.awake_bytes),
+                 fmt(rep.host_bytes))
+        self.events.engine_slept(rep.model)
+        self._room_changed()
+
+    def _on_sleep_failed(self: "Scheduler", key: str, run: int, why: str) -> None:
+        rep = self._rep(key)
+        if rep is None or rep.run != run or rep.state != ModelState.SLEEPING or \
+                rep.phase != Phase.FALLING_ASLEEP:
+            return
+        self._end_as_failure(rep, f"failed to sleep ({why})")
+
+    def _on_woke(self: "Scheduler", key: str, run: int, seconds: float) -> None:
+        rep = self._rep(key)
+        if rep is None or rep.run != run or not rep.asleep or rep.phase != Phase.STARTING or \
+                rep.stop_sent:
+            return
+        rep.state, rep.phase, rep.asleep, rep.host_bytes = ModelState.READY, Phase.IDLE, False, 0
+        rep.last_used = self.clock()
+        log.info("%s woke in %.2f s", key, seconds)
+        self.events.engine_woke(rep.model, seconds)
+
+    def _on_wake_failed(self: "Scheduler", key: str, run: int, why: str) -> None:
+        rep = self._rep(key)
+        if rep is None or rep.run != run or not rep.asleep or rep.phase != Phase.STARTING or \
+                rep.stop_sent:
+            return
+        self._end_as_failure(rep, f"failed to wake ({why})")
+
+    def _end_as_failure(self: "Scheduler", rep: ReplicaBook, why: str) -> None:
+        """Stop ``rep``'s engine, its end booked as a failure (a crash): nothing more is granted on
+        it, and "exited" follows once it is gone."""
+        log.error("engine for %s %s", rep.key, why)
+        rep.state = ModelState.STOPPING  # no more grants; not stop_sent: its end is a failure
+        engine, runner, key, run = rep.engine, self.runners.pop(rep.key, None), rep.key, rep.run
+
+        async def end() -> None:
+            await stop_engine(engine, runner)
+            self._send("exited", key, run, why)
+        self._spawn(end(), f"end:{key}")
+
     def _on_exited(self: "Scheduler", key: str, run: int, reason: str) -> None:
         rep = self._rep(key)
-        if rep is None or rep.run != run or rep.stop_sent:
-            return  # we stopped it: "stopped" follows
+        if rep is None or rep.run != run or rep.stop_sent or rep.state == ModelState.UNLOADED:
+            return  # we stopped it ("stopped" follows), or its end is booked already
         log.error("engine for %s %s", key, reason)
         self.runners.pop(key, None)
         book = self.books[rep.model]
@@ -209,14 +288,7 @@ class Messages:
         rep = self._rep(key)
         if rep is None or rep.run != run or rep.state != ModelState.READY or rep.stop_sent:
             return  # stale, or already on its way out
-        log.error("engine for %s could not be reached: %s", key, why)
-        rep.state = ModelState.STOPPING  # no more grants; not stop_sent: its end is a failure
-        engine, runner = rep.engine, self.runners.pop(key, None)
-
-        async def end() -> None:
-            await stop_engine(engine, runner)
-            self._send("exited", key, run, f"could not be reached ({why})")
-        self._spawn(end(), f"unreachable:{key}")
+        self._end_as_failure(rep, f"could not be reached ({why})")
 
     def _on_stopped(self: "Scheduler", key: str, run: int) -> None:
         rep = self._rep(key)
@@ -235,6 +307,7 @@ class Messages:
         rep.state, rep.phase, rep.plan, rep.requirement = ModelState.UNLOADED, Phase.IDLE, None, None
         rep.booked_bytes, rep.measured_bytes, rep.ready_since, rep.engine = 0, None, None, None
         rep.leases, rep.batch_leases, rep.drain = 0, 0, False
+        rep.sleepable, rep.asleep, rep.awake_bytes, rep.host_bytes = False, False, 0, 0
 
     def _failed(self: "Scheduler", book: ModelBook, rep: ReplicaBook, error: VramgateError) -> None:
         """Book an engine failure: reservation returned, back-off or give up."""
