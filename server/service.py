@@ -40,7 +40,7 @@ from server.profile import profile
 from server.proxy import forward, relay_stream
 from server.requestid import access, access_line
 from server.rewrite import fim_completion, fit_output, special_stops
-from server.sse import ANTHROPIC, OPENAI, RESPONSES, StreamTap, answer_usage
+from server.sse import ANTHROPIC, OPENAI, RESPONSES, ModelRename, StreamTap, answer_usage
 from server.validation import ROUTES, STOP_ROUTES, USAGE_ROUTES, engine_body
 
 log = logging.getLogger("vramgate.api")
@@ -240,6 +240,9 @@ class Serving:
             raise self._upstream_error(upstream.status, data)
         if not self.parsed.stream:
             self.done(upstream.status, answer_usage(data))
+            rename = self._rename(lease)
+            if rename is not None:
+                data = rename(data)
             media = upstream.headers.get("content-type", "application/json")
             if self.call.route == "/infill":
                 data = json.dumps(infill.from_completion(json.loads(data), self.model.name,
@@ -248,8 +251,15 @@ class Serving:
             return Answer(upstream.status, self.headers, data, media)
         held, self.cleanups = self.cleanups, []
         tap = self._tap()
+        tap.rename = self._rename(lease)
         return Answer(200, self.headers, stream=self._relay(upstream, tap),
                       finalize=self._finalizer(held, tap, {"status": 200}))
+
+    def _rename(self, lease: Any) -> ModelRename | None:
+        """How answers from ``lease``'s engine get our model name back, if it serves the model
+        under another (an upstream's ``model``)."""
+        theirs = lease.served_name
+        return ModelRename(theirs, self.model.name) if theirs and theirs != self.model.name else None
 
     # ---- streams ------------------------------------------------------------------------------
     def _tap(self) -> StreamTap:
@@ -296,6 +306,7 @@ class Serving:
                     yield self.flavor.keepalive()
             try:
                 lease = self._leased(acquiring.result(), held)
+                tap.rename = self._rename(lease)
                 upstream, data = await self._forward(lease, held)
                 if upstream.status >= 400:
                     raise self._upstream_error(upstream.status, data)

@@ -53,6 +53,20 @@ def with_null_usage(event: bytes) -> bytes:
     return end[:-1] + _NULL_USAGE + b"}" + event[len(end):]
 
 
+class ModelRename:
+    """Turns an upstream's name for the model (``theirs``) back into ours (``ours``) in answer
+    bytes: every ``"model": "theirs"`` (OpenAI chunks and objects, Anthropic's ``message``,
+    Responses' ``response``), without re-encoding anything else. For a replica on another host
+    that serves the model under its own name (``upstreams[].model``)."""
+
+    def __init__(self, theirs: str, ours: str) -> None:
+        self._find = re.compile(rb'("model"\s*:\s*)' + re.escape(json.dumps(theirs).encode()))
+        self._ours = json.dumps(ours).encode()
+
+    def __call__(self, data: bytes) -> bytes:
+        return self._find.sub(lambda m: m.group(1) + self._ours, data)
+
+
 _USAGE = b'"usage"'
 _USAGE_OBJ = re.compile(rb'"usage"\s*:\s*\{')  # vLLM writes compact JSON; others may not
 _EMPTY_CHOICES = re.compile(rb'"choices"\s*:\s*\[\s*\]')
@@ -92,6 +106,7 @@ class StreamTap:
     - ``drop_usage``: the gateway asked the engine for ``include_usage`` on the client's behalf, so
       the usage chunk is removed (cases C01); ``null_usage``: the client asked, so other chunks get
       ``"usage":null`` (:func:`with_null_usage`).
+    - ``rename``: a :class:`ModelRename` for an upstream that names the model otherwise.
 
     ``feed`` works on whole events and never re-encodes the ones it forwards.
     """
@@ -102,6 +117,7 @@ class StreamTap:
         self.tokens: dict[str, int] = {}
         self.gaps: list[float] = []
         self.finished = False  # the stream's terminal event has been handed on (flavor.complete)
+        self.rename: ModelRename | None = None
         self._last: float | None = None
 
     def feed(self, events: list[bytes], now: float) -> list[bytes]:
@@ -120,6 +136,8 @@ class StreamTap:
                     self.gaps.append(now - self._last)
                 self._last = now
             out.append(with_null_usage(event) if self.null_usage else event)
+        if self.rename is not None:
+            out = [self.rename(e) for e in out]
         if out and self.flavor.complete(out[-1]):
             self.finished = True
         return out

@@ -83,14 +83,25 @@ def test_upstreams_serve_under_their_own_name_and_share_the_load(tmp_path, upstr
         for i in range(20):  # distinct prompts: prefix affinity sends each to its hashed home
             out = ask(gw, "f", prompt=f"question {i}")
             assert out.choices[0].message.content == " w0 w1 w2"
+            assert out.model == "far"  # answers carry our name, not the upstream's
         assert a.stats()["last"]["model"] == "their-name"  # the upstream's name, not the alias
         assert a.stats()["completed"] >= 1 and b.stats()["completed"] >= 1
         assert a.stats()["completed"] + b.stats()["completed"] == 20
         with client(gw).chat.completions.create(
                 model="far", max_tokens=4, stream=True,
                 messages=[{"role": "user", "content": "hi"}]) as stream:
-            text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
-        assert text == " w0 w1 w2 w3"
+            chunks = list(stream)
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text == " w0 w1 w2 w3" and {c.model for c in chunks} == {"far"}
+        r = gw.client.post("/v1/messages", json={"model": "far", "max_tokens": 2, "messages": [
+            {"role": "user", "content": "hi"}]})
+        assert r.status_code == 200 and r.json()["model"] == "far", r.text
+        with gw.client.stream("POST", "/v1/messages", json={
+                "model": "far", "max_tokens": 2, "stream": True,
+                "messages": [{"role": "user", "content": "hi"}]}) as r:
+            body = r.read().decode()
+        assert '"model": "far"' in body or '"model":"far"' in body
+        assert "their-name" not in body
         replicas = gw.client.get("/admin/models").json()["data"][0]["replicas"]
         assert sorted(r["url"] for r in replicas) == sorted([a.url, b.url])
         assert all(r["device"] == "remote" and r["pid"] is None for r in replicas)

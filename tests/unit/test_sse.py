@@ -100,3 +100,15 @@ def test_answer_usage_is_found_wherever_it_is():
             b'"usage":{"prompt_tokens":7,"completion_tokens":2},"prompt_logprobs":[' + b"0.5," * 5000 + b'0.5]}')
     assert answer_usage(body) == {"prompt": 7, "completion": 2}
     assert answer_usage(b'{"data":[]}') == {}
+
+
+def test_an_upstreams_model_name_becomes_ours_and_nothing_else_changes():
+    from server.sse import ModelRename
+    rename = ModelRename("their/name", "far")
+    chunk = (b'data: {"id":"c1","model":"their/name","choices":[{"delta":{"content":'
+             b'"{\\"model\\": \\"their/name\\"}"}}]}\n\n')
+    out = rename(chunk)
+    assert out.startswith(b'data: {"id":"c1","model":"far",')
+    assert b'\\"model\\": \\"their/name\\"' in out  # text inside a string stays as it was
+    assert rename(b'{"type": "message", "model" : "their/name"}') == b'{"type": "message", "model" : "far"}'
+    assert rename(b'{"model":"their/name-2"}') == b'{"model":"their/name-2"}'
