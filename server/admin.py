@@ -88,7 +88,7 @@ async def metrics_endpoint(request: Request) -> Response:
     models = pool.models()
     metrics.set_states({name: m.state.value for name, m in models.items()})
     metrics.loaded.set(sum(1 for m in models.values() for r in m.replicas
-                           if r.state in (ModelState.LOADING, ModelState.READY)))
+                           if r.state in (ModelState.LOADING, ModelState.READY, ModelState.SLEEPING)))
     for name, m in models.items():
         metrics.queued.labels(name).set(m.waiting)
     batches = state.batches

@@ -144,7 +144,7 @@ def refusal(book: ModelBook | None, w: WaiterBook, now: float, t: Timeouts) -> V
             return book.nofit
         return ModelUnavailable(f"the model {w.model} is still loading after "
                                 f"{w.deadline - w.arrived:g} s", retry_after=10)
-    if not busy(book) and book.error is not None:
+    if not busy(book) and book.error is not None and not asleep(book):  # else: woken, below
         delay = restart_delay(book.failures, now)
         if delay:
             return ModelUnavailable(
@@ -166,8 +166,9 @@ def wants_start(book: ModelBook) -> bool:
 
 def starts(books: dict[str, ModelBook], queues: dict[str, list[WaiterBook]]) -> list[Start | Wake]:
     """Cold starts and wakes, best waiter first; none for a model whose best waiter ranks below
-    one that waits for room (module docstring). A model with waiters wakes its sleeping replicas
-    even while another serves: waiters remain only when the ready ones are at their limit."""
+    one that waits for room (module docstring). A model wakes its sleeping replicas only when none
+    of its replicas serves: waiters beside a ready one wait for the model's own limit
+    (``max_concurrency``, ``batch_beside``), which another replica would not lift."""
     ranked = sorted(((q[0].priority, q[0].seq, name) for name, q in queues.items() if q))
     out, room_wait = [], None
     for priority, _, name in ranked:
@@ -177,7 +178,8 @@ def starts(books: dict[str, ModelBook], queues: dict[str, list[WaiterBook]]) -> 
         if room_wait is not None and priority > room_wait:
             break
         sleeping = asleep(book)
-        if sleeping and not (book.retiring or book.pending is not None or book.gave_up):
+        if sleeping and not any(servable(r) for r in book.replicas) and \
+                not (book.retiring or book.pending is not None or book.gave_up):
             out.append(Wake(name, sleeping))
         elif wants_start(book):
             out.append(Start(name, tuple(r.index for r in book.replicas

@@ -98,7 +98,7 @@ class Metrics:
                                       "sent to answered.", ["model"], namespace=ns,
                                       buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 10, 20, 30, 60),
                                       registry=self.registry)
-        self.loaded = Gauge("engines_loaded", "Engines running (loading or ready).", namespace=ns,
+        self.loaded = Gauge("engines_loaded", "Engines running (loading, ready or sleeping).", namespace=ns,
                             registry=self.registry)
 
     def _device_metrics(self) -> None:

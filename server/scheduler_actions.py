@@ -91,9 +91,7 @@ class Actions:
         measure = None
         if any(dev.startswith("cuda:") for dev in rep.plan.devices):
             async def measure() -> int | None:
-                snap = await self.offload(read_snapshot, self.inventory, self._usages(key),
-                                               self.settings.cpu_memory_budget)
-                return snap.measured.get(rep.model)
+                return await self._measure(rep, healthy=True)
         ctx = RunContext(book.config, self.http, self.health_interval, measure,
                          reread_profile=book.profile.files.folder is None, offload=self.offload)
         self.runners[key] = self._spawn(run_engine(
@@ -156,16 +154,25 @@ class Actions:
         async def fall_asleep() -> None:
             try:
                 seconds = await sleep_engine(self.http, engine, level)
-                measured = None
-                if measure:
-                    snap = await self.offload(read_snapshot, self.inventory, self._usages(),
-                                              self.settings.cpu_memory_budget)
-                    measured = snap.measured.get(rep.model)
             except Exception as exc:  # the engine's state is unknown now: it goes, as a failure
                 self._send("sleep_failed", key, run, str(exc))
-            else:
-                self._send("slept", key, run, seconds, measured)
+                return
+            measured = None
+            try:
+                measured = await self._measure(rep) if measure else None
+            except Exception as exc:  # the default figure stays in the books
+                log.warning("could not measure %s asleep: %s", key, exc)
+            self._send("slept", key, run, seconds, measured)
         self._spawn(fall_asleep(), f"sleep:{key}")
+
+    async def _measure(self: "Scheduler", rep: ReplicaBook, healthy: bool = False) -> int | None:
+        """What NVML shows ``rep``'s engine using per device (bytes), or ``None``. Only its own
+        process tree is read: the inventory's figures are per model, and a sibling replica's
+        must not count as its own."""
+        pid = getattr(rep.engine, "pid", None)
+        mine = [u for u in self._usages(rep.key if healthy else None) if u.pid == pid]
+        snap = await self.offload(read_snapshot, self.inventory, mine, self.settings.cpu_memory_budget)
+        return snap.measured.get(rep.model)
 
     def _do_wake(self: "Scheduler", a: d.Wake, now: float) -> None:
         """Queue the sleeping replicas for a placement on their own devices (``_on_placed``)."""

@@ -133,7 +133,8 @@ class Messages:
     # ---- from the engines' tasks ---------------------------------------------------------------
     def _on_placed(self: "Scheduler", key: str, run: int, snap: Snapshot, req: Requirement) -> None:
         rep = self._rep(key)
-        if rep is None or rep.run != run or rep.phase != Phase.PLACING:
+        if rep is None or rep.run != run or rep.phase != Phase.PLACING or \
+                rep.state != ModelState.LOADING or rep.stop_sent:
             return  # stopped or restarted while its inventory was read
         book = self.books[rep.model]
         if rep.asleep:
@@ -191,6 +192,9 @@ class Messages:
             return
         log.error("could not place %s: %s: %s", key, exc.__class__.__name__, exc)
         book = self.books[rep.model]
+        if rep.asleep:  # its process runs: it goes, and its end is booked as a failure
+            self._end_as_failure(rep, f"could not be placed for its wake ({exc})")
+            return
         self._failed(book, rep, ModelUnavailable(
             f"vramgate could not run {book.name}: {exc.__class__.__name__}: {exc}", retry_after=30))
 
@@ -253,6 +257,8 @@ class Messages:
             return
         rep.state, rep.phase, rep.asleep, rep.host_bytes = ModelState.READY, Phase.IDLE, False, 0
         rep.last_used = self.clock()
+        book = self.books[rep.model]
+        book.error, book.gave_up = None, False  # it serves again, as after a start
         log.info("%s woke in %.2f s", key, seconds)
         self.events.engine_woke(rep.model, seconds)
 

@@ -7,13 +7,12 @@ here; ``tests/gpu/sleep_check.py`` runs it on a GPU."""
 from __future__ import annotations
 
 import json
-import os
 import re
 
 import httpx
 import openai
 
-from tests.gateway import standin_gateway, wait_for
+from tests.gateway import alive, standin_gateway, wait_for
 
 GiB = 2**30
 
@@ -47,14 +46,6 @@ def metric(gw, name, **labels):
         if line.startswith(name + " ") and not want:
             return float(line.rsplit(" ", 1)[1])
     return 0.0
-
-
-def alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def sleeper(name, memory="8GiB", path="standin:ok", **kw):
