@@ -145,7 +145,7 @@ def refusal(book: ModelBook | None, w: WaiterBook, now: float, t: Timeouts) -> V
         return ModelUnavailable(f"the model {w.model} is still loading after "
                                 f"{w.deadline - w.arrived:g} s", retry_after=10)
     if not busy(book) and book.error is not None and not asleep(book):  # else: woken, below
-        delay = restart_delay(book.failures, now)
+        delay = backoff(book, now)
         if delay:
             return ModelUnavailable(
                 f"{w.model} failed {len(book.failures)} time(s) recently; it restarts in "
@@ -198,7 +198,7 @@ def restarts(books: dict[str, ModelBook], queues: dict[str, list[WaiterBook]],
         crashed = tuple(r.index for r in book.replicas
                         if r.crashed and r.state == ModelState.UNLOADED)
         if crashed and not book.gave_up and not book.retiring and book.pending is None and \
-                (book.leases or queues.get(name)) and restart_delay(book.failures, now) == 0:
+                (book.leases or queues.get(name)) and backoff(book, now) == 0:
             out.append(Start(name, crashed))
     return out
 
@@ -328,7 +328,7 @@ def next_wake(books: dict[str, ModelBook], waiters: Sequence[WaiterBook], now: f
             times.append(w.room_since + timeouts.place_wait)
     for book in books.values():
         if book.failures and book.error is not None:
-            delay = restart_delay(book.failures, now)
+            delay = backoff(book, now)
             if delay:
                 times.append(now + delay)
         for r in book.replicas:
@@ -345,7 +345,14 @@ def failure(book: ModelBook, now: float) -> bool:
     """Book one engine failure at ``now``; returns whether the model gives up
     (``lifecycle.MAX_FAILURES`` within the window)."""
     book.failures = [t for t in book.failures if now - t < FAILURE_MEMORY] + [now]
-    return restart_delay(book.failures, now) is None
+    return backoff(book, now) is None
+
+
+def backoff(book: ModelBook, now: float) -> float | None:
+    """The model's restart delay (``lifecycle.restart_delay``): a model served only by upstreams
+    never gives up (an upstream that reboots comes back without ``vramgate load``); any local
+    engine keeps the crash-loop limit."""
+    return restart_delay(book.failures, now, give_up=book.config.replicas > 0)
 
 
 def place(books: dict[str, ModelBook], waiting: dict[str, int], key: str, req: Requirement,

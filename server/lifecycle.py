@@ -64,17 +64,19 @@ def idle_expired(replicas: Sequence[ReplicaView], ttl: dict[str, float], waiting
     return out
 
 
-def restart_delay(failures: Sequence[float], now: float) -> float | None:
+def restart_delay(failures: Sequence[float], now: float, give_up: bool = True) -> float | None:
     """Seconds to wait before the next start, given the times of earlier failures.
 
     0 when there were none in the last ``RESTART_WINDOW`` seconds; else ``RESTART_BASE × 2^(n-1)``
     (capped at ``RESTART_CAP``) counted from the latest failure; ``None`` once ``MAX_FAILURES``
-    happened within the window: give up, the model is ``failed``.
+    happened within the window: give up, the model is ``failed``. Without ``give_up`` (a model
+    served only by upstreams on other hosts, which come back by themselves after a reboot) the
+    wait stays at ``RESTART_CAP`` instead.
     """
     recent = sorted(t for t in failures if now - t < RESTART_WINDOW)
     if not recent:
         return 0.0
-    if len(recent) >= MAX_FAILURES:
+    if len(recent) >= MAX_FAILURES and give_up:
         return None
     wait = min(RESTART_CAP, RESTART_BASE * 2 ** (len(recent) - 1))
     return max(0.0, recent[-1] + wait - now)

@@ -106,3 +106,30 @@ def test_a_remote_engine_carries_its_key_and_its_own_model_name(monkeypatch):
     assert eng.headers == {"authorization": "Bearer s3cret"} and eng.pid is None
     assert RemoteEngine("far#0", Upstream("http://h:1"), "far").headers == {}
     assert RemoteEngine("far#0", Upstream("http://h:1"), "far").served_name == "far"
+
+
+def test_a_model_served_only_by_upstreams_backs_off_but_never_gives_up():
+    from server import decisions as d
+    from server.books import ModelBook, WaiterBook
+    from server.errors import ModelUnavailable
+    from server.lifecycle import MAX_FAILURES, RESTART_CAP
+    from server.modelfiles import UNKNOWN
+    from server.profile import profile
+    remote = ModelConfig(name="far", path="", replicas=0, upstreams=(Upstream("http://box:8000"),))
+    local = ModelConfig(name="near", path="/x")
+    books = {c.name: ModelBook(c, profile(c, UNKNOWN)) for c in (remote, local)}
+    gave_up = {name: [d.failure(b, 100.0 + i) for i in range(MAX_FAILURES)][-1]
+               for name, b in books.items()}
+    assert gave_up == {"far": False, "near": True}
+    # The upstream's model keeps answering 503 with Retry-After through the capped back-off, and
+    # is started again once it has passed (a rebooted box comes back without `vramgate load`).
+    far = books["far"]
+    far.error = ModelUnavailable("the upstream did not answer", retry_after=10)
+    w = WaiterBook(1, "far", 5, 1, 110.0, 10_000.0)
+    refused = d.refusal(far, w, 110.0, d.Timeouts())
+    assert refused is not None and refused.retry_after == 32 - 6  # 2 s × 2⁴ after the 5th, at 104
+    assert d.backoff(far, 136.0) == 0
+    assert d.step({"far": far}, [w], 136.0) == [d.Start("far", (0,))]
+    for i in range(5):  # more failures: the wait stops growing at RESTART_CAP
+        d.failure(far, 140.0 + i)
+    assert d.backoff(far, 144.0) == RESTART_CAP and not far.gave_up
