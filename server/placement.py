@@ -231,16 +231,17 @@ def _try_place(req: Requirement, devices: tuple[Device, ...], avail: dict[str, i
     return None, 0 if best_short is math.inf else int(best_short)
 
 
-def _spare(victims: list[Booking], over: int, fits) -> list[Booking] | None:
-    """The engines of ``victims`` (in eviction order) to really evict, given ``fits(gone)``
-    (whether the placement succeeds without those), or ``None`` when even all of them do not
-    make room. Each one the placement turns out not to need (one on another GPU, a sleeping
-    engine whose little memory did not matter) is spared, last first; at least ``over`` go
-    (``max_loaded_models``)."""
-    if not fits(victims):
+def _spare(victims: list[Booking], start: int, over: int, fits) -> list[Booking] | None:
+    """The engines to evict, of ``victims`` (in eviction order), given ``fits(gone)`` (whether
+    the placement succeeds without those); ``None`` when even all of them do not make room. The
+    shortest prefix of at least ``start`` that fits is taken, then each one in it the placement
+    turns out not to need (one on another GPU, a sleeping engine whose little memory did not
+    matter) is spared, last first; at least ``over`` go (``max_loaded_models``)."""
+    n = next((n for n in range(start, len(victims) + 1) if fits(victims[:n])), None)
+    if n is None:
         return None
-    gone = list(victims)
-    for b in reversed(victims[:-1]):
+    gone = list(victims[:n])
+    for b in reversed(victims[:n - 1]):
         if len(gone) > over and fits([g for g in gone if g is not b]):
             gone.remove(b)
     return gone
@@ -258,9 +259,9 @@ def _evictable(bookings: tuple[Booking, ...]) -> list[Booking]:
                   key=lambda b: (not b.sleeping, b.last_used, b.model))
 
 
-def wake_plan(key: str, asleep: Plan, need: int, devices: tuple[Device, ...],
+def wake_plan(asleep: Plan, need: int, devices: tuple[Device, ...],
               bookings: tuple[Booking, ...], policy: Policy = Policy()) -> Plan | NoFit:
-    """Room for the wake of sleeping replica ``key``, placed by ``asleep``: ``need`` bytes (what
+    """Room for the wake of the sleeping replica placed by ``asleep``: ``need`` bytes (what
     it held awake) on each of the same devices, as ``available`` counts them given every other
     booking; idle engines on those devices are evicted for it when that is short (sleeping ones
     first, then least recently used). The plan keeps the engine's tensor parallel size and
@@ -271,11 +272,7 @@ def wake_plan(key: str, asleep: Plan, need: int, devices: tuple[Device, ...],
         return all(avail.get(dev, -1) >= need for dev in asleep.devices)
     mine = set(asleep.devices)
     victims = [b for b in _evictable(bookings) if mine & set(b.devices)] if policy.allow_eviction else []
-    gone: list[Booking] | None = [] if fits([]) else None
-    for n in range(1, len(victims) + 1):
-        if gone is not None:
-            break
-        gone = _spare(victims[:n], 0, fits)
+    gone = _spare(victims, 0, 0, fits)
     on = "+".join(asleep.devices)
     if gone is None:
         avail = available(devices, bookings, policy.headroom_bytes)
@@ -312,19 +309,18 @@ def plan(req: Requirement, devices: tuple[Device, ...], bookings: tuple[Booking,
         def fits(gone: list[Booking]) -> bool:
             avail_then = available(devices, _without(bookings, gone), policy.headroom_bytes)
             return _try_place(req, devices, avail_then, policy)[0] is not None
-        for n in range(max(1, over), len(victims) + 1):
-            gone = _spare(victims[:n], over, fits)
-            if gone is not None:
-                kept = _without(bookings, gone)
-                found, _ = _try_place(req, devices, available(devices, kept, policy.headroom_bytes),
-                                      policy)
-                assert found is not None
-                freed = ", ".join(f"{b.model} ({fmt(b.bytes_per_device)} on {'+'.join(b.devices)})"
-                                  for b in gone)
-                return Plan(found.model, found.devices, found.tensor_parallel_size,
-                            found.bytes_per_device, found.gpu_memory_utilization,
-                            evict=tuple(b.model for b in gone),
-                            why=f"{found.why}; after evicting idle {freed}")
+        gone = _spare(victims, max(1, over), over, fits)
+        if gone is not None:
+            kept = _without(bookings, gone)
+            found, _ = _try_place(req, devices, available(devices, kept, policy.headroom_bytes),
+                                  policy)
+            assert found is not None
+            freed = ", ".join(f"{b.model} ({fmt(b.bytes_per_device)} on {'+'.join(b.devices)})"
+                              for b in gone)
+            return Plan(found.model, found.devices, found.tensor_parallel_size,
+                        found.bytes_per_device, found.gpu_memory_utilization,
+                        evict=tuple(b.model for b in gone),
+                        why=f"{found.why}; after evicting idle {freed}")
     if result is not None:  # it fits, but max_engines are loaded and none of them is idle
         return NoFit(req.model, f"max_loaded_models={policy.max_engines} engines are loaded and "
                                 f"none of them is idle (evictable)")

@@ -162,7 +162,7 @@ class Messages:
         idle engines evicted for it), or, when no room can be made there, the sleeping engine
         stops and the model starts anew wherever it fits."""
         assert rep.plan is not None
-        result = wake_plan(rep.key, rep.plan, rep.awake_bytes, snap.devices,
+        result = wake_plan(rep.plan, rep.awake_bytes, snap.devices,
                            d.bookings(self.books, self._waiting(), exclude=rep.key), self.policy)
         if isinstance(result, NoFit):
             log.warning("cannot wake %s on %s: %s; stopping it to start anew", rep.key,
@@ -227,9 +227,8 @@ class Messages:
 
     def _on_slept(self: "Scheduler", key: str, run: int, seconds: float,
                   measured: int | None) -> None:
-        rep = self._rep(key)
-        if rep is None or rep.run != run or rep.state != ModelState.SLEEPING or \
-                rep.phase != Phase.FALLING_ASLEEP:
+        rep = self._falling_asleep(key, run)
+        if rep is None:
             return  # stopped (or failed) meanwhile
         config = self.books[rep.model].config
         weights = rep.requirement.weight_bytes if rep.requirement else None
@@ -244,16 +243,13 @@ class Messages:
         self._room_changed()
 
     def _on_sleep_failed(self: "Scheduler", key: str, run: int, why: str) -> None:
-        rep = self._rep(key)
-        if rep is None or rep.run != run or rep.state != ModelState.SLEEPING or \
-                rep.phase != Phase.FALLING_ASLEEP:
-            return
-        self._end_as_failure(rep, f"failed to sleep ({why})")
+        rep = self._falling_asleep(key, run)
+        if rep is not None:
+            self._end_as_failure(rep, f"failed to sleep ({why})")
 
     def _on_woke(self: "Scheduler", key: str, run: int, seconds: float) -> None:
-        rep = self._rep(key)
-        if rep is None or rep.run != run or not rep.asleep or rep.phase != Phase.STARTING or \
-                rep.stop_sent:
+        rep = self._waking(key, run)
+        if rep is None:
             return
         rep.state, rep.phase, rep.asleep, rep.host_bytes = ModelState.READY, Phase.IDLE, False, 0
         rep.last_used = self.clock()
@@ -263,11 +259,23 @@ class Messages:
         self.events.engine_woke(rep.model, seconds)
 
     def _on_wake_failed(self: "Scheduler", key: str, run: int, why: str) -> None:
+        rep = self._waking(key, run)
+        if rep is not None:
+            self._end_as_failure(rep, f"failed to wake ({why})")
+
+    def _falling_asleep(self: "Scheduler", key: str, run: int) -> ReplicaBook | None:
+        """Replica ``key`` if its ``/sleep`` call of run ``run`` is still what it waits for."""
         rep = self._rep(key)
-        if rep is None or rep.run != run or not rep.asleep or rep.phase != Phase.STARTING or \
-                rep.stop_sent:
-            return
-        self._end_as_failure(rep, f"failed to wake ({why})")
+        ok = rep is not None and rep.run == run and rep.state == ModelState.SLEEPING and \
+            rep.phase == Phase.FALLING_ASLEEP
+        return rep if ok else None
+
+    def _waking(self: "Scheduler", key: str, run: int) -> ReplicaBook | None:
+        """Replica ``key`` if its wake of run ``run`` is still under way."""
+        rep = self._rep(key)
+        ok = rep is not None and rep.run == run and rep.asleep and rep.phase == Phase.STARTING \
+            and not rep.stop_sent
+        return rep if ok else None
 
     def _end_as_failure(self: "Scheduler", rep: ReplicaBook, why: str) -> None:
         """Stop ``rep``'s engine, its end booked as a failure (a crash): nothing more is granted on

@@ -112,15 +112,15 @@ def test_a_wake_takes_its_full_budget_back_on_its_own_devices():
     asleep = Plan("a", ("cuda:0",), 1, 10 * GiB, 0.4)
     others = (Booking("b#0", ("cuda:0",), 8 * GiB, idle=True, last_used=5.0),
               Booking("c#0", ("cuda:1",), 20 * GiB, idle=True, last_used=1.0))
-    got = wake_plan("a#0", asleep, 10 * GiB, (GPU, GPU1, CPU), others)
+    got = wake_plan(asleep, 10 * GiB, (GPU, GPU1, CPU), others)
     assert isinstance(got, Plan) and got.evict == () and got.gpu_memory_utilization == 0.4
     assert got.devices == ("cuda:0",) and got.bytes_per_device == 10 * GiB
     # b grows to 16 GiB: a's 10 no longer fit beside it, so b is evicted, never c on GPU 1.
     bigger = (Booking("b#0", ("cuda:0",), 16 * GiB, idle=True, last_used=5.0), others[1])
-    got = wake_plan("a#0", asleep, 10 * GiB, (GPU, GPU1, CPU), bigger)
+    got = wake_plan(asleep, 10 * GiB, (GPU, GPU1, CPU), bigger)
     assert isinstance(got, Plan) and got.evict == ("b#0",), got
     busy = (Booking("b#0", ("cuda:0",), 16 * GiB, idle=False), others[1])
-    got = wake_plan("a#0", asleep, 10 * GiB, (GPU, GPU1, CPU), busy)
+    got = wake_plan(asleep, 10 * GiB, (GPU, GPU1, CPU), busy)
     assert isinstance(got, NoFit) and "its wake needs 10.00 GiB per device on cuda:0" in got.reason
 
 
