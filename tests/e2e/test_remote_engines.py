@@ -60,6 +60,7 @@ def test_a_vllm_server_elsewhere_is_served_with_its_key_and_its_metrics(tmp_path
         out = client.embeddings.create(model="far-embed", input=["hello world", "bonjour"])
         assert [len(d.embedding) for d in out.data] == [384, 384]
         assert out.usage.prompt_tokens > 0
+        assert out.model == "far-embed"  # vLLM answered with its own name; clients see ours
         card = client.models.retrieve("far-embed")
         assert card.id == "far-embed"
         metrics = gw.client.get("/metrics").text
