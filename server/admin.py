@@ -33,7 +33,10 @@ def replica_object(rep: EngineView, now: float) -> dict[str, Any]:
                            "cpu_cores": dict(rep.env).get("VLLM_CPU_OMP_THREADS_BIND"),
                            "uptime_s": round(now - rep.ready_since, 1) if rep.ready_since else None,
                            "idle_s": round(now - rep.last_used, 1) if rep.ready_since else None,
-                           "load_s": round(rep.load_seconds, 1) if rep.load_seconds else None}
+                           "load_s": round(rep.load_seconds, 1) if rep.load_seconds else None,
+                           "loading_s": round(now - rep.loading_since, 1)
+                           if rep.state == ModelState.LOADING and rep.loading_since is not None
+                           else None}
     if rep.plan is not None:
         req = rep.requirement
         out["placement"] = {
@@ -59,7 +62,7 @@ def model_object(entry: ModelView, created: int, now: float | None = None) -> di
         out["error"] = problem.message
     if now is not None:
         prof = entry.profile
-        out.update(ttl=cfg.ttl, pinned=cfg.pinned, in_flight=entry.in_flight,
+        out.update(ttl=cfg.ttl, pinned=cfg.pinned, in_flight=entry.in_flight, queued=entry.waiting,
                    tool_parser=prof.tool_parser, tool_parser_source=prof.tool_parser_source,
                    fim=prof.fim.family if prof.fim else None,
                    max_tokens_policy=cfg.max_tokens_policy,

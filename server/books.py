@@ -68,6 +68,7 @@ class ReplicaBook:
     batch_leases: int = 0  # of ``leases``, those of batch priority (decisions.BATCH)
     last_used: float = 0.0
     ready_since: float | None = None
+    loading_since: float | None = None  # clock time its current load (or wake) was queued
     load_seconds: float | None = None
     max_model_len: int | None = None
     crashed: bool = False
@@ -190,6 +191,7 @@ class EngineView:
     max_model_len: int | None
     log_path: str | None
     host_bytes: int = 0  # host RAM its level-1 sleep holds (bytes)
+    loading_since: float | None = None  # clock time its current load or wake was queued
 
     @property
     def key(self) -> str:
@@ -236,7 +238,8 @@ def replica_view(rep: ReplicaBook) -> EngineView:
         tuple(getattr(getattr(eng, "launch", None), "env", {}).items()), rep.plan,
         rep.requirement, rep.booked_bytes, rep.measured_bytes, rep.leases, rep.last_used,
         rep.ready_since, rep.load_seconds, rep.max_model_len,
-        str(eng.log_path) if getattr(eng, "log_path", None) else None, rep.host_bytes)
+        str(eng.log_path) if getattr(eng, "log_path", None) else None, rep.host_bytes,
+        rep.loading_since)
 
 
 def model_view(book: ModelBook, waiting: int) -> ModelView:

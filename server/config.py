@@ -137,7 +137,8 @@ class Settings:
     ``stream_keepalive``: seconds between keep-alive events on a stream that waits for its engine
     (0: the stream waits silently). ``batch_concurrency``: lines of one batch in flight at once;
     ``batch_beside``: batch-priority leases a model may hold while other requests run on it;
-    ``max_file_bytes``: the largest upload ``POST /v1/files`` takes (bytes)."""
+    ``max_file_bytes``: the largest upload ``POST /v1/files`` takes (bytes);
+    ``traffic_interval``: seconds between the samples of the console's traffic charts."""
 
     models: tuple[ModelConfig, ...]
     host: str = "127.0.0.1"
@@ -162,6 +163,7 @@ class Settings:
     batch_concurrency: int = 2  # lines of one batch in flight at once (server.batchrunner)
     batch_beside: int = 0  # batch leases on a model while other requests run on it (decisions)
     max_file_bytes: int = 512 * 2**20  # the largest upload to /v1/files
+    traffic_interval: float = 5.0  # seconds between the console's traffic samples (server.traffic)
 
     @property
     def log_dir(self) -> Path:

@@ -26,7 +26,7 @@ _TOP_KEYS = {"host", "port", "data_dir", "models", "engine_module", "engine_pyth
              "gpu_headroom", "kv_cache_sequences", "simulate_gpus", "max_loaded_models",
              "place_wait_timeout", "cpu_memory_budget", "api_keys", "admin_key", "metrics_auth",
              "cors_origins", "allowed_hosts", "max_body_bytes", "log_format", "stream_keepalive",
-             "batch_concurrency", "batch_beside", "max_file_bytes"}
+             "batch_concurrency", "batch_beside", "max_file_bytes", "traffic_interval"}
 
 
 _BYTE_FIELDS = {"gpu_headroom": "gpu_headroom_bytes", "max_body_bytes": "max_body_bytes",
@@ -122,7 +122,7 @@ def _scalar_fields(raw: dict[str, Any]) -> dict[str, Any]:
         if key in raw:
             kw[key] = _str(raw[key], key)
     for key in ("shutdown_timeout", "engine_stop_grace", "load_wait_timeout", "place_wait_timeout",
-                "stream_keepalive"):
+                "stream_keepalive", "traffic_interval"):
         if key in raw:
             kw[key] = float(_number(raw[key], key, positive=key not in (
                 "place_wait_timeout", "stream_keepalive")))

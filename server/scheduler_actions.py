@@ -55,6 +55,7 @@ class Actions:
             rep.run += 1
             rep.state, rep.phase, rep.crashed = ModelState.LOADING, Phase.QUEUED, False
             rep.ready_since, rep.drain, rep.stop_sent = None, False, False
+            rep.loading_since = now
 
     def _do_place(self: "Scheduler", a: d.Place, now: float) -> None:
         rep = self._rep(a.replica)
@@ -180,7 +181,7 @@ class Actions:
         for i in a.indices:
             rep = book.replicas[i]
             if rep.state == ModelState.SLEEPING and rep.phase == Phase.IDLE:
-                rep.state, rep.phase = ModelState.LOADING, Phase.QUEUED
+                rep.state, rep.phase, rep.loading_since = ModelState.LOADING, Phase.QUEUED, now
 
     def _send_wake(self: "Scheduler", rep: ReplicaBook) -> None:
         """Send the wake of placed, sleeping replica ``rep``; its answer comes back as a message."""
