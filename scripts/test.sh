@@ -6,14 +6,19 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/install.sh
 ./scripts/install-router.sh   # vllm-router for tests/e2e/test_fleet.py (pinned, idempotent)
-# The observability tests run a real Prometheus (Debian's package: prometheus and promtool).
-if ! command -v promtool >/dev/null 2>&1; then
+# Debian packages some tests need, installed when missing and this runs as root:
+#   need COMMAND PACKAGE WHAT-NEEDS-IT
+need() {
+  command -v "$1" >/dev/null 2>&1 && return 0
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "vramgate: installing Prometheus (Debian package) for the tests" >&2
-    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus) >/dev/null
+    echo "vramgate: installing $2 (Debian package) for $3" >&2
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$2") >/dev/null
   else
-    echo "vramgate: promtool/prometheus not found: install Prometheus (e.g. apt-get install prometheus)" >&2
-    echo "          or the observability tests will fail" >&2
+    echo "vramgate: $1 not found: install it (e.g. apt-get install $2), or $3 will fail" >&2
   fi
-fi
+}
+need promtool prometheus "the observability tests (a real Prometheus)"
+# The console's browser tests drive chromium through Playwright (tests/e2e/test_console.py);
+# VRAMGATE_CHROMIUM names another Chromium binary.
+[ -n "${VRAMGATE_CHROMIUM:-}" ] || need chromium chromium "the web console's browser tests"
 exec "${VRAMGATE_VENV:-.venv}/bin/python" -m pytest "$@"

@@ -15,7 +15,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 
-from server import admin, api, batchapi
+from server import admin, api, batchapi, console
 from server.batchrunner import BatchRunner
 from server.batchstore import BatchStore
 from server.auth import AuthMiddleware
@@ -31,6 +31,7 @@ from server.service import Service
 from server.supervisor import GroupRecords
 from server.profile import read_profiles
 from server.proxy import new_session
+from server.traffic import Traffic, read_totals
 from server.validation import routes_for_task
 
 log = logging.getLogger("vramgate.app")
@@ -39,7 +40,8 @@ log = logging.getLogger("vramgate.app")
 @dataclass
 class GatewayState:
     """What every request sees as ``request.state``: the scheduler (``pool``), the request
-    service, the metrics, the start time (Unix seconds), the reload function and the batch runner."""
+    service, the metrics, the start time (Unix seconds), the reload function, the batch runner and
+    the console's traffic samples."""
 
     pool: Scheduler
     service: Service
@@ -47,6 +49,7 @@ class GatewayState:
     started: int
     reload: Callable[[], Awaitable[dict]]
     batches: BatchRunner
+    traffic: Traffic
 
 
 def reloader(pool: Scheduler, reload: Callable[[], Settings] | None
@@ -83,6 +86,18 @@ def shutdown_starter(pool: Scheduler, settings: Settings, upstreams: set,
                 resp.close()
         in_background(background, cut_late())
     return begin_shutdown
+
+
+def traffic_reader(metrics: Metrics, pool: Scheduler) -> Callable[[], dict]:
+    """What the traffic sampler reads: the request, token, rejection and TTFT counters of the
+    gateway's registry, and each model's queue, as ``server.traffic.Totals`` per model."""
+    counters = (metrics.requests, metrics.tokens, metrics.rejections, metrics.ttft)
+
+    def read() -> dict:
+        samples = ((s.name, s.labels, s.value)
+                   for c in counters for family in c.collect() for s in family.samples)
+        return read_totals(samples, {name: m.waiting for name, m in pool.models().items()})
+    return read
 
 
 def in_background(background: set, aw: Awaitable[Any]) -> None:
@@ -128,11 +143,14 @@ async def gateway(settings: Settings, devices: Inventory, launcher: Launcher | N
     service = Service(pool, metrics, session, upstreams=upstreams)
     store = await asyncio.to_thread(BatchStore, settings.data_dir / "batches")
     batches = BatchRunner(store, service, lambda: pool.settings, metrics)
+    traffic = Traffic(settings.traffic_interval)
+    sampler = asyncio.ensure_future(traffic.run(traffic_reader(metrics, pool)))
     try:
         await batches.start()  # batches an earlier run left active resume
-        yield (GatewayState(pool, service, metrics, int(time.time()), do_reload, batches),
+        yield (GatewayState(pool, service, metrics, int(time.time()), do_reload, batches, traffic),
                shutdown_starter(pool, settings, upstreams, background))
     finally:
+        sampler.cancel()
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.remove_signal_handler(signal.SIGHUP)
         await batches.stop()
@@ -170,7 +188,8 @@ def create_app(settings: Settings, *, launcher: Launcher | None = None,
                   Middleware(RequestIdMiddleware, log_format=settings.log_format),
                   Middleware(AuthMiddleware, auth=settings.auth),
                   Middleware(api.InferenceFastPath)]
-    app = Starlette(routes=api.routes + batchapi.routes + admin.routes, lifespan=lifespan, middleware=middleware,
+    app = Starlette(routes=api.routes + batchapi.routes + admin.routes + console.routes,
+                    lifespan=lifespan, middleware=middleware,
                     exception_handlers={HTTPException: api.http_error, Exception: api.server_error})
     app.router.redirect_slashes = False
     return app

@@ -3,7 +3,8 @@
 Rules, checked on the *normalised* path (lower case, repeated slashes collapsed, trailing slash
 dropped), so ``/V1//chat/completions/`` is judged like ``/v1/chat/completions`` (cases C20):
 
-- ``/health`` and ``/openapi.json`` are always open; ``/metrics`` unless ``metrics_auth`` is set;
+- ``/health``, ``/openapi.json`` and the console's static files (``/ui``, ``/ui/...``) are always
+  open; ``/metrics`` unless ``metrics_auth`` is set;
 - ``/admin/...`` needs the admin key (or, when no admin key is set, any API key);
 - every other path, known or not, needs an API key once any key is configured.
 
@@ -61,7 +62,7 @@ def normalize_path(path: str) -> str:
 def required(auth: AuthConfig, path: str) -> str:
     """What ``path`` needs: ``none``, ``api`` (any API key) or ``admin``."""
     p = normalize_path(path)
-    if not auth.enabled or p in ("/health", "/openapi.json") or (
+    if not auth.enabled or p in ("/health", "/openapi.json", "/ui") or p.startswith("/ui/") or (
             p == "/metrics" and not auth.metrics_auth):
         return "none"
     if p == "/admin" or p.startswith("/admin/"):

@@ -77,8 +77,9 @@ def serve(config_path: Path | None, host: str | None, port: int | None, data_dir
         except RuntimeError as exc:
             raise click.ClickException(str(exc)) from None
     names = ", ".join(m.name for m in settings.models)
-    click.echo(f"vramgate: serving {names} on http://{settings.host}:{settings.port}/v1 "
-               f"(engine logs in {settings.log_dir})", err=True)
+    base = f"http://{'[' + settings.host + ']' if ':' in settings.host else settings.host}:{settings.port}"
+    click.echo(f"vramgate: serving {names} on {base}/v1 (engine logs in {settings.log_dir}); "
+               f"web console: {base}/ui", err=True)
     app = create_app(settings, reload=reload)
     config = uvicorn.Config(app, host=settings.host, port=settings.port,
                             log_level=log_level, access_log=False, lifespan="on",

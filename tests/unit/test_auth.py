@@ -23,6 +23,11 @@ def test_what_each_path_needs():
     assert required(AuthConfig(api_keys=AUTH.api_keys, metrics_auth=True), "/metrics") == "api"
     assert required(AUTH, "/admin/models") == "admin" and required(AUTH, "/ADMIN//reload/") == "admin"
     assert required(AuthConfig(api_keys=AUTH.api_keys), "/admin/models") == "api"
+    # The console's static files are open; its data routes are not.
+    for path in ("/ui", "/ui/", "/UI//console.js", "/ui/vendor/uPlot.min.css", "/ui/config.json"):
+        assert required(AUTH, path) == "none", path
+    for path in ("/uix", "/console/state", "/console/traffic", "/ui-data"):
+        assert required(AUTH, path) == "api", path
 
 
 def test_check_keys():
