@@ -132,8 +132,10 @@ function render() {
   if (!lastState.models.length) models.append(h("p", { class: "note" }, "No model is configured for this key."));
   document.getElementById("devices").replaceChildren(
     ...lastState.devices.map((d) => deviceBar(d, lastState.headroom_bytes)));
+  const gpus = lastState.devices.filter((d) => d.kind === "cuda").length;
   document.getElementById("devices-note").textContent = lastState.devices_error ||
-    `read from ${lastState.source} · placement policy ${lastState.policy}`;
+    (gpus ? `${gpus} GPU${gpus > 1 ? "s" : ""} (${lastState.source})` : `no GPU (${lastState.source}): engines run on the CPU`) +
+    ` · placement ${lastState.policy}`;
   playground.setModels(lastState.models);
 }
 

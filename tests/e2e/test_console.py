@@ -115,6 +115,19 @@ def test_chat_streams_and_stop_cancels_on_the_engine(gw, page):
     assert page.errors == []
 
 
+def test_a_short_chat_completes_and_its_tokens_are_counted(gw, page):
+    page.fill("#max-tokens", "24")
+    page.fill("#chat-input", "Say hello")
+    page.click("#chat-send")
+    page.wait_for_selector('.msg.assistant[data-status="done"]', timeout=120_000)
+    assert page.locator(".msg.assistant").last.inner_text().strip() != "assistant"
+    assert re.match(r"\d+ tokens in [\d.]+ s · TTFT [\d.]+ s", page.inner_text("#chat-stats"))
+    with admin(gw) as client:  # the traffic series counts its output tokens
+        assert wait_for(lambda: any((v or 0) > 0 for v in client.get("/console/traffic").json()[
+            "models"][CHAT_MODEL]["tok_s"]), 15)
+    assert page.errors == []
+
+
 def test_embeddings_tab_shows_size_and_norm(page):
     page.click("#tab-embed")
     page.select_option("#embed-model", EMBED_MODEL)
