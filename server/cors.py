@@ -14,7 +14,9 @@ browser client can read why it was refused.
 
 Withholding CORS headers only stops a page from *reading* an answer; a "simple" cross-site request
 (``Content-Type: text/plain``, no preflight) would still be carried out. So, as Ollama does, any
-request whose ``Origin`` is not allowed is refused with 403 before it reaches a route. And when the
+request whose ``Origin`` is not allowed is refused with 403 before it reaches a route, unless it is
+same-origin: its ``Origin`` names the very host and port of its ``Host`` header, as the web console's
+calls do when it is opened at any address of this server. And when the
 gateway listens on loopback, a request whose ``Host`` is not a loopback name, an IP address or this
 machine's name is refused too (a DNS-rebinding page reaches 127.0.0.1 under its own name);
 ``allowed_hosts`` adds names (a reverse proxy's), ``["*"]`` turns the check off.
@@ -28,6 +30,7 @@ import logging
 import re
 import socket
 from typing import Sequence
+from urllib.parse import urlsplit
 
 from starlette.datastructures import Headers
 from starlette.middleware.cors import CORSMiddleware
@@ -58,6 +61,16 @@ def origin_pattern(extra: Sequence[str]) -> str:
     added = ["[^\\s]*".join(re.escape(part) for part in normalize_origin(origin).split("*"))
              for origin in extra]
     return "|".join(f"(?:{p})" for p in (*LOCAL_ORIGINS, *added))
+
+
+def same_origin(origin: str, host: str) -> bool:
+    """Whether ``origin`` (``scheme://host[:port]``) names the host and port of the ``Host``
+    header ``host``: a page served by this server calling it back (browsers send ``Origin`` on
+    same-origin POSTs too). The scheme is not compared: behind a TLS proxy the page is https and
+    the request reaching us http."""
+    parts = urlsplit(normalize_origin(origin))
+    return bool(parts.scheme in ("http", "https") and parts.netloc and
+                parts.netloc == host.strip().lower())
 
 
 def host_allowed(host: str, extra: Sequence[str], machine: Sequence[str]) -> bool:
@@ -111,7 +124,8 @@ class Cors(CORSMiddleware):
                                "listens on loopback (allowed_hosts adds names).",
                                "host_not_allowed")(scope, receive, send)
                 return
-            if origin is not None and not self.is_allowed_origin(origin):
+            if origin is not None and not self.is_allowed_origin(origin) and \
+                    not same_origin(origin, host):
                 await _refusal(scope["path"], f"Origin '{origin}' is not allowed (cors_origins "
                                "adds origins).", "origin_not_allowed")(scope, receive, send)
                 return

@@ -94,3 +94,19 @@ def test_configured_origins_are_normalised():
     client = app(("HTTPS://My-IDE.example/",))
     r = client.options("/v1/chat/completions", headers={"origin": "https://my-ide.example", **PREFLIGHT})
     assert r.status_code == 204
+
+
+def test_a_same_origin_page_may_post_from_any_address_of_the_server():
+    """The web console opened at http://10.1.2.3:8000/ui (the gateway on 0.0.0.0) sends
+    ``Origin: http://10.1.2.3:8000`` with its POSTs: that is its own origin, not a foreign one."""
+    client = app()
+    r = client.post("/v1/chat/completions", headers={"origin": "http://10.1.2.3:8000",
+                                                     "host": "10.1.2.3:8000"})
+    assert r.status_code == 401  # reached the route (which wants a key)
+    r = client.post("/v1/chat/completions", headers={"origin": "https://gw.example.lan",
+                                                     "host": "gw.example.lan"})
+    assert r.status_code == 401  # behind a TLS proxy: https page, Host without a port
+    for origin, host in (("http://10.1.2.3:8001", "10.1.2.3:8000"), ("http://evil.example", "10.1.2.3"),
+                         ("null", "null"), ("http://10.1.2.3:8000.evil.example", "10.1.2.3:8000")):
+        r = client.post("/v1/chat/completions", headers={"origin": origin, "host": host})
+        assert r.status_code == 403 and r.json()["error"]["code"] == "origin_not_allowed", origin
