@@ -9,11 +9,17 @@ vLLM (``engine_module: loadtest.instant_engine``) or by hand for another proxy:
 
 ``INSTANT_CHUNKS`` (default 16) sets the chunks per stream. Every answer is pre-encoded: the
 engine does as little per request as aiohttp allows, so the proxy in front is what is measured.
+
+For the concurrency benchmark (``loadtest/streams.py``), ``INSTANT_HOLD=1`` holds every stream
+after its first chunk until ``POST /release``: then N streams are open at once, mid-answer, for as
+long as the benchmark needs to measure them. ``GET /held`` tells how many wait. The listen backlog
+is 8,192 so that thousands of connections arriving at once are queued, not refused.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import time
@@ -21,6 +27,7 @@ import time
 from aiohttp import web
 
 CHUNKS = int(os.environ.get("INSTANT_CHUNKS", "16"))
+HOLD = os.environ.get("INSTANT_HOLD", "") == "1"
 
 
 def dumps(obj: object) -> bytes:
@@ -56,6 +63,15 @@ def build(name: str) -> dict[str, bytes]:
 
 def app_for(name: str) -> web.Application:
     answers = build(name)
+    gate = {"event": asyncio.Event(), "held": 0}  # INSTANT_HOLD: the streams wait on the event
+
+    async def held(_: web.Request) -> web.Response:
+        return web.json_response({"held": gate["held"]})
+
+    async def release(_: web.Request) -> web.Response:
+        gate["event"].set()
+        gate["event"] = asyncio.Event()  # the next wave waits again
+        return web.json_response({"released": True})
 
     async def health(_: web.Request) -> web.Response:
         return web.Response(text="")
@@ -73,8 +89,15 @@ def app_for(name: str) -> web.Application:
             return web.Response(body=answers[kind], content_type="application/json")
         resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
         await resp.prepare(request)
-        for chunk in answers[kind + "_chunks"]:  # type: ignore[union-attr]
+        for i, chunk in enumerate(answers[kind + "_chunks"]):  # type: ignore[union-attr]
             await resp.write(chunk)
+            if HOLD and i == 0:
+                event = gate["event"]
+                gate["held"] += 1
+                try:
+                    await event.wait()
+                finally:
+                    gate["held"] -= 1
         if (body.get("stream_options") or {}).get("include_usage"):
             await resp.write(answers[kind + "_usage"])
         await resp.write(b"data: [DONE]\n\n")
@@ -87,6 +110,8 @@ def app_for(name: str) -> web.Application:
     app.router.add_get("/v1/models", models)
     app.router.add_post("/v1/chat/completions", complete)
     app.router.add_post("/v1/completions", complete)
+    app.router.add_get("/held", held)
+    app.router.add_post("/release", release)
     return app
 
 
@@ -103,7 +128,7 @@ def main() -> None:
     except ImportError:
         pass
     web.run_app(app_for(args.served_model_name), host=args.host, port=args.port, print=None,
-                access_log=None)
+                access_log=None, backlog=8192)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,23 @@ from server.configload import load_settings
 from server.errors import ConfigError
 
 
+def raise_open_files_limit() -> tuple[int, int]:
+    """Raise this process's soft open-file limit (``RLIMIT_NOFILE``) to its hard limit, as vLLM's
+    own server does: each open stream holds two sockets here (client and engine), so 5,000
+    streams need 10,000 descriptors. Returns the soft limit before and after (unchanged where
+    the OS refuses or has no such limit)."""
+    try:
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        want = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        if soft == resource.RLIM_INFINITY or soft >= want:
+            return soft, soft
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        return soft, resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, ValueError, OSError):
+        return -1, -1
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="vramgate")
 def main() -> None:
@@ -80,6 +97,9 @@ def serve(config_path: Path | None, host: str | None, port: int | None, data_dir
     base = f"http://{'[' + settings.host + ']' if ':' in settings.host else settings.host}:{settings.port}"
     click.echo(f"vramgate: serving {names} on {base}/v1 (engine logs in {settings.log_dir}); "
                f"web console: {base}/ui", err=True)
+    before, after = raise_open_files_limit()
+    if after > before:
+        logging.getLogger("vramgate").info("open-file limit raised from %d to %d", before, after)
     app = create_app(settings, reload=reload)
     config = uvicorn.Config(app, host=settings.host, port=settings.port,
                             log_level=log_level, access_log=False, lifespan="on",
@@ -117,3 +137,4 @@ for _command in (*cli_remote.COMMANDS, *cli_plan.COMMANDS, *cli_batches.COMMANDS
 
 if __name__ == "__main__":
     sys.exit(main())
+

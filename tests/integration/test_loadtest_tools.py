@@ -44,3 +44,16 @@ def test_gateway_floor_proxy_and_load_generator_on_the_instant_engine(tmp_path):
             floor.stop()
         gw.stop()
     assert gw.proc.returncode is not None
+
+
+def test_the_streams_benchmark_holds_n_streams_open_and_checks_every_byte(tmp_path):
+    import json
+    import subprocess
+
+    out = tmp_path / "streams"
+    subprocess.run([sys.executable, "-m", "loadtest.streams", "--levels", "40", "--chunks", "8",
+                    "--out", str(out)], check=True, capture_output=True, timeout=300)
+    row = json.loads(out.with_suffix(".json").read_text())["levels"][0]
+    assert row["all_open"] and row["held_at_peak"] == 40 and row["gateway_in_flight_open"] == 40
+    assert row["errors"] == 0 and row["byte_exact"] == 40 and row["gateway_in_flight_after"] == 0
+    assert row["gateway_fds_open"] >= 80  # two sockets a stream: client and engine
