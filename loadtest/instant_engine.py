@@ -14,6 +14,9 @@ For the concurrency benchmark (``loadtest/streams.py``), ``INSTANT_HOLD=1`` hold
 after its first chunk until ``POST /release``: then N streams are open at once, mid-answer, for as
 long as the benchmark needs to measure them. ``GET /held`` tells how many wait. The listen backlog
 is 8,192 so that thousands of connections arriving at once are queued, not refused.
+``INSTANT_CHUNK_DELAY`` (seconds, default 0) spaces the chunks, so that a client can hang up in
+the middle of a stream (``loadtest/soak.py``); ``/v1/embeddings`` answers a fixed 384-dimension
+vector.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from aiohttp import web
 
 CHUNKS = int(os.environ.get("INSTANT_CHUNKS", "16"))
 HOLD = os.environ.get("INSTANT_HOLD", "") == "1"
+CHUNK_DELAY = float(os.environ.get("INSTANT_CHUNK_DELAY", "0"))  # seconds between chunks (soak)
+EMBED_DIM = 384
 
 
 def dumps(obj: object) -> bytes:
@@ -39,7 +44,9 @@ def build(name: str) -> dict[str, bytes]:
     """Every answer's bytes, made once."""
     created = int(time.time())
     usage = {"prompt_tokens": 8, "completion_tokens": CHUNKS, "total_tokens": 8 + CHUNKS}
-    out: dict[str, bytes] = {}
+    out: dict[str, bytes] = {"embedding": dumps({
+        "object": "list", "model": name, "usage": {"prompt_tokens": 4, "total_tokens": 4},
+        "data": [{"object": "embedding", "index": 0, "embedding": [0.05] * EMBED_DIM}]})}
     for kind, obj, delta in (("chat", "chat.completion", None), ("text", "text_completion", None)):
         choice = ({"index": 0, "message": {"role": "assistant", "content": "tok " * CHUNKS},
                    "finish_reason": "length"} if kind == "chat" else
@@ -90,6 +97,8 @@ def app_for(name: str) -> web.Application:
         resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
         await resp.prepare(request)
         for i, chunk in enumerate(answers[kind + "_chunks"]):  # type: ignore[union-attr]
+            if CHUNK_DELAY and i:
+                await asyncio.sleep(CHUNK_DELAY)
             await resp.write(chunk)
             if HOLD and i == 0:
                 event = gate["event"]
@@ -104,7 +113,11 @@ def app_for(name: str) -> web.Application:
         await resp.write_eof()
         return resp
 
+    async def embed(_: web.Request) -> web.Response:
+        return web.Response(body=answers["embedding"], content_type="application/json")
+
     app = web.Application()
+    app.router.add_post("/v1/embeddings", embed)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/v1/models", models)
