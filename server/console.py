@@ -3,7 +3,8 @@ Content-Security-Policy that allows no inline script and no other origin), and t
 data routes that need an API key like ``/v1`` does:
 
 - ``GET /console/state``: the models the key may use, each with its replicas (``/admin/models``'s
-  fields, plus a starting engine's phase read from its log: ``server.startphases``), the devices
+  fields, plus a starting engine's phase read from its log, ``server.startphases``, and a CPU
+  engine's RAM, ``ram_bytes``), the devices
   (``/admin/gpus``'s figures) and what the key may do (``admin``: load and unload);
 - ``GET /console/traffic``: the last 15 minutes of per-model rates (``server.traffic``).
 
@@ -29,6 +30,7 @@ from server.admin import inventory_view, model_object
 from server.auth import SCOPE_KEY, ApiKey, AuthConfig, allowed
 from server.books import ModelState, ModelView
 from server.errors import NvmlError
+from server.gpus.cpu import memory_bytes, tree_pids
 from server.startphases import start_phase
 
 UI_DIR = Path(__file__).parent / "ui"
@@ -80,6 +82,13 @@ def start_phases(views: Iterable[ModelView]) -> dict[str, dict[str, Any]]:
             if r.state == ModelState.LOADING and r.log_path}
 
 
+def cpu_memory(views: Iterable[ModelView]) -> dict[str, int]:
+    """``{"model#replica": bytes}``: the RAM (PSS) of each running CPU engine's process tree,
+    which NVML cannot measure. Blocking reads: call in a thread."""
+    return {r.key: memory_bytes(tree_pids(r.pid)) for m in views for r in m.replicas
+            if r.pid and r.plan is not None and r.plan.devices == ("cpu",)}
+
+
 def _visible(request: Request) -> list[ModelView]:
     key = request.scope.get(SCOPE_KEY)
     return [m for m in request.state.pool.models().values()
@@ -92,12 +101,13 @@ async def console_state(request: Request) -> JSONResponse:
     pool, key = request.state.pool, request.scope.get(SCOPE_KEY)
     views = _visible(request)
     now = pool.clock()
-    phases = await asyncio.to_thread(start_phases, views)
+    phases, ram = await asyncio.to_thread(lambda: (start_phases(views), cpu_memory(views)))
     models = []
     for view in views:
         obj = model_object(view, request.state.started, now)
         for rep, rep_obj in zip(view.replicas, obj["replicas"]):
             rep_obj["start_phase"] = phases.get(rep.key)
+            rep_obj["ram_bytes"] = ram.get(rep.key)
         models.append(obj)
     names = {v.config.name for v in views}
     out: dict[str, Any] = {"models": models, "policy": pool.policy.name,

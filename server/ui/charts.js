@@ -33,6 +33,7 @@ export class Charts {
     const legend = document.getElementById("chart-legend");
     legend.replaceChildren(...models.map((m, i) => {
       const item = document.createElement("span");
+      item.className = "legend-item";
       const swatch = document.createElement("span");
       swatch.className = "sw";
       swatch.style.background = COLOURS[i % COLOURS.length];
@@ -60,7 +61,7 @@ export class Charts {
         width: Math.max(240, box.clientWidth || 260),
         height: 120,
         legend: { show: false },
-        scales: { x: { time: true }, y: { range: (u, min, max) => [0, Math.max(max || 0, key === "queued" ? 1 : 0.001) * 1.1] } },
+        scales: { x: { time: true }, y: { range: (u, min, max) => [0, max > 0 ? max * 1.1 : 1] } },
         axes: [{ space: 60, size: 28 }, { size: 52 }],
         series: [{}, ...models.map((m, i) => ({
           label: m, stroke: COLOURS[i % COLOURS.length], width: 1.5, spanGaps: false,

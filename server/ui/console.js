@@ -30,10 +30,12 @@ function replicaRows(model) {
     return h("tr", { class: "replica" },
       h("td", {}, r.index), h("td", {}, r.state), h("td", {}, (p.devices || []).join("+") || r.device),
       h("td", {}, p.tensor_parallel_size ?? "–"), h("td", {}, gib(p.reserved_bytes)),
-      h("td", {}, gib(p.measured_bytes)), h("td", {}, gib(p.estimated_bytes)),
+      h("td", { title: r.ram_bytes != null ? "RAM of its processes (PSS)" : "NVML's figure" },
+        r.ram_bytes != null ? gib(r.ram_bytes) + " RAM" : gib(p.measured_bytes)),
+      h("td", {}, gib(p.estimated_bytes)),
       h("td", {}, r.in_flight), h("td", {}, r.state === "ready" ? seconds(r.idle_s) : "–"));
   });
-  return h("table", {}, h("thead", {}, head), h("tbody", {}, rows));
+  return h("div", { class: "table-wrap" }, h("table", {}, h("thead", {}, head), h("tbody", {}, rows)));
 }
 
 function loadingLine(model) {
@@ -79,7 +81,7 @@ function modelCard(model, admin) {
   const head = h("div", { class: "model-head" },
     h("span", { class: "model-name" }, model.id),
     h("span", { class: "state", "data-state": model.state }, model.state),
-    h("span", { class: "note" }, `${model.task} · ${model.device} · queued ${model.queued ?? 0} · in flight ${model.in_flight ?? 0}`),
+    h("span", { class: "note" }, `${model.task} · ${model.device === "-" ? "not placed" : model.device} · queued ${model.queued ?? 0} · in flight ${model.in_flight ?? 0}`),
     h("span", { class: "actions" },
       h("button", { class: "load", disabled: !admin || running, title, onclick: () => act(model.id, "load") }, "load"),
       h("button", { class: "unload", disabled: !admin || model.state === "unloaded", title,
@@ -134,7 +136,7 @@ function render() {
     ...lastState.devices.map((d) => deviceBar(d, lastState.headroom_bytes)));
   const gpus = lastState.devices.filter((d) => d.kind === "cuda").length;
   document.getElementById("devices-note").textContent = lastState.devices_error ||
-    (gpus ? `${gpus} GPU${gpus > 1 ? "s" : ""} (${lastState.source})` : `no GPU (${lastState.source}): engines run on the CPU`) +
+    (gpus ? `${gpus} GPU${gpus > 1 ? "s" : ""} (read from ${lastState.source})` : "no GPU found: engines run on the CPU") +
     ` · placement ${lastState.policy}`;
   playground.setModels(lastState.models);
 }

@@ -48,6 +48,7 @@ export class Playground {
       this.messages = [];
       this.lastBody = null;
       $("transcript").replaceChildren();
+      $("chat-stats").textContent = "";
       this.showCode();
     });
     $("embed-form").addEventListener("submit", (ev) => { ev.preventDefault(); this.embed(); });
@@ -86,13 +87,13 @@ export class Playground {
     const messages = [...this.messages, { role: "user", content: prompt }];
     return {
       model: $("chat-model").value, messages, stream: true, stream_options: { include_usage: true },
-      max_tokens: Number($("max-tokens").value) || undefined,
+      max_tokens: $("max-tokens").value === "" ? undefined : Number($("max-tokens").value),
       temperature: $("temperature").value === "" ? undefined : Number($("temperature").value),
     };
   }
 
   embedBody() {
-    return { model: $("embed-model").value, input: $("embed-input").value || "Hello" };
+    return { model: $("embed-model").value, input: $("embed-input").value };
   }
 
   showCode() {
@@ -101,10 +102,10 @@ export class Playground {
     const typed = $("chat-input").value;
     // What the box holds, else the request last sent, else an example.
     const body = chat ? (typed || !this.lastBody ? this.chatBody(typed || "Hello") : this.lastBody)
-      : this.embedBody();
+      : { ...this.embedBody(), input: $("embed-input").value || "Hello" };
     const base = url("v1");
     $("code-curl").textContent = [
-      `curl ${base}/${route}${chat ? " -N" : ""} \\`,
+      `curl -s${chat ? "N" : ""} ${base}/${route} \\`,
       `  -H "Content-Type: application/json" \\`,
       `  -H "Authorization: Bearer $VRAMGATE_API_KEY" \\`,
       `  -d ${shellQuote(JSON.stringify(body))}`,
@@ -127,6 +128,7 @@ export class Playground {
       "for chunk in stream:",
       "    if chunk.choices and chunk.choices[0].delta.content:",
       '        print(chunk.choices[0].delta.content, end="", flush=True)',
+      "print()",
     ] : [
       `out = client.embeddings.create(model=${JSON.stringify(body.model)}, input=${JSON.stringify(body.input)})`,
       "vector = out.data[0].embedding",
@@ -229,6 +231,10 @@ export class Playground {
     this.showCode();
     const out = $("embed-result");
     if (!body.model) return;
+    if (!body.input.trim()) {
+      out.textContent = "Type some text to embed first.";
+      return;
+    }
     out.textContent = "embedding…";
     try {
       const data = await json("v1/embeddings", { method: "POST", body });

@@ -53,4 +53,6 @@ def test_gpu_bars_match_admin_gpus(gw):
         assert "cuda:0" in page.inner_text('.model[data-model="n"] tr.replica')
         assert "m#0" in page.inner_text('.device[data-device="cuda:1"] .figures')
         assert page.locator('.device[data-device="cpu"] .limit').count() == 0  # no headroom on RAM
+        # The CPU engine's RAM shows where a GPU engine's NVML figure would.
+        assert page.inner_text('.model[data-model="e"] tr.replica').count(" RAM") == 1
         assert page.errors == []

@@ -112,6 +112,8 @@ def test_state_needs_a_key_and_shows_only_the_keys_models(gw):
     full = get(gw, "/console/state", "sk-user").json()
     assert [m["id"] for m in full["models"]] == ["echo", "other", "slow", "broken"]
     assert full["admin"] is False
+    echo = full["models"][0]["replicas"][0]  # a CPU engine: its RAM (PSS), which NVML cannot give
+    assert echo["ram_bytes"] > 10 * 2**20 and echo["placement"]["measured_bytes"] is None
     cpu = next(d for d in full["devices"] if d["id"] == "cpu")
     assert sorted(cpu["models"]) == ["echo#0", "other#0"]
     # The device figures are /admin/gpus's own.

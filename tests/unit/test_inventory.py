@@ -81,3 +81,29 @@ def test_cli_plan_and_gpus_on_a_simulated_layout(tmp_path):
     assert dev["free_bytes"] == 20 * GiB and dev["used_by_others_bytes"] == 4 * GiB
     res = runner.invoke(main, ["gpus", "--simulate-gpus", "nonsense"])
     assert res.exit_code == 2 and "simulate_gpus" in res.output
+
+
+def test_cpu_engine_memory_counts_shared_pages_once():
+    """vLLM's API server, engine core and worker share pages: adding up their resident sizes
+    counted those pages once per process. Here a process fills 96 MiB, then forks: both map the
+    same pages."""
+    import subprocess
+    import sys
+
+    import psutil
+
+    from server.gpus.cpu import memory_bytes
+
+    code = ("import os, sys\nblob = bytearray(96 << 20)\nfor i in range(0, len(blob), 4096): blob[i] = 1\n"
+            "child = os.fork()\nprint(child or os.getpid(), flush=True)\nsys.stdin.read()\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        pids = {int(proc.stdout.readline()), int(proc.stdout.readline())}  # the child's, printed twice
+        pids.add(proc.pid)
+        rss = sum(psutil.Process(p).memory_info().rss for p in pids)
+        assert rss > 2 * (96 << 20)  # each process shows the 96 MiB as resident
+        assert memory_bytes(frozenset(pids)) < 0.7 * rss  # PSS splits them between the two
+    finally:
+        proc.stdin.close()
+        proc.wait(10)
