@@ -18,7 +18,7 @@ from starlette.middleware import Middleware
 from server import admin, api, batchapi, console
 from server.batchrunner import BatchRunner
 from server.batchstore import BatchStore
-from server.auth import AuthMiddleware
+from server.auth import AuthConfig, AuthMiddleware
 from server.cors import LOOPBACK_BINDS, Cors
 from server.requestid import RequestIdMiddleware
 from server.config import Settings
@@ -41,7 +41,7 @@ log = logging.getLogger("vramgate.app")
 class GatewayState:
     """What every request sees as ``request.state``: the scheduler (``pool``), the request
     service, the metrics, the start time (Unix seconds), the reload function, the batch runner and
-    the console's traffic samples."""
+    the console's traffic samples, and the keys in force."""
 
     pool: Scheduler
     service: Service
@@ -50,6 +50,7 @@ class GatewayState:
     reload: Callable[[], Awaitable[dict]]
     batches: BatchRunner
     traffic: Traffic
+    auth: AuthConfig  # the keys the middleware checks: the startup ones (a reload keeps them)
 
 
 def reloader(pool: Scheduler, reload: Callable[[], Settings] | None
@@ -147,7 +148,8 @@ async def gateway(settings: Settings, devices: Inventory, launcher: Launcher | N
     sampler = asyncio.ensure_future(traffic.run(traffic_reader(metrics, pool)))
     try:
         await batches.start()  # batches an earlier run left active resume
-        yield (GatewayState(pool, service, metrics, int(time.time()), do_reload, batches, traffic),
+        yield (GatewayState(pool, service, metrics, int(time.time()), do_reload, batches, traffic,
+                            settings.auth),
                shutdown_starter(pool, settings, upstreams, background))
     finally:
         sampler.cancel()

@@ -94,7 +94,8 @@ def serve(config_path: Path | None, host: str | None, port: int | None, data_dir
         except RuntimeError as exc:
             raise click.ClickException(str(exc)) from None
     names = ", ".join(m.name for m in settings.models)
-    base = f"http://{'[' + settings.host + ']' if ':' in settings.host else settings.host}:{settings.port}"
+    shown = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(settings.host, settings.host)  # a bind-all address
+    base = f"http://{'[' + shown + ']' if ':' in shown else shown}:{settings.port}"
     click.echo(f"vramgate: serving {names} on {base}/v1 (engine logs in {settings.log_dir}); "
                f"web console: {base}/ui", err=True)
     before, after = raise_open_files_limit()

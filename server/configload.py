@@ -128,6 +128,8 @@ def _scalar_fields(raw: dict[str, Any]) -> dict[str, Any]:
                 "place_wait_timeout", "stream_keepalive")))
             if kw[key] < 0:
                 raise ConfigError(f"{key}: must not be negative")
+    if kw.get("traffic_interval", 1.0) < 0.1:  # each sample reads the whole registry
+        raise ConfigError("traffic_interval: must be at least 0.1 (seconds)")
     for key in ("kv_cache_sequences", "max_loaded_models", "batch_concurrency", "batch_beside"):
         if key in raw:
             kw[key] = int(_number(raw[key], key, integer=True, positive=key != "batch_beside"))

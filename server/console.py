@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import time
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -112,7 +113,7 @@ async def console_state(request: Request) -> JSONResponse:
     names = {v.config.name for v in views}
     out: dict[str, Any] = {"models": models, "policy": pool.policy.name,
                            "headroom_bytes": pool.policy.headroom_bytes,
-                           "admin": can_admin(pool.settings.auth, key), "devices": [],
+                           "admin": can_admin(request.state.auth, key), "devices": [],
                            "devices_error": None}
     try:
         snap = await pool.snapshot()
@@ -128,23 +129,24 @@ async def console_state(request: Request) -> JSONResponse:
 
 async def console_traffic(request: Request) -> JSONResponse:
     """GET /console/traffic: ``server.traffic.Traffic.series`` for the models the key may use."""
-    return JSONResponse(request.state.traffic.series(v.config.name for v in _visible(request)))
+    offset = time.time() - time.monotonic()  # the charts' times are Unix seconds
+    return JSONResponse(request.state.traffic.series((v.config.name for v in _visible(request)), offset))
 
 
 async def ui_config(request: Request) -> JSONResponse:
     """GET /ui/config.json (open, like the page): which keys the server asks for, so that the page
     asks for one before its first data call instead of collecting a 401; and the traffic sample
     interval (seconds)."""
-    pool = request.state.pool
-    auth = pool.settings.auth
+    auth = request.state.auth  # the keys in force: a reload does not change them
     return JSONResponse({"auth": {"api_key": bool(auth.api_keys), "admin_key": auth.admin_key is not None},
-                         "traffic_interval_s": pool.settings.traffic_interval},
+                         "traffic_interval_s": request.state.traffic.interval},
                         headers={k.decode(): v.decode() for k, v in UI_HEADERS})
 
 
 async def ui_root(request: Request) -> Response:
-    """GET /ui: to ``/ui/``, so that the page's relative links resolve under it."""
-    return RedirectResponse("/ui/", status_code=308)
+    """GET /ui: to ``/ui/``, so that the page's relative links resolve under it (a relative
+    ``Location``, so that a reverse proxy's path prefix is kept)."""
+    return RedirectResponse("ui/", status_code=308)
 
 
 routes = [

@@ -127,28 +127,30 @@ class Traffic:
         self._last: tuple[float, dict[str, Totals]] | None = None
 
     def add(self, at: float, totals: dict[str, Totals]) -> None:
-        """Take a sample made at ``at`` (Unix seconds); from the second on, it adds a point."""
+        """Take a sample made at ``at`` (seconds of a clock that never goes back: the spans
+        between samples come from it); from the second sample on, it adds a point."""
         if self._last is not None:
             then, old = self._last
             self.points.append((at, {m: interval_point(old.get(m), t, at - then)
                                      for m, t in totals.items()}))
         self._last = (at, totals)
 
-    def series(self, models: Iterable[str] | None = None) -> dict[str, Any]:
-        """Columns for the charts: ``t`` (Unix seconds at each point's end) and, per model (all,
-        or those of ``models``), one list per field of :data:`SERIES`, ``None`` where the model
-        had no point."""
+    def series(self, models: Iterable[str] | None = None, offset: float = 0.0) -> dict[str, Any]:
+        """Columns for the charts: ``t`` (each point's end: its sample clock plus ``offset``, the
+        Unix time at that clock's zero) and, per model (all, or those of ``models``), one list per
+        field of :data:`SERIES`, ``None`` where the model had no point."""
         keep = None if models is None else set(models)
         names = sorted({m for _, pts in self.points for m in pts if keep is None or m in keep})
         return {"interval_s": self.interval, "window_s": WINDOW_SECONDS,
-                "t": [round(at, 3) for at, _ in self.points],
+                "t": [round(at + offset, 3) for at, _ in self.points],
                 "models": {m: {f: [pts.get(m, {}).get(f) for _, pts in self.points] for f in SERIES}
                            for m in names}}
 
     async def run(self, read: Callable[[], dict[str, Totals]],
-                  clock: Callable[[], float] = time.time) -> None:
+                  clock: Callable[[], float] = time.monotonic) -> None:
         """Sample ``read()`` now and every ``interval`` seconds until cancelled (a failed read is
-        logged and skipped)."""
+        logged and skipped). ``clock`` must never go back (a wall clock that an NTP step moves
+        would give a span near zero and an absurd rate)."""
         while True:
             try:
                 self.add(clock(), read())

@@ -1,15 +1,17 @@
 // The console's main loop: ask for keys when the server needs them, poll /console/state (models
 // and devices) every 2 s and /console/traffic every few seconds, and render them.
-import { ApiError, call, gib, h, json, keys, saveKeys, seconds } from "./api.js";
+import { ApiError, gib, h, json, keys, saveKeys } from "./api.js";
 import { Charts } from "./charts.js";
+import { Models } from "./models.js";
 import { Playground } from "./playground.js";
 
 const STATE_EVERY_MS = 2000;
-const results = new Map(); // model -> {text, bad}: what its last load or unload did
 let config = { auth: { api_key: false, admin_key: false }, traffic_interval_s: 5 };
 let lastState = null;
 const charts = new Charts(document.getElementById("charts"));
 const playground = new Playground();
+const models = new Models(document.getElementById("models"), () => refresh());
+let asked = false; // the key field was focused for this refusal already
 
 function setStatus(state, text) {
   const el = document.getElementById("status");
@@ -19,83 +21,8 @@ function setStatus(state, text) {
 
 function needKeys(message) {
   document.getElementById("key-note").textContent = message;
-  document.getElementById("api-key").focus();
-}
-
-function replicaRows(model) {
-  const head = h("tr", {}, ["#", "state", "devices", "TP", "reserved", "measured", "estimated",
-    "in flight", "idle"].map((t) => h("th", {}, t)));
-  const rows = model.replicas.map((r) => {
-    const p = r.placement || {};
-    return h("tr", { class: "replica" },
-      h("td", {}, r.index), h("td", {}, r.state), h("td", {}, (p.devices || []).join("+") || r.device),
-      h("td", {}, p.tensor_parallel_size ?? "–"), h("td", {}, gib(p.reserved_bytes)),
-      h("td", { title: r.ram_bytes != null ? "RAM of its processes (PSS)" : "NVML's figure" },
-        r.ram_bytes != null ? gib(r.ram_bytes) + " RAM" : gib(p.measured_bytes)),
-      h("td", {}, gib(p.estimated_bytes)),
-      h("td", {}, r.in_flight), h("td", {}, r.state === "ready" ? seconds(r.idle_s) : "–"));
-  });
-  return h("div", { class: "table-wrap" }, h("table", {}, h("thead", {}, head), h("tbody", {}, rows)));
-}
-
-function loadingLine(model) {
-  const rep = model.replicas.find((r) => r.state === "loading");
-  if (!rep) return null;
-  const phase = rep.start_phase;
-  const pct = phase ? Math.round((100 * (phase.step - 1)) / phase.steps) : 0;
-  const bar = h("div", { class: "progress" }, h("div", { class: "progress-fill" }));
-  bar.firstChild.style.width = pct + "%";
-  const text = phase ? `step ${phase.step} of ${phase.steps}: ${phase.phase}` : "queued for placement";
-  return h("div", { class: "loading", "data-step": phase ? phase.step : 0 }, bar,
-    h("div", { class: "note" }, `${text} · ${seconds(rep.loading_s)} elapsed`));
-}
-
-async function act(model, verb) {
-  results.set(model, { text: `${verb}ing…`, bad: false });
-  render();
-  const began = performance.now();
-  try {
-    const out = await json(`admin/models/${encodeURIComponent(model)}/${verb}`, { method: "POST", admin: true });
-    const took = ((performance.now() - began) / 1000).toFixed(1);
-    results.set(model, { text: `${verb}ed in ${took} s: now ${out.state}`, bad: false });
-  } catch (err) {
-    results.set(model, { text: `${verb} failed: ${err.message}`, bad: true });
-  }
-  await refresh();
-}
-
-async function showLog(model, box) {
-  try {
-    box.textContent = await (await call(`admin/models/${encodeURIComponent(model)}/logs?lines=40`,
-      { admin: true })).text();
-  } catch (err) {
-    box.textContent = `log not available: ${err.message}`;
-  }
-}
-
-function modelCard(model, admin) {
-  const running = ["ready", "loading", "sleeping"].includes(model.state);
-  const result = results.get(model.id);
-  const logBox = h("pre", { class: "error log", hidden: true });
-  const title = admin ? undefined : "needs the admin key";
-  const head = h("div", { class: "model-head" },
-    h("span", { class: "model-name" }, model.id),
-    h("span", { class: "state", "data-state": model.state }, model.state),
-    h("span", { class: "note" }, `${model.task} · ${model.device === "-" ? "not placed" : model.device} · queued ${model.queued ?? 0} · in flight ${model.in_flight ?? 0}`),
-    h("span", { class: "actions" },
-      h("button", { class: "load", disabled: !admin || running, title, onclick: () => act(model.id, "load") }, "load"),
-      h("button", { class: "unload", disabled: !admin || model.state === "unloaded", title,
-        onclick: () => act(model.id, "unload") }, "unload"),
-      admin && model.state === "failed" ? h("button", { class: "show-log", onclick: () => {
-        logBox.hidden = false; showLog(model.id, logBox);
-      } }, "log") : null));
-  return h("div", { class: "model", "data-model": model.id, "data-state": model.state }, head,
-    model.aliases.length ? h("div", { class: "note" }, "aliases: " + model.aliases.join(", ")) : null,
-    loadingLine(model),
-    model.error ? h("div", { class: "error" }, model.error) : null,
-    logBox,
-    result ? h("div", { class: "result-line" + (result.bad ? " bad" : "") }, result.text) : null,
-    model.replicas.some((r) => r.placement) ? replicaRows(model) : null);
+  if (!asked) document.getElementById("api-key").focus(); // once: later polls leave focus alone
+  asked = true;
 }
 
 function deviceBar(d, headroom) {
@@ -127,11 +54,8 @@ function deviceBar(d, headroom) {
 
 function render() {
   if (!lastState) return;
-  const models = document.getElementById("models");
   // The admin buttons work with the admin key entered here, or with a key the server takes as admin.
-  const admin = lastState.admin || Boolean(keys.admin);
-  models.replaceChildren(...lastState.models.map((m) => modelCard(m, admin)));
-  if (!lastState.models.length) models.append(h("p", { class: "note" }, "No model is configured for this key."));
+  models.render(lastState.models, lastState.admin || Boolean(keys.admin));
   document.getElementById("devices").replaceChildren(
     ...lastState.devices.map((d) => deviceBar(d, lastState.headroom_bytes)));
   const gpus = lastState.devices.filter((d) => d.kind === "cuda").length;
@@ -144,8 +68,11 @@ function render() {
 async function refresh() {
   try {
     lastState = await json("console/state");
+    const status = document.getElementById("status");
+    status.dataset.polls = String(Number(status.dataset.polls || 0) + 1); // for tests and the curious
     setStatus("ok", "connected" + (lastState.admin ? " · admin" : ""));
     document.getElementById("key-note").textContent = "";
+    asked = false;
     render();
   } catch (err) {
     if (err instanceof ApiError && err.status === 401) {
@@ -181,6 +108,7 @@ async function start() {
   form.addEventListener("submit", (ev) => {
     ev.preventDefault();
     saveKeys(document.getElementById("api-key").value, document.getElementById("admin-key").value);
+    asked = true; // just typed: no need to pull focus back
     refresh();
     refreshTraffic();
   });

@@ -30,6 +30,7 @@ async function* sseData(body) {
 export class Playground {
   constructor() {
     this.messages = [];
+    this.epoch = 0; // bumped by clear
     this.controller = null;
     this.tab = "chat";
     this.modelKey = { chat: "", embed: "" };
@@ -41,10 +42,13 @@ export class Playground {
     }
     $("chat-form").addEventListener("submit", (ev) => { ev.preventDefault(); this.send(); });
     $("chat-input").addEventListener("keydown", (ev) => {
-      if (ev.key === "Enter" && !ev.shiftKey) { ev.preventDefault(); this.send(); }
+      // Enter sends, but not while an input method is composing a character.
+      if (ev.key === "Enter" && !ev.shiftKey && !ev.isComposing) { ev.preventDefault(); this.send(); }
     });
     $("chat-stop").addEventListener("click", () => this.stop());
     $("chat-clear").addEventListener("click", () => {
+      this.epoch += 1; // an answer still streaming no longer joins the conversation
+      this.stop();
       this.messages = [];
       this.lastBody = null;
       $("transcript").replaceChildren();
@@ -164,9 +168,25 @@ export class Playground {
     $("chat-stop").disabled = !on;
   }
 
+  // Why the chat form cannot be sent as it is, or "".
+  invalid() {
+    if (!$("chat-model").value) return "No chat model is available to this key.";
+    const max = $("max-tokens").value;
+    if (max !== "" && !(Number.isInteger(Number(max)) && Number(max) >= 1)) return "max_tokens must be a whole number, at least 1.";
+    const t = $("temperature").value;
+    if (t !== "" && !(Number(t) >= 0 && Number(t) <= 2)) return "temperature must be between 0 and 2.";
+    return "";
+  }
+
   async send() {
     const prompt = $("chat-input").value.trim();
-    if (!prompt || this.controller || !$("chat-model").value) return;
+    if (!prompt || this.controller) return;
+    const why = this.invalid();
+    if (why) {
+      $("chat-stats").textContent = why;
+      return;
+    }
+    const epoch = this.epoch;
     const body = this.chatBody(prompt);
     this.lastBody = body;
     this.bubble("user", prompt);
@@ -198,7 +218,7 @@ export class Playground {
         }
       }
       answer.dataset.status = "done";
-      this.messages.push({ role: "user", content: prompt }, { role: "assistant", content: text.textContent });
+      if (epoch === this.epoch) this.messages.push({ role: "user", content: prompt }, { role: "assistant", content: text.textContent });
       const secs = (performance.now() - began) / 1000;
       const tokens = usage ? usage.completion_tokens : pieces;
       $("chat-stats").textContent = `${tokens} tokens in ${secs.toFixed(1)} s` +
@@ -206,10 +226,10 @@ export class Playground {
     } catch (err) {
       if (err.name === "AbortError") {
         // What came before the stop stays in the conversation, as chat apps keep it.
-        this.messages.push({ role: "user", content: prompt }, { role: "assistant", content: text.textContent });
+        if (epoch === this.epoch) this.messages.push({ role: "user", content: prompt }, { role: "assistant", content: text.textContent });
         answer.dataset.status = "stopped";
         text.textContent += " [stopped]";
-        $("chat-stats").textContent = `stopped after ${pieces} chunks`;
+        if (epoch === this.epoch) $("chat-stats").textContent = `stopped after ${pieces} chunks`;
       } else {
         answer.dataset.status = "failed";
         answer.classList.add("failed");
@@ -230,7 +250,10 @@ export class Playground {
     const body = this.embedBody();
     this.showCode();
     const out = $("embed-result");
-    if (!body.model) return;
+    if (!body.model) {
+      out.textContent = "No embedding model is available to this key.";
+      return;
+    }
     if (!body.input.trim()) {
       out.textContent = "Type some text to embed first.";
       return;

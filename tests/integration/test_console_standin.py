@@ -66,7 +66,7 @@ class _Scan(HTMLParser):
 
 def test_static_files_are_open_and_strict(gw):
     r = httpx.get(gw.url + "/ui", follow_redirects=False)
-    assert r.status_code == 308 and r.headers["location"] == "/ui/"
+    assert r.status_code == 308 and r.headers["location"] == "ui/"  # relative: a proxy prefix stays
     page = get(gw, "/ui/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     csp = page.headers["content-security-policy"]
@@ -177,3 +177,23 @@ def test_traffic_counts_requests_tokens_and_ttft_per_model(gw):
     assert series["interval_s"] == 0.2 and series["window_s"] == 900
     assert len(series["t"]) == len(series["models"]["echo"]["queued"])
     assert set(get(gw, "/console/traffic", "sk-limited").json()["models"]) <= {"echo"}
+
+
+def test_a_reload_does_not_make_the_page_disagree_with_the_keys_in_force(gw):
+    """Keys change only with a restart: after a reload that drops them (and changes the sample
+    interval), the page is still told what the middleware enforces and what the sampler does."""
+    import yaml
+
+    path = gw.tmp / "config.yaml"
+    changed = yaml.safe_load(path.read_text())
+    for field in ("api_keys", "admin_key"):
+        changed.pop(field)
+    changed["traffic_interval"] = 7
+    path.write_text(yaml.safe_dump(changed))
+    assert httpx.post(gw.url + "/admin/reload", headers={"authorization": "Bearer sk-admin"},
+                      timeout=30).status_code == 200
+    assert get(gw, "/ui/config.json").json() == {"auth": {"api_key": True, "admin_key": True},
+                                                 "traffic_interval_s": 0.2}
+    assert get(gw, "/console/state").status_code == 401
+    assert get(gw, "/console/state", "sk-user").json()["admin"] is False
+    assert get(gw, "/console/state", "sk-admin").json()["admin"] is True

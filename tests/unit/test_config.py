@@ -162,3 +162,12 @@ def test_cpu_cores_give_engines_cores_of_their_own():
     own = ModelConfig("c", "y", engine_env=(("VLLM_CPU_OMP_THREADS_BIND", "0-1"),))
     assert engine_launch(own, port=1, device="cpu", python="p", module="m",
                          cpu_cores="1").env["VLLM_CPU_OMP_THREADS_BIND"] == "0-1"
+
+
+def test_traffic_interval_has_a_floor():
+    models = [{"name": "m", "path": "/m"}]
+    assert parse_settings({"traffic_interval": 2, "models": models}).traffic_interval == 2.0
+    assert parse_settings({"models": models}).traffic_interval == 5.0
+    for bad in (0.01, 0):
+        with pytest.raises(ConfigError, match="traffic_interval"):
+            parse_settings({"traffic_interval": bad, "models": models})

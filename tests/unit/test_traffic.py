@@ -60,6 +60,8 @@ def test_traffic_keeps_the_window_and_fills_gaps_with_none():
     assert series["models"]["a"]["req_s"] == [1.0, 1.0, 1.0]
     assert series["models"]["b"]["req_s"] == [None, None, 0.5]
     assert set(traffic.series(["b", "zzz"])["models"]) == {"b"}
+    # The sample clock is monotonic; the charts get Unix seconds through the offset.
+    assert traffic.series(offset=1000.0)["t"] == [1180.0, 1240.0, 1300.0]
 
 
 def test_read_totals_from_the_gateway_registry():
