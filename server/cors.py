@@ -43,7 +43,7 @@ LOCAL_ORIGINS = (r"https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?",
                  r"https?://tauri\.localhost(:\d+)?",
                  r"(app|tauri|vscode-webview|vscode-file)://[^\s]*")
 log = logging.getLogger("vramgate.cors")
-EXPOSE = ("x-request-id", "retry-after", "x-vramgate-max-tokens")
+EXPOSE = ("x-request-id", "retry-after", "x-vramgate-max-tokens", "server-timing")
 
 
 LOOPBACK_BINDS = ("127.0.0.1", "localhost", "::1")

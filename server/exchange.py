@@ -43,9 +43,10 @@ def infill_body(state: Any, key: Any, body: dict[str, Any]) -> tuple[dict[str, A
     return infill.to_completion(body, name, budget), infill.middle(body), infill.warm_only(body)
 
 
-async def read_call(request: Request, route: str) -> Call:
-    """The request as a :class:`~server.calls.Call`. Raises :class:`VramgateError` (400, 403,
-    404, 413) or ``ClientGone``."""
+async def read_call(request: Request, route: str, started: float | None = None) -> Call:
+    """The request as a :class:`~server.calls.Call`; ``started``: when its handler began
+    (``time.perf_counter()``; default now). Raises :class:`VramgateError` (400, 403, 404, 413)
+    or ``ClientGone``."""
     state, key = request.state, request.scope.get(SCOPE_KEY)
     settings = state.pool.settings
     raw = await read_limited(request, settings.max_body_bytes)
@@ -65,7 +66,8 @@ async def read_call(request: Request, route: str) -> Call:
     header = request.headers.get("x-priority")
     return Call(route, raw, parsed, model, key=key,
                 priority=None if header is None else parse_priority(header),
-                request_id=request.scope.get(RID_KEY) or "", middle=middle, warm=warm)
+                request_id=request.scope.get(RID_KEY) or "", middle=middle, warm=warm,
+                started=time.perf_counter() if started is None else started)
 
 
 async def inference(request: Request) -> Response:
@@ -73,7 +75,7 @@ async def inference(request: Request) -> Response:
     t0, route, service = time.perf_counter(), request.scope["route"].path, request.state.service
     request.scope[LOGGED] = True  # the service (or the refusal below) writes its access-log line
     try:
-        call = await read_call(request, route)
+        call = await read_call(request, route, t0)
     except (VramgateError, ClientGone) as exc:
         status = exc.status if isinstance(exc, VramgateError) else 499
         model = request.scope.get("vramgate.model", UNKNOWN_MODEL)

@@ -89,6 +89,20 @@ def test_stream_is_relayed_byte_for_byte(gw):
     assert all(e.startswith(b"data: ") and b"\r" not in e for e in events)
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_server_timing_says_how_long_the_request_was_in_the_gateway(gw, stream):
+    """``Server-Timing: gateway;dur=MS``: arrival at the handler to the hand-over to the engine,
+    which a client can set beside its own TTFT (loadtest/README.md measures it under load)."""
+    import re as _re
+
+    r = gw.client.post("/v1/chat/completions", json=chat("echo", stream=stream, max_tokens=2),
+                       headers={"origin": "http://localhost:5173"})
+    found = _re.fullmatch(r"gateway;dur=(\d+\.\d{3})", r.headers["server-timing"])
+    assert r.status_code == 200 and found, r.headers.get("server-timing")
+    assert 0 < float(found.group(1)) < 1000
+    assert "server-timing" in r.headers["access-control-expose-headers"]  # a browser may read it
+
+
 def test_include_usage_gives_null_usage_then_one_usage_chunk(gw):
     body = chat("echo", stream=True, max_tokens=4, stream_options={"include_usage": True})
     events = sse_events(gw.client.post("/v1/chat/completions", json=body).content)
