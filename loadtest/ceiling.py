@@ -35,7 +35,7 @@ import aiohttp
 import click
 
 from loadtest.loadgen import machine, one_request, payload, run_level, summarize
-from loadtest.procs import ROOT, Proc, engine_url, free_port, start_gateway, wait_http
+from loadtest.procs import ROOT, Proc, engine_url, free_port, start_gateway, venv_version, wait_http
 
 LITELLM_VENV = Path(os.environ.get("LITELLM_VENV", ROOT / "loadtest" / ".venv-litellm"))
 LITELLM_SPEC = os.environ.get("LITELLM_SPEC", "litellm[proxy]")
@@ -55,10 +55,7 @@ def ensure_litellm() -> Path:
 
 
 def litellm_version() -> str:
-    out = subprocess.run([str(LITELLM_VENV / "bin" / "python"), "-c",
-                          "import importlib.metadata as m; print(m.version('litellm'))"],
-                         capture_output=True, text=True)
-    return out.stdout.strip()
+    return venv_version(LITELLM_VENV, "litellm")
 
 
 def start_litellm(tmp: Path, procs: list[Proc]) -> tuple[Proc, str, str]:

@@ -47,7 +47,10 @@ def synthetic_prompt(words: int, rng: random.Random) -> str:
 @dataclass
 class Result:
     """One request as the client saw it. ``start``/``end`` are monotonic seconds; ``ttft`` the time
-    to the first content chunk (streams) or to the whole answer; ``itls`` the gaps between chunks."""
+    to the first content chunk (streams) or to the whole answer; ``itls`` the gaps between chunks;
+    ``gateway_s`` the time vramgate says it held the request (its ``Server-Timing``), if it did;
+    ``headers_s`` the time to the response's headers (a streaming vLLM sends them once the request
+    is in its engine, before the first token)."""
 
     start: float
     end: float = 0.0
@@ -57,6 +60,8 @@ class Result:
     itls: list[float] = field(default_factory=list)
     output_tokens: int = 0
     error: str = ""
+    gateway_s: float | None = None
+    headers_s: float | None = None
 
 
 def payload(model: str, route: str, stream: bool, max_tokens: int, prompt: str,
@@ -81,6 +86,8 @@ async def one_request(session: aiohttp.ClientSession, url: str, body: dict[str, 
     try:
         async with session.post(url, json=body) as resp:
             res.status = resp.status
+            res.headers_s = time.perf_counter() - res.start
+            res.gateway_s = gateway_seconds(resp.headers.get("server-timing", ""))
             if resp.status != 200:
                 res.error = (await resp.text())[:200]
                 return res
@@ -119,6 +126,21 @@ async def one_request(session: aiohttp.ClientSession, url: str, body: dict[str, 
     finally:
         res.end = time.perf_counter()
     return res
+
+
+def gateway_seconds(header: str) -> float | None:
+    """``gateway;dur=MS`` of a ``Server-Timing`` header, in seconds; ``None`` without it."""
+    for metric in header.split(","):
+        name, _, params = metric.strip().partition(";")
+        if name == "gateway":
+            for param in params.split(";"):
+                key, _, value = param.strip().partition("=")
+                if key == "dur":
+                    try:
+                        return float(value) / 1000
+                    except ValueError:
+                        return None
+    return None
 
 
 def pct(values: Sequence[float], q: float) -> float | None:

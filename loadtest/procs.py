@@ -120,3 +120,11 @@ def engine_url(gateway_url: str, model: str, headers: dict[str, str] | None = No
     if not rep.get("url"):
         raise RuntimeError(f"no running engine for {model}: {rep}")
     return rep["url"]
+
+
+def venv_version(venv: Path, dist: str) -> str:
+    """The version of distribution ``dist`` installed in virtualenv ``venv`` ('' if none)."""
+    out = subprocess.run([str(venv / "bin" / "python"), "-c",
+                          f"import importlib.metadata as m; print(m.version({dist!r}))"],
+                         capture_output=True, text=True)
+    return out.stdout.strip()

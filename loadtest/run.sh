@@ -8,15 +8,18 @@
 #   ./loadtest/run.sh fleet    [--seeds 1,2,3,4,5 --events 10000]  placement pack vs spread on 8 simulated GPUs, 20 models
 #   ./loadtest/run.sh routers  [--pairs 300 --requests 1000]    vllm-router vs LiteLLM vs production-stack in front of two nodes
 #   ./loadtest/run.sh streams  [--levels 1000,5000]             N streams open through the gateway at once (instant engine)
+#   ./loadtest/run.sh soak     [--seconds 3600]                 an hour of mixed load: RSS growth and gauges back at 0
+#   ./loadtest/run.sh peers    [--rounds 3]                     vllm bench serve and guidellm, direct vs through the gateway
+#   ./loadtest/run.sh ttftgap  [--levels 64,256]                the TTFT gap under load: arrival order or gateway delay
 #   ./loadtest/run.sh loadgen  --url URL --model M [...]        sweep any OpenAI-compatible server
 set -euo pipefail
 cd "$(dirname "$0")/.."
-what="${1:?usage: loadtest/run.sh overhead|ceiling|lane|cancel|batch|fleet|routers|streams|loadgen [options]}"
+what="${1:?usage: loadtest/run.sh overhead|ceiling|lane|cancel|batch|fleet|routers|streams|soak|peers|ttftgap|loadgen [options]}"
 shift
 ./scripts/install.sh
 PY="${VRAMGATE_VENV:-.venv}/bin/python"
 "$PY" -c "import matplotlib" 2>/dev/null || "$PY" -m pip install -q -e ".[loadtest]"
 case "$what" in
-  overhead|ceiling|lane|cancel|batch|fleet|routers|streams|loadgen) exec "$PY" -m "loadtest.$what" "$@" ;;
-  *) echo "unknown benchmark: $what (overhead, ceiling, lane, cancel, batch, fleet, routers, streams or loadgen)" >&2; exit 2 ;;
+  overhead|ceiling|lane|cancel|batch|fleet|routers|streams|soak|peers|ttftgap|loadgen) exec "$PY" -m "loadtest.$what" "$@" ;;
+  *) echo "unknown benchmark: $what (overhead, ceiling, lane, cancel, batch, fleet, routers, streams, soak, peers, ttftgap or loadgen)" >&2; exit 2 ;;
 esac
