@@ -128,6 +128,19 @@ async def one_request(session: aiohttp.ClientSession, url: str, body: dict[str, 
     return res
 
 
+def write_results(stem: str, report: dict[str, Any], title: str, setup: str, body: str) -> str:
+    """Write ``stem.json`` (``report``, which holds ``machine()``) and ``stem.md``: the title and
+    date, the machine, ``setup``, then ``body`` (markdown); returns that markdown."""
+    from pathlib import Path
+
+    m = report["machine"]
+    Path(stem + ".json").write_text(json.dumps(report, indent=2) + "\n")
+    md = (f"# {title} ({m['date']})\n\n{m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB, "
+          f"Python {m['python']}; {setup}\n\n{body}")
+    Path(stem + ".md").write_text(md)
+    return md
+
+
 def gateway_seconds(header: str) -> float | None:
     """``gateway;dur=MS`` of a ``Server-Timing`` header, in seconds; ``None`` without it."""
     for metric in header.split(","):

@@ -17,7 +17,6 @@ Written to ``loadtest/results/soak.{json,md}`` (or ``--out``).
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import tempfile
 import time
@@ -29,7 +28,7 @@ import click
 import httpx
 import psutil
 
-from loadtest.loadgen import machine
+from loadtest.loadgen import machine, write_results
 from loadtest.procs import ROOT, start_gateway
 
 KEY = "sk-soak-0123456789abcdef"
@@ -149,16 +148,13 @@ def main(seconds: float, concurrency: int, warmup: float | None, sample: float, 
     row = summary(counts, samples, seconds / 10 if warmup is None else warmup, after, seconds)
     report = {"machine": machine(), "concurrency": concurrency, "mix": dict(MIX), "summary": row,
               "rss_samples": samples}
-    Path(out + ".json").write_text(json.dumps(report, indent=2) + "\n")
-    m = report["machine"]
-    md = (f"# Soak ({m['date']})\n\n{m['cpu']}, {m['cores']} cores, Python {m['python']}; instant "
-          f"engine; {concurrency} clients for {seconds:g} s; mix {dict(MIX)}.\n\n"
-          "| requests | ok | hung up | errors | RSS after warm-up | RSS at the end | peak | growth | "
-          "in flight after | queued after |\n|---|---|---|---|---|---|---|---|---|---|\n"
-          f"| {row['requests']} | {row['ok']} | {row['hung_up']} | {sum(row['errors'].values())} | "
-          f"{row['rss_after_warmup_mib']} MiB | {row['rss_end_mib']} MiB | {row['rss_peak_mib']} MiB | "
-          f"{row['rss_growth_pct']} % | {row['in_flight_after']:g} | {row['queued_after']:g} |\n")
-    Path(out + ".md").write_text(md)
+    body = ("| requests | ok | hung up | errors | RSS after warm-up | RSS at the end | peak | growth | "
+            "in flight after | queued after |\n|---|---|---|---|---|---|---|---|---|---|\n"
+            f"| {row['requests']} | {row['ok']} | {row['hung_up']} | {sum(row['errors'].values())} | "
+            f"{row['rss_after_warmup_mib']} MiB | {row['rss_end_mib']} MiB | {row['rss_peak_mib']} MiB | "
+            f"{row['rss_growth_pct']} % | {row['in_flight_after']:g} | {row['queued_after']:g} |\n")
+    md = write_results(out, report, "Soak", f"instant engine; {concurrency} clients for {seconds:g} s; "
+                      f"mix {dict(MIX)}.", body)
     click.echo(md)
 
 

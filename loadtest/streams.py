@@ -32,7 +32,7 @@ import click
 import httpx
 import psutil
 
-from loadtest.loadgen import machine
+from loadtest.loadgen import machine, write_results
 from loadtest.procs import ROOT, engine_url, start_gateway
 
 KEY = "sk-streams-0123456789abcdef"
@@ -168,12 +168,9 @@ def main(levels: str, chunks: int, open_timeout: float, out: str) -> None:
             proc.stop()
     report = {"machine": machine(), "chunks_per_stream": chunks, "gateway_fd_limit": limit,
               "levels": rows}
-    Path(out + ".json").write_text(json.dumps(report, indent=2) + "\n")
-    m = report["machine"]
-    md = (f"# Concurrent streams through the gateway ({m['date']})\n\n"
-          f"{m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB, Python {m['python']}; instant engine, {chunks} chunks a stream, held open after the "
-          f"first chunk until all were open; the gateway's open-file limit {limit}.\n\n" + table(rows))
-    Path(out + ".md").write_text(md)
+    md = write_results(out, report, "Concurrent streams through the gateway",
+                      f"instant engine, {chunks} chunks a stream, held open after the first chunk until "
+                      f"all were open; the gateway's open-file limit {limit}.", table(rows))
     click.echo(md)
 
 

