@@ -138,4 +138,3 @@ for _command in (*cli_remote.COMMANDS, *cli_plan.COMMANDS, *cli_batches.COMMANDS
 
 if __name__ == "__main__":
     sys.exit(main())
-
