@@ -270,6 +270,9 @@ def test_a_model_removed_while_requests_wait_for_it_starts_no_engine(tmp_path):
             json={"model": "gone", "prompt": "x", "max_tokens": 1}).status_code))
         waiter.start()
         wait_for(lambda: g.states()["gone"] == "loading")
+        # "loading" is set before the engine's process starts: wait for the start itself, so that
+        # the removal below always meets a starting engine, not one still being placed
+        wait_for(lambda: "starting engine for gone#0" in g.log_text())
         cfg = tmp_path / "config.yaml"
         doc = yaml.safe_load(cfg.read_text())
         doc["models"] = [models[0]]

@@ -95,11 +95,12 @@ def test_cpu_engine_memory_counts_shared_pages_once():
     from server.gpus.cpu import memory_bytes
 
     code = ("import os, sys\nblob = bytearray(96 << 20)\nfor i in range(0, len(blob), 4096): blob[i] = 1\n"
-            "child = os.fork()\nprint(child or os.getpid(), flush=True)\nsys.stdin.read()\n")
+            "child = os.fork()\nos.write(1, b'%d\\n' % (child or os.getpid()))\nsys.stdin.read()\n")
     proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             text=True)
     try:
-        pids = {int(proc.stdout.readline()), int(proc.stdout.readline())}  # the child's, printed twice
+        # the child's pid, written twice; one os.write each, so the lines cannot interleave (print's can)
+        pids = {int(proc.stdout.readline()), int(proc.stdout.readline())}
         pids.add(proc.pid)
         rss = sum(psutil.Process(p).memory_info().rss for p in pids)
         assert rss > 2 * (96 << 20)  # each process shows the 96 MiB as resident
