@@ -110,3 +110,14 @@ def test_a_same_origin_page_may_post_from_any_address_of_the_server():
                          ("null", "null"), ("http://10.1.2.3:8000.evil.example", "10.1.2.3:8000")):
         r = client.post("/v1/chat/completions", headers={"origin": origin, "host": host})
         assert r.status_code == 403 and r.json()["error"]["code"] == "origin_not_allowed", origin
+
+
+def test_a_post_without_origin_passes_straight_through_and_one_with_origin_still_gets_headers():
+    """The fast path for SDK and CLI clients (no Origin): the answer is the route's own, with no
+    CORS header; a browser's POST from an allowed origin still gets them, Vary included."""
+    r = app().post("/v1/chat/completions")
+    assert r.status_code == 401 and r.json() == {"error": {"message": "no key"}}
+    assert not [h for h in r.headers if h.lower().startswith("access-control") or h.lower() == "vary"]
+    r = app().post("/v1/chat/completions", headers={"origin": "http://localhost:5173"})
+    assert r.headers["access-control-allow-origin"] == "http://localhost:5173"
+    assert "origin" in r.headers["vary"].lower()
