@@ -10,11 +10,13 @@ stream). Two phases:
 
 1. Added latency at concurrency 1: ``--pairs`` pairs of identical requests, the engine directly and
    through the proxy, order flipped every pair; the median of the per-pair differences (time to
-   the whole answer, and to the first chunk of a stream).
+   the whole answer, and to the first chunk of a stream), and the whole answer again with
+   ``--body-kb`` KiB of source code as context (IDE agents send 50–500 KB a request).
 2. Throughput: ``--requests`` at ``--concurrency``, targets alternating within each round so that
-   machine noise hits all alike. "Per core" = answered requests ÷ CPU seconds the proxy's process
-   tree used during the run (user + system, psutil): the load generator and the engines are not
-   counted, so the figure holds on a machine where they share the cores.
+   machine noise hits all alike, and the order turned by one each round. "Per core" = answered
+   requests ÷ CPU seconds the proxy's process tree used during the run (user + system, psutil):
+   the load generator and the engines are not counted, so the figure holds on a machine where
+   they share the cores.
 
 Prints the tables and the ratios; writes ``loadtest/results/ceiling.{json,md}``.
 """
@@ -101,9 +103,17 @@ def start_floor(tmp: Path, procs: list[Proc]) -> tuple[Proc, str, str]:
     return proxy, direct, f"http://127.0.0.1:{port}"
 
 
-async def added_latency(direct: str, proxy: str, pairs: int, stream: bool) -> dict[str, float]:
+def context(kb: int) -> str:
+    """About ``kb`` KiB of source code as a prompt: what an IDE agent sends as context (quotes and
+    newlines, so JSON has escapes to decode)."""
+    unit = 'def area(w, h):\n    """The area, in "square units"."""\n    return w * h\n\n'
+    return (unit * (kb * 1024 // len(unit) + 1))[:kb * 1024]
+
+
+async def added_latency(direct: str, proxy: str, pairs: int, stream: bool,
+                        prompt: str = "Say hello.") -> dict[str, float]:
     """Median per-pair difference proxy − direct (seconds) at concurrency 1, with both medians."""
-    body = payload("instant", "chat", stream, CHUNKS, "Say hello.", False)
+    body = payload("instant", "chat", stream, CHUNKS, prompt, False)
     diffs, d, p = [], [], []
     async with aiohttp.ClientSession(headers=AUTH) as session:
         for i in range(pairs + 20):  # the first 20 pairs warm connections up
@@ -141,6 +151,32 @@ def measure(target: str, url: str, proc: Proc, children: bool, stream: bool, req
     if errors:
         click.echo(f"  {target}: {len(errors)} errors, first: {errors[0]}", err=True)
     return row
+
+
+def latency_phase(targets: list[tuple[str, str, str]], pairs: int,
+                  body_kb: tuple[int, ...]) -> list[dict[str, Any]]:
+    """Added latency of each ``(target, direct URL, proxy URL)``: plain and streamed with a short
+    prompt, then plain with each of ``body_kb`` KiB of context."""
+    cases = [(False, "Say hello.", "plain (whole answer)"), (True, "Say hello.", "stream (first chunk)")]
+    cases += [(False, context(kb), f"plain, {kb} KB body") for kb in body_kb]
+    latency = []
+    for stream, prompt, mode in cases:
+        for target, direct, url in targets:
+            lat = asyncio.run(added_latency(direct, url, pairs, stream, prompt))
+            lat.update(target=target, mode=mode)
+            latency.append(lat)
+            click.echo(f"{target:9s} {mode:22s} adds {lat['added_s'] * 1000:7.3f} ms "
+                       f"(direct {lat['direct_s'] * 1000:.3f} ms, through it {lat['proxy_s'] * 1000:.3f} ms)")
+    return latency
+
+
+def added_ratios(latency: list[dict[str, Any]], other: str) -> dict[str, float]:
+    """vramgate's added latency ÷ ``other``'s, per request kind (the goal: at most 1.5× the
+    floor's for 64 and 512 KB bodies, issue #15)."""
+    by = {(x["target"], x["mode"]): x["added_s"] for x in latency}
+    return {f"{mode}: added latency, vramgate ÷ {other}": by[("vramgate", mode)] / by[(other, mode)]
+            for (target, mode) in by if target == other and by[(other, mode)] > 0
+            and ("vramgate", mode) in by}
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -185,10 +221,13 @@ def ratios(rows: list[dict[str, Any]], other: str) -> dict[str, float]:
               help="Also run the gateway of this commit (a git worktree), side by side.")
 @click.option("--litellm/--no-litellm", default=True, show_default=True,
               help="Include LiteLLM's proxy (the slowest target by far).")
+@click.option("--body-kb", default="64,512", show_default=True,
+              help="Context sizes (KiB, comma list; empty: none) for large-body added latency.")
 def main(requests: int, concurrency: int, rounds: int, pairs: int, out: Path, baseline: str | None,
-         litellm: bool) -> None:
+         litellm: bool, body_kb: str) -> None:
     """vramgate's gateway against LiteLLM's proxy and the floor proxy (and, with ``--baseline``,
     an earlier vramgate), in one run."""
+    sizes = tuple(int(k) for k in body_kb.split(",") if k.strip())
     tmp = Path(tempfile.mkdtemp(prefix="vramgate-ceiling-"))
     procs: list[Proc] = []
     worktree = tmp / "baseline"
@@ -212,27 +251,22 @@ def main(requests: int, concurrency: int, rounds: int, pairs: int, out: Path, ba
             proxy, l_direct, l_url = start_litellm(tmp, procs)
             targets.append(("litellm", l_direct, l_url, proxy, True))
 
-        latency = []
-        for stream in (False, True):
-            for target, direct, url, _, _ in targets:
-                lat = asyncio.run(added_latency(direct, url, pairs, stream))
-                lat.update(target=target, mode="stream (first chunk)" if stream else "plain (whole answer)")
-                latency.append(lat)
-                click.echo(f"{target:9s} {lat['mode']:22s} adds {lat['added_s'] * 1000:7.3f} ms "
-                           f"(direct {lat['direct_s'] * 1000:.3f} ms, through it {lat['proxy_s'] * 1000:.3f} ms)")
+        latency = latency_phase([(t, d, u) for t, d, u, _, _ in targets], pairs, sizes)
         rows = []
         for rnd in range(rounds):
             for stream in (False, True):
-                for target, _, url, proc, children in targets:
+                turn = rnd % len(targets)  # each target goes first in some round: no order bias
+                for target, _, url, proc, children in targets[turn:] + targets[:turn]:
                     row = measure(target, url, proc, children, stream, requests, concurrency)
                     row["round"] = rnd + 1
                     rows.append(row)
                     click.echo(table([row]).splitlines()[-1])
-        r = {**ratios(rows, "litellm"), **ratios(rows, "floor"),
+        r = {**ratios(rows, "litellm"), **ratios(rows, "floor"), **added_ratios(latency, "floor"),
              **(ratios(rows, f"vramgate@{baseline}") if baseline else {})}
         meta = {"machine": machine(), "litellm": litellm_version() if litellm else None,
                 "baseline": baseline, "chunks_per_stream": CHUNKS,
                 "requests": requests, "concurrency": concurrency, "rounds": rounds, "pairs": pairs,
+                "body_kb": sizes,
                 "latency": latency, "ratios": r}
         out.parent.mkdir(parents=True, exist_ok=True)
         out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))

@@ -21,6 +21,7 @@ from server.errors import (ModelNotFound, RouteNotFound,
                            anthropic_body, error_body)
 from server.exchange import inference
 from server.relay import error_response
+from server.requestid import id_header
 from server.admin import model_object
 from server.validation import ROUTES
 
@@ -28,7 +29,8 @@ from server.validation import ROUTES
 class InferenceFastPath:
     """Pure ASGI, innermost: ``POST`` to an inference route goes straight to :func:`inference`,
     past Starlette's router and exception middleware (the same handler, the same answers, less
-    work on every request: ``loadtest/README.md``). Everything else goes on to Starlette.
+    work on every request: ``loadtest/README.md``), its answer carrying the ``x-request-id``
+    header (``server.requestid``). Everything else goes on to Starlette.
     Unexpected errors still reach Starlette's outermost ``ServerErrorMiddleware``."""
 
     def __init__(self, app: Any) -> None:
@@ -43,6 +45,9 @@ class InferenceFastPath:
         scope["route"] = route
         scope["endpoint"] = inference
         response = await inference(Request(scope, receive, send))
+        rid = id_header(scope)  # RequestIdMiddleware leaves this route's header to us
+        if rid is not None:
+            response.raw_headers.append(rid)
         await response(scope, receive, send)
 
 

@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 
 from server import admin, api, batchapi, console
+from server.accesslog import AccessLog
 from server.batchrunner import BatchRunner
 from server.batchstore import BatchStore
 from server.auth import AuthConfig, AuthMiddleware
@@ -32,7 +33,7 @@ from server.supervisor import GroupRecords
 from server.profile import read_profiles
 from server.proxy import new_session
 from server.traffic import Traffic, read_totals
-from server.validation import routes_for_task
+from server.validation import ROUTES, routes_for_task
 
 log = logging.getLogger("vramgate.app")
 
@@ -110,11 +111,11 @@ def in_background(background: set, aw: Awaitable[Any]) -> None:
 
 @asynccontextmanager
 async def gateway(settings: Settings, devices: Inventory, launcher: Launcher | None,
-                  reload: Callable[[], Settings] | None, clock: Callable[[], float]
-                  ) -> AsyncIterator[tuple[GatewayState, Callable[[], None]]]:
+                  reload: Callable[[], Settings] | None, clock: Callable[[], float],
+                  access: AccessLog) -> AsyncIterator[tuple[GatewayState, Callable[[], None]]]:
     """The running gateway: the metrics, the models' profiles, the reaping of engines an earlier
     gateway on this data dir left, the one HTTP client, the scheduler, the request service and
-    the batch runner (its SQLite store in ``<data_dir>/batches``);
+    the batch runner (its SQLite store in ``<data_dir>/batches``), its access lines to ``access``;
     a SIGHUP reloads. Yields the state and the function that begins a shutdown; on exit every
     engine is stopped."""
     metrics = Metrics({m.name: routes_for_task(m.task) for m in settings.models},
@@ -141,7 +142,7 @@ async def gateway(settings: Settings, devices: Inventory, launcher: Launcher | N
     with contextlib.suppress(NotImplementedError, RuntimeError):  # a signal handler only enqueues
         loop.add_signal_handler(signal.SIGHUP, lambda: in_background(background, reload_logged()))
     pool.start()
-    service = Service(pool, metrics, session, upstreams=upstreams)
+    service = Service(pool, metrics, session, upstreams=upstreams, access=access)
     store = await asyncio.to_thread(BatchStore, settings.data_dir / "batches")
     batches = BatchRunner(store, service, lambda: pool.settings, metrics)
     traffic = Traffic(settings.traffic_interval)
@@ -164,20 +165,24 @@ async def gateway(settings: Settings, devices: Inventory, launcher: Launcher | N
 def create_app(settings: Settings, *, launcher: Launcher | None = None,
                inventory: Inventory | None = None,
                reload: Callable[[], Settings] | None = None,
-               clock: Callable[[], float] = time.monotonic) -> Starlette:
+               clock: Callable[[], float] = time.monotonic,
+               access: AccessLog | None = None) -> Starlette:
     """Build the gateway for ``settings``.
 
     ``inventory`` (default: NVML, or the simulated layout of ``settings.simulate_gpus``) and
     ``launcher`` (builds each engine process) are injectable. On startup every model is placed and
     its engine started in the background; on shutdown every engine is stopped (SIGTERM → grace →
     SIGKILL). ``reload`` reads the configuration again, for SIGHUP and ``POST /admin/reload``.
+    ``access``: where access lines go (default: through ``logging``; ``vramgate serve`` writes
+    them to stderr directly, ``server.accesslog``).
     Raises :class:`~server.errors.ConfigError` for a bad ``simulate_gpus``.
     """
     devices = inventory or make_inventory(settings.simulate_gpus)
+    access = access or AccessLog()
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict]:
-        async with gateway(settings, devices, launcher, reload, clock) as (state, begin_shutdown):
+        async with gateway(settings, devices, launcher, reload, clock, access) as (state, begin_shutdown):
             # uvicorn's signal handler calls this; it only enqueues (see cli.GatewayServer).
             loop = asyncio.get_running_loop()
             app.state.begin_shutdown = lambda: loop.call_soon_threadsafe(begin_shutdown)
@@ -187,7 +192,8 @@ def create_app(settings: Settings, *, launcher: Launcher | None = None,
     middleware = [Middleware(Cors, origins=settings.auth.cors_origins,
                              hosts=settings.auth.allowed_hosts,
                              check_host=settings.host in LOOPBACK_BINDS),
-                  Middleware(RequestIdMiddleware, log_format=settings.log_format),
+                  Middleware(RequestIdMiddleware, log_format=settings.log_format, access=access,
+                             direct=ROUTES),
                   Middleware(AuthMiddleware, auth=settings.auth),
                   Middleware(api.InferenceFastPath)]
     app = Starlette(routes=api.routes + batchapi.routes + admin.routes + console.routes,

@@ -16,6 +16,8 @@ from server import cli_batches, cli_plan, cli_remote
 from server.configload import load_settings
 from server.errors import ConfigError
 
+GC_GEN0 = 10_000  # first-generation threshold while serving (tune_gc)
+
 
 def raise_open_files_limit() -> tuple[int, int]:
     """Raise this process's soft open-file limit (``RLIMIT_NOFILE``) to its hard limit, as vLLM's
@@ -32,6 +34,25 @@ def raise_open_files_limit() -> tuple[int, int]:
         return soft, resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     except (ImportError, ValueError, OSError):
         return -1, -1
+
+
+def tune_gc(gen0: int) -> tuple[int, int]:
+    """Tune the cyclic garbage collector for serving; returns the objects frozen and the old
+    first-generation threshold.
+
+    Everything start-up made (modules, classes, the app: ~54,000 objects) is moved to the
+    permanent generation (``gc.freeze``), so a full collection no longer walks it; and the first
+    generation is collected every ``gen0`` net allocations of tracked objects instead of
+    Python's 700. A request allocates dicts, coroutines and futures that mostly die by reference
+    count; at 700 the gateway collected once every ~14 requests and spent ~10% of its CPU in
+    collections (issue #15, measured with ``gc.callbacks`` at concurrency 32)."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+    old = gc.get_threshold()
+    gc.set_threshold(gen0, old[1], old[2])
+    return gc.get_freeze_count(), old[0]
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -62,6 +83,7 @@ def serve(config_path: Path | None, host: str | None, port: int | None, data_dir
     """Run the gateway; preloaded models start at once, the others on their first request."""
     import uvicorn
 
+    from server.accesslog import AccessLog
     from server.app import create_app
     from server.models import embedded_models, ensure_prepared
 
@@ -101,7 +123,8 @@ def serve(config_path: Path | None, host: str | None, port: int | None, data_dir
     before, after = raise_open_files_limit()
     if after > before:
         logging.getLogger("vramgate").info("open-file limit raised from %d to %d", before, after)
-    app = create_app(settings, reload=reload)
+    # Access lines straight to stderr, beside the root handler's lines (server.accesslog).
+    app = create_app(settings, reload=reload, access=AccessLog(sys.stderr))
     config = uvicorn.Config(app, host=settings.host, port=settings.port,
                             log_level=log_level, access_log=False, lifespan="on",
                             timeout_graceful_shutdown=int(settings.shutdown_timeout))
@@ -115,6 +138,7 @@ def serve(config_path: Path | None, host: str | None, port: int | None, data_dir
                 hook()
             super().handle_exit(sig, frame)
 
+    tune_gc(GC_GEN0)
     GatewayServer(config).run()
 
 

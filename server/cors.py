@@ -24,6 +24,7 @@ machine's name is refused too (a DNS-rebinding page reaches 127.0.0.1 under its 
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import logging
@@ -114,12 +115,20 @@ class Cors(CORSMiddleware):
         self.check_host = check_host and "*" not in self.hosts
         machine = socket.gethostname().lower()
         self.machine = (machine, socket.getfqdn(machine).lower())
+        # Every request asks about the same Host or two; bounded, since a client chooses it.
+        self.host_ok = functools.lru_cache(maxsize=256)(
+            lambda host: host_allowed(host, self.hosts, self.machine))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            headers = Headers(scope=scope)
-            origin, host = headers.get("origin"), headers.get("host", "")
-            if self.check_host and not host_allowed(host, self.hosts, self.machine):
+            origin = host = None
+            for name, value in scope["headers"]:  # one pass, the first of each, as Headers.get
+                if name == b"host" and host is None:  # (ASGI servers lower-case the names)
+                    host = value.decode("latin-1")
+                elif name == b"origin" and origin is None:
+                    origin = value.decode("latin-1")
+            host = host or ""
+            if self.check_host and not self.host_ok(host):
                 await _refusal(scope["path"], f"Host '{host}' is not allowed: this server "
                                "listens on loopback (allowed_hosts adds names).",
                                "host_not_allowed")(scope, receive, send)

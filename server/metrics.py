@@ -7,6 +7,8 @@ text ever become label values.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import disable_created_metrics
 
@@ -35,6 +37,7 @@ class Metrics:
         model states ``vramgate_model_state`` reports."""
         disable_created_metrics()  # no *_created series: they double the series count for nothing
         self.registry = CollectorRegistry(auto_describe=True)
+        self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}  # see child()
         self._states = states
         self.models = tuple(models)
         self._request_metrics()
@@ -216,11 +219,25 @@ class Metrics:
             if info.power_w is not None:
                 self.gpu_power.labels(g).set(info.power_w)
 
-    def observe(self, model: str, route: str, status: int, seconds: float) -> None:
-        """Count one answered request and its duration in seconds."""
-        self.requests.labels(model, route, f"{status // 100}xx").inc()
+    def child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, looked up once: prometheus_client's ``labels`` checks,
+        converts and locks on every call, and a request makes several (issue #15's profile).
+        Label values are bounded (module docstring), and so is this cache."""
+        key = (metric, labels)
+        got = self._children.get(key)
+        if got is None:
+            got = self._children[key] = metric.labels(*labels)
+        return got
+
+    def observe(self, model: str, route: str, status: int, seconds: float,
+                tokens: dict[str, int] | None = None) -> None:
+        """Count one answered request, its duration in seconds and its ``tokens`` by kind
+        (``prompt``, ``completion``)."""
+        self.child(self.requests, model, route, f"{status // 100}xx").inc()
         if model != UNKNOWN_MODEL:
-            self.duration.labels(model, route).observe(seconds)
+            self.child(self.duration, model, route).observe(seconds)
+        for kind, count in (tokens or {}).items():
+            self.child(self.tokens, model, kind).inc(count)
 
     def set_states(self, states: dict[str, str]) -> None:
         """Set ``model_state`` from ``{model: state}``."""

@@ -93,18 +93,19 @@ class RelayResponse:
     the relay at once (one watcher
     on ``receive``, :func:`until_disconnect`), which closes the engine connection, so vLLM aborts
     the request. Leaner than Starlette's ``StreamingResponse``, which runs a task group of two
-    tasks for each stream. ``headers`` are sent besides :data:`SSE_HEADERS`.
+    tasks for each stream. ``headers`` are sent besides :data:`SSE_HEADERS`; ``raw_headers``
+    (name and value bytes, as Starlette's responses have them) is the whole list.
     """
 
     def __init__(self, content: AsyncIterator[bytes], finalize: Callable[[bool], None],
                  headers: dict[str, str] | None = None) -> None:
         self.body_iterator = content
         self._finalize = finalize
-        self._headers = list(SSE_HEADERS) + [(k.encode(), v.encode("latin-1"))
+        self.raw_headers = list(SSE_HEADERS) + [(k.encode(), v.encode("latin-1"))
                                              for k, v in (headers or {}).items()]
 
     async def _pump(self, send: Send) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": self._headers})
+        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
         async for chunk in self.body_iterator:
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})

@@ -1,32 +1,27 @@
 """``X-Request-ID``: taken from the client (if it is a sane token) or generated, returned on every
 response, forwarded to the engine, and put in the gateway's log lines about the request; and the
 access log: the inference routes write their line themselves (``server.exchange``, with model and
-tokens), every other request but the ``/health`` and ``/metrics`` probes gets one here."""
+tokens), every other request but the ``/health`` and ``/metrics`` probes gets one here.
+
+A ``POST`` to an inference route (``direct``) passes through with the client's own ``send``: the
+fast path (``api.InferenceFastPath``) and the key check put the header in their own responses. A
+send wrapper costs a coroutine per message, 64 of them for a 64-chunk stream (issue #15)."""
 
 from __future__ import annotations
 
-import json
-import logging
 import os
 import re
 import time
-from typing import Any
+from typing import Collection
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from server.accesslog import AccessLog
+
 SCOPE_KEY = "vramgate.request_id"
 LOGGED = "vramgate.logged"  # set in the scope once a request's access-log line is written
+STATUS = "vramgate.status"  # a direct request's status, set by what answered it unlogged (a 401)
 PROBES = ("/health", "/metrics")  # polled every few seconds: no access-log line
-access = logging.getLogger("vramgate.access")
-
-
-def access_line(fmt: str, **fields: Any) -> str:
-    """One access-log line: ``json`` (one object) or ``text`` (``key=value`` pairs); fields that
-    are ``None`` are left out."""
-    kept = {k: v for k, v in fields.items() if v is not None}
-    if fmt == "json":
-        return json.dumps(kept, separators=(",", ":"))
-    return " ".join(f"{k}={v}" for k, v in kept.items())
 
 _SANE = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
 
@@ -40,14 +35,23 @@ def request_id(given: str | None) -> str:
     return os.urandom(16).hex()
 
 
-class RequestIdMiddleware:
-    """Pure-ASGI: sets ``scope["vramgate.request_id"]``, adds the ``x-request-id`` header and
-    writes the access-log line of a request that did not write its own (``log_format``: ``text``
-    or ``json``)."""
+def id_header(scope: Scope) -> tuple[bytes, bytes] | None:
+    """The ``x-request-id`` response header of the request in ``scope``, if it has an id."""
+    rid = scope.get(SCOPE_KEY)
+    return (b"x-request-id", rid.encode()) if rid else None
 
-    def __init__(self, app: ASGIApp, log_format: str = "text") -> None:
+
+class RequestIdMiddleware:
+    """Pure-ASGI: sets ``scope["vramgate.request_id"]``, adds the ``x-request-id`` header (but on
+    ``POST`` to the ``direct`` paths, module docstring) and writes, to ``access``, the access-log
+    line of a request that did not write its own (``log_format``: ``text`` or ``json``)."""
+
+    def __init__(self, app: ASGIApp, log_format: str = "text", access: AccessLog | None = None,
+                 direct: Collection[str] = ()) -> None:
         self.app = app
         self.log_format = log_format
+        self.access = access or AccessLog()
+        self.direct = frozenset(direct)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -58,6 +62,13 @@ class RequestIdMiddleware:
         rid = scope[SCOPE_KEY] = request_id(given)
 
         t0, status = time.perf_counter(), [499]
+        if scope["method"] == "POST" and scope["path"] in self.direct:
+            try:
+                await self.app(scope, receive, send)
+            finally:
+                if not scope.get(LOGGED):
+                    self._log(scope, scope.get(STATUS, 499), t0)
+            return
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -69,7 +80,10 @@ class RequestIdMiddleware:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
-            if not scope.get(LOGGED) and scope["path"] not in PROBES and access.isEnabledFor(logging.INFO):
-                access.info(access_line(self.log_format, request_id=rid, method=scope["method"],
-                                        route=scope["path"], status=status[0],
-                                        duration_s=round(time.perf_counter() - t0, 4)))
+            if not scope.get(LOGGED) and scope["path"] not in PROBES:
+                self._log(scope, status[0], t0)
+
+    def _log(self, scope: Scope, status: int, t0: float) -> None:
+        self.access.write(self.log_format, request_id=scope[SCOPE_KEY], method=scope["method"],
+                          route=scope["path"], status=status,
+                          duration_s=round(time.perf_counter() - t0, 4))

@@ -38,7 +38,7 @@ from server.errors import (ClientGone, EngineUnreachable, RateLimited, UpstreamE
 from server.modelfiles import UNKNOWN
 from server.profile import profile
 from server.proxy import forward, relay_stream
-from server.requestid import access, access_line
+from server.accesslog import AccessLog
 from server.rewrite import fim_completion, fit_output, special_stops
 from server.sse import ANTHROPIC, OPENAI, RESPONSES, ModelRename, StreamTap, answer_usage
 from server.validation import ROUTES, STOP_ROUTES, USAGE_ROUTES, engine_body
@@ -56,8 +56,10 @@ class Service:
     responses being relayed (``upstreams``, cut short at shutdown)."""
 
     def __init__(self, pool: Any, metrics: Any, session: aiohttp.ClientSession,
-                 rates: dict[str, deque] | None = None, upstreams: set | None = None) -> None:
+                 rates: dict[str, deque] | None = None, upstreams: set | None = None,
+                 access: AccessLog | None = None) -> None:
         self.pool, self.metrics, self.session = pool, metrics, session
+        self.access = access or AccessLog()
         self.rates = {} if rates is None else rates
         self.upstreams = set() if upstreams is None else upstreams
 
@@ -70,21 +72,18 @@ class Service:
                key: Any = None, ttft: float | None = None, tools: int | None = None,
                tokens: dict[str, int] | None = None) -> None:
         """The one record of a finished call: the metrics, and one access-log line."""
-        self.metrics.observe(model, route, status, seconds)
-        for kind, count in (tokens or {}).items():
-            self.metrics.tokens.labels(model, kind).inc(count)
-        if access.isEnabledFor(logging.INFO):
-            access.info(access_line(
-                self.pool.settings.log_format, request_id=request_id or None, route=route,
-                model=model, status=status, duration_s=round(seconds, 4),
-                ttft_s=round(ttft, 4) if ttft is not None else None,
-                key=key.name if key is not None else None, tools=tools,
-                **{f"{kind}_tokens": n for kind, n in (tokens or {}).items()}))
+        self.metrics.observe(model, route, status, seconds, tokens)
+        self.access.write(
+            self.pool.settings.log_format, request_id=request_id or None, route=route,
+            model=model, status=status, duration_s=round(seconds, 4),
+            ttft_s=round(ttft, 4) if ttft is not None else None,
+            key=key.name if key is not None else None, tools=tools,
+            **{f"{kind}_tokens": n for kind, n in (tokens or {}).items()})
 
     def rejected(self, exc: VramgateError, model: str, request_id: str = "") -> None:
         """Count and log an error before it is answered."""
         if exc.status in (429, 503) and exc.code:
-            self.metrics.rejections.labels(model, exc.code).inc()
+            self.metrics.child(self.metrics.rejections, model, exc.code).inc()
         if exc.status >= 500:
             log.warning("request %s for %s failed: %s %s", request_id, model, exc.status,
                         exc.message.splitlines()[0])
@@ -168,7 +167,7 @@ class Serving:
 
     # ---- the engine ---------------------------------------------------------------------------
     def _leased(self, lease: Any, into: list[Callable[[], None]]) -> Any:
-        in_flight = self.metrics.in_flight.labels(self.label)
+        in_flight = self.metrics.child(self.metrics.in_flight, self.label)
         in_flight.inc()
         self.lease_undo = (lease.release, in_flight.dec)
         into.extend(self.lease_undo)
@@ -272,7 +271,7 @@ class Serving:
 
     def _first(self) -> None:
         self.ttft = time.perf_counter() - self.call.started
-        self.metrics.ttft.labels(self.label, self.call.route).observe(self.ttft)
+        self.metrics.child(self.metrics.ttft, self.label, self.call.route).observe(self.ttft)
 
     def _relay(self, upstream: aiohttp.ClientResponse, tap: StreamTap) -> AsyncIterator[bytes]:
         convert = (infill.InfillStream(self.model.name, tap.tokens, self.call.warm).feed
@@ -285,7 +284,7 @@ class Serving:
         def finalize(complete: bool) -> None:
             for undo in reversed(held):
                 undo()
-            itl = self.metrics.itl.labels(self.label)
+            itl = self.metrics.child(self.metrics.itl, self.label)
             for gap in tap.gaps:
                 itl.observe(gap)
             # A client that hangs up once it has the stream's last event (Codex does, after

@@ -107,6 +107,19 @@ def test_body_limit_and_request_id(gw):
     assert r.headers["x-request-id"] == "trace-123"
     r = httpx.post(gw.url + "/v1/completions", headers=AUTH, json={"model": "nope", "prompt": "x"})
     assert len(r.headers["x-request-id"]) == 32  # generated, also on errors
+    with httpx.stream("POST", gw.url + "/v1/completions", headers={**AUTH, "x-request-id": "s-1"},
+                      json={"model": "queued", "prompt": "x", "max_tokens": 2, "stream": True}) as r:
+        assert r.headers.get_list("x-request-id") == ["s-1"] and b"[DONE]" in r.read()
+    # The key check answers an inference route before the fast path: its 401 carries the id too,
+    # once, and its access-log line says 401 (the route passes through with the client's send).
+    r = httpx.post(gw.url + "/v1/completions", headers={"authorization": "Bearer wrong",
+                                                        "x-request-id": "denied-7"}, json={})
+    assert r.status_code == 401 and r.headers.get_list("x-request-id") == ["denied-7"]
+    assert wait_for(lambda: any("request_id=denied-7 method=POST route=/v1/completions status=401"
+                                in line for line in gw.log_text().splitlines()))
+    r = httpx.get(gw.url + "/v1/models", headers={"authorization": "Bearer wrong",
+                                                  "x-request-id": "denied-8"})
+    assert r.status_code == 401 and r.headers.get_list("x-request-id") == ["denied-8"]
     big = b'{"model": "queued", "prompt": "' + b"x" * (33 * 2**20) + b'"}'
     r = httpx.post(gw.url + "/v1/completions", headers=AUTH, content=big)
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"

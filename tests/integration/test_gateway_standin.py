@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import threading
 import time
@@ -330,6 +331,8 @@ def test_access_log_line_and_engine_logs(gw):
                        json={"model": "small", "prompt": "x", "max_tokens": 3})
     assert r.status_code == 200
     line = next(l for l in gw.log_text().splitlines() if "request_id=acc-42" in l)
+    # Written in one write, not through logging, in the root handler's format all the same.
+    assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO vramgate\.access: request_id=", line), line
     for part in ("route=/v1/completions", "model=echo", "status=200", "prompt_tokens=3",
                  "completion_tokens=3", "duration_s="):
         assert part in line, line

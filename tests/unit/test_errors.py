@@ -37,7 +37,7 @@ def test_non_json_and_detail_bodies():
 
 
 def test_access_line_and_usage_counts():
-    from server.requestid import access_line
+    from server.accesslog import access_line
     from server.sse import usage_counts
     body = b'{"choices": [], "usage": {"prompt_tokens": 7, "total_tokens": 9, "completion_tokens": 2}}'
     assert usage_counts(body) == {"prompt": 7, "completion": 2}

@@ -56,3 +56,18 @@ def test_streams_are_timed_per_chunk_and_usage_is_read():
     assert all(len(r.itls) == 2 and min(r.itls) >= 0.015 for r in results)
     assert json.dumps(payload("m", "completions", False, 5, "p", False)) == \
         '{"model": "m", "max_tokens": 5, "temperature": 0, "stream": false, "prompt": "p"}'
+
+
+def test_ceiling_large_body_context_and_added_latency_ratios():
+    import json
+
+    from loadtest.ceiling import added_ratios, context
+    for kb in (64, 512):
+        text = context(kb)
+        assert len(text) == kb * 1024 and '"' in text and "\n" in text
+        assert len(json.dumps(text)) > len(text)  # it has escapes to decode
+    latency = [{"target": "vramgate", "mode": "plain, 64 KB body", "added_s": 0.003},
+               {"target": "floor", "mode": "plain, 64 KB body", "added_s": 0.002},
+               {"target": "floor", "mode": "stream (first chunk)", "added_s": 0.0}]
+    assert added_ratios(latency, "floor") == {
+        "plain, 64 KB body: added latency, vramgate ÷ floor": 1.5}

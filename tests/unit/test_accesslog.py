@@ -1,0 +1,73 @@
+"""The access log's direct writer and the cached metric children (issue #15's hot path)."""
+
+from __future__ import annotations
+
+import io
+import logging
+import re
+
+from server.accesslog import AccessLog
+from server.metrics import Metrics
+
+PREFIX = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO vramgate\.access: ")
+
+
+def test_a_line_is_one_write_in_the_root_handlers_format(caplog):
+    class Writes(io.StringIO):
+        calls = 0
+
+        def write(self, s):
+            Writes.calls += 1
+            return super().write(s)
+    out = Writes()
+    log = AccessLog(out)
+    with caplog.at_level(logging.INFO, logger="vramgate.access"):
+        log.write("text", request_id="r1", status=200, ttft_s=None)
+        log.write("json", request_id="r2", status=503)
+    assert caplog.records == []  # none went through logging
+    first, second = out.getvalue().splitlines()
+    assert Writes.calls == 2 and PREFIX.match(first) and PREFIX.match(second)
+    assert first.endswith("vramgate.access: request_id=r1 status=200")  # None fields left out
+    assert second.endswith('vramgate.access: {"request_id":"r2","status":503}')
+    # The same prefix as logging's own formatter gives (milliseconds after a comma).
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    record = logging.LogRecord("vramgate.access", logging.INFO, "", 0, "m", None, None)
+    assert PREFIX.match(fmt.format(record))
+
+
+def test_nothing_is_written_below_the_access_loggers_level():
+    out = io.StringIO()
+    logger = logging.getLogger("vramgate.access")
+    old = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        AccessLog(out).write("text", status=200)
+    finally:
+        logger.setLevel(old)
+    assert out.getvalue() == ""
+
+
+def test_a_broken_stream_falls_back_to_logging(caplog):
+    class Broken(io.StringIO):
+        def write(self, s):
+            raise BrokenPipeError(32, "Broken pipe")
+    log = AccessLog(Broken())
+    with caplog.at_level(logging.INFO, logger="vramgate.access"):
+        log.write("text", request_id="after-pipe")
+        log.write("text", request_id="again")
+    assert log.stream is None
+    assert [r.getMessage() for r in caplog.records] == ["request_id=after-pipe", "request_id=again"]
+
+
+def test_metric_children_are_looked_up_once_and_count():
+    m = Metrics({"chat": ("/v1/chat/completions",)}, ["ready"])
+    assert m.child(m.ttft, "chat", "/v1/chat/completions") is m.ttft.labels("chat", "/v1/chat/completions")
+    m.observe("chat", "/v1/chat/completions", 200, 0.2, {"prompt": 7, "completion": 3})
+    m.observe("chat", "/v1/chat/completions", 201, 0.1, {"prompt": 1})
+    m.observe("unknown", "/v1/chat/completions", 404, 0.1)
+    text = m.render().decode()
+    assert 'vramgate_requests_total{model="chat",route="/v1/chat/completions",status_class="2xx"} 2.0' in text
+    assert 'vramgate_tokens_total{kind="prompt",model="chat"} 8.0' in text
+    assert 'vramgate_tokens_total{kind="completion",model="chat"} 3.0' in text
+    assert 'vramgate_request_duration_seconds_count{model="chat",route="/v1/chat/completions"} 2.0' in text
+    assert 'vramgate_request_duration_seconds_count{model="unknown"' not in text
