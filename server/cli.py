@@ -124,7 +124,8 @@ def serve(config_path: Path | None, host: str | None, port: int | None, data_dir
     if after > before:
         logging.getLogger("vramgate").info("open-file limit raised from %d to %d", before, after)
     # Access lines straight to stderr, beside the root handler's lines (server.accesslog).
-    app = create_app(settings, reload=reload, access=AccessLog(sys.stderr))
+    access = AccessLog(sys.stderr)
+    app = create_app(settings, reload=reload, access=access)
     config = uvicorn.Config(app, host=settings.host, port=settings.port,
                             log_level=log_level, access_log=False, lifespan="on",
                             timeout_graceful_shutdown=int(settings.shutdown_timeout))
@@ -139,7 +140,10 @@ def serve(config_path: Path | None, host: str | None, port: int | None, data_dir
             super().handle_exit(sig, frame)
 
     tune_gc(GC_GEN0)
-    GatewayServer(config).run()
+    try:
+        GatewayServer(config).run()
+    finally:
+        access.flush()  # lines of a last turn of the loop that did not run
 
 
 @main.command()

@@ -10,6 +10,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from server.errors import InvalidRequest
 
 # route → (the field that must be present and non-empty, the model task it needs)
@@ -62,16 +64,53 @@ class ParsedRequest:
 
 
 def parse_body(raw: bytes) -> dict[str, Any]:
-    """Decode a JSON object; :class:`InvalidRequest` (400) for anything else."""
+    """Decode a JSON object; :class:`InvalidRequest` (400) for anything else.
+
+    orjson first: 1.2 µs against 2.3 µs for a short chat body, 0.40 ms against 1.05 ms for
+    512 KB of code as context, 0.58 ms against 1.87 ms for a 320 KB agent history of 400
+    messages (measured here, issue #15; the times include :func:`_has_huge_float`). What orjson
+    refuses and Python's ``json`` accepts (a lone surrogate escape, ``NaN``, UTF-16 bytes,
+    nesting past 1024) goes to ``json``, and so does a body where orjson may have read an integer
+    past 64 bits as a float; so every body is read as before, and every error message is
+    ``json``'s."""
     try:
-        data = json.loads(raw)
+        data = orjson.loads(raw)
+        if _has_huge_float(data):
+            data = _parse_slowly(raw)
+    except orjson.JSONDecodeError:
+        data = _parse_slowly(raw)
+    if not isinstance(data, dict):
+        raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
+    return data
+
+
+_HUGE = float(2 ** 63)  # orjson reads integers below -2**63 or above 2**64 - 1 as floats
+
+
+def _has_huge_float(data: Any) -> bool:
+    """Whether any number in ``data`` is a float of magnitude 2**63 or more: an integer literal
+    that orjson turned into a float, or (rarely) a float written so, which ``json`` reads alike."""
+    stack = [data]
+    pop, push = stack.pop, stack.extend
+    while stack:
+        o = pop()
+        kind = type(o)
+        if kind is dict:
+            push(o.values())
+        elif kind is list:
+            push(o)
+        elif kind is float and (o >= _HUGE or o <= -_HUGE):
+            return True
+    return False
+
+
+def _parse_slowly(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidRequest(f"The request body is not valid JSON: {exc}", code="invalid_json") from None
     except RecursionError:
         raise InvalidRequest("The request body is nested too deeply.", code="invalid_json") from None
-    if not isinstance(data, dict):
-        raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
-    return data
 
 
 def _check_messages(messages: Any) -> None:

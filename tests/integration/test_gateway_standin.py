@@ -330,6 +330,8 @@ def test_access_log_line_and_engine_logs(gw):
     r = gw.client.post("/v1/completions", headers={"x-request-id": "acc-42"},
                        json={"model": "small", "prompt": "x", "max_tokens": 3})
     assert r.status_code == 200
+    # Written once the event loop's turn has sent its answers (server.accesslog): just after.
+    assert wait_for(lambda: "request_id=acc-42" in gw.log_text())
     line = next(l for l in gw.log_text().splitlines() if "request_id=acc-42" in l)
     # Written in one write, not through logging, in the root handler's format all the same.
     assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO vramgate\.access: request_id=", line), line
@@ -341,6 +343,7 @@ def test_access_log_line_and_engine_logs(gw):
     assert gw.client.get("/v1/models", headers={"x-request-id": "acc-43"}).status_code == 200
     assert gw.client.get("/v1/models/nope", headers={"x-request-id": "acc-44"}).status_code == 404
     assert gw.client.get("/health", headers={"x-request-id": "acc-45"}).status_code == 200
+    assert wait_for(lambda: "request_id=acc-44" in gw.log_text())
     lines = gw.log_text().splitlines()
     assert any("request_id=acc-43 method=GET route=/v1/models status=200" in l for l in lines)
     assert any("request_id=acc-44 method=GET route=/v1/models/nope status=404" in l for l in lines)
@@ -377,6 +380,7 @@ def test_streamed_tokens_are_counted_without_a_usage_chunk_for_the_client(gw, ro
     assert all(b'"usage"' not in e for e in events)
     assert metric(gw, tokens) - before == 6
     assert metric(gw, itl) - itl_before == 5  # gaps between 6 tokens
+    assert wait_for(lambda: "request_id=tok-" + route[-4:] in gw.log_text())  # the stream's end
     line = next(l for l in gw.log_text().splitlines() if "request_id=tok-" + route[-4:] in l)
     assert "completion_tokens=6" in line and "prompt_tokens=3" in line and "ttft_s=" in line
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
 import re
@@ -10,6 +11,30 @@ from server.accesslog import AccessLog
 from server.metrics import Metrics
 
 PREFIX = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO vramgate\.access: ")
+
+
+def test_one_turn_of_the_loop_is_one_write_after_the_turn(caplog):
+    class Writes(io.StringIO):
+        calls = 0
+
+        def write(self, s):
+            Writes.calls += 1
+            return super().write(s)
+    out = Writes()
+    log = AccessLog(out)
+
+    async def turn() -> str:
+        for i in range(3):
+            log.write("text", request_id=f"t{i}", status=200)
+        seen_in_turn = out.getvalue()
+        await asyncio.sleep(0)  # the loop's next turn: the flush has run
+        return seen_in_turn
+    with caplog.at_level(logging.INFO, logger="vramgate.access"):
+        assert asyncio.run(turn()) == ""
+    lines = out.getvalue().splitlines()
+    assert Writes.calls == 1 and [line.rsplit(": ", 1)[1] for line in lines] == [
+        "request_id=t0 status=200", "request_id=t1 status=200", "request_id=t2 status=200"]
+    assert all(PREFIX.match(line) for line in lines)
 
 
 def test_a_line_is_one_write_in_the_root_handlers_format(caplog):
@@ -71,3 +96,10 @@ def test_metric_children_are_looked_up_once_and_count():
     assert 'vramgate_tokens_total{kind="completion",model="chat"} 3.0' in text
     assert 'vramgate_request_duration_seconds_count{model="chat",route="/v1/chat/completions"} 2.0' in text
     assert 'vramgate_request_duration_seconds_count{model="unknown"' not in text
+
+
+def test_generated_request_ids_are_fresh_and_a_sane_given_one_is_kept():
+    from server.requestid import request_id
+    ids = [request_id(None) for _ in range(1000)]  # past one 4 KiB draw of random bytes
+    assert len(set(ids)) == 1000 and all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+    assert request_id("trace-1") == "trace-1" and len(request_id("bad id\n")) == 32

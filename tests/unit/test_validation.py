@@ -120,3 +120,29 @@ def test_stream_is_not_the_gateways_business_on_routes_that_do_not_stream():
                                                        "messages": [{"role": "user", "content": "x"}]})):
         p = validate(route, body)
         assert (p.stream, p.include_usage) == (False, False)
+
+
+@pytest.mark.parametrize("raw, expected", [
+    (b'{"model": "\\ud800x"}', {"model": "\ud800x"}),  # a lone surrogate escape
+    (b'{"temperature": NaN}', None),  # Python's json reads NaN; orjson refuses it
+    (b'{"seed": 123456789012345678901234567890}', {"seed": 123456789012345678901234567890}),
+    (b'{"x": [{"y": -9223372036854775809}]}', {"x": [{"y": -9223372036854775809}]}),  # nested
+    (b'{"x": 18446744073709551615, "f": 1e300}', {"x": 18446744073709551615, "f": 1e300}),
+    ('{"model": "m\u00e9"}'.encode("utf-16"), {"model": "m\u00e9"}),  # json detects UTF-16
+    (b'{"a": 1, "a": 2}', {"a": 2}),  # a repeated key: the last one, as before
+])
+def test_what_orjson_refuses_is_read_as_pythons_json_reads_it(raw, expected):
+    import json as _json
+    import math
+
+    got = parse_body(raw)
+    if expected is None:
+        assert math.isnan(got["temperature"])
+    else:
+        assert got == expected == _json.loads(raw)
+
+
+def test_a_bad_body_gets_pythons_json_error_message():
+    with pytest.raises(InvalidRequest) as exc:
+        parse_body(b'{"model": "m",}')
+    assert "Expecting property name enclosed in double quotes" in exc.value.message
