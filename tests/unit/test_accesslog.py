@@ -13,13 +13,19 @@ from server.metrics import Metrics
 PREFIX = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO vramgate\.access: ")
 
 
-def test_one_turn_of_the_loop_is_one_write_after_the_turn(caplog):
-    class Writes(io.StringIO):
-        calls = 0
+class Writes(io.StringIO):
+    """A stream that counts its writes."""
 
-        def write(self, s):
-            Writes.calls += 1
-            return super().write(s)
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def write(self, s: str) -> int:
+        self.calls += 1
+        return super().write(s)
+
+
+def test_one_turn_of_the_loop_is_one_write_after_the_turn(caplog):
     out = Writes()
     log = AccessLog(out)
 
@@ -32,18 +38,12 @@ def test_one_turn_of_the_loop_is_one_write_after_the_turn(caplog):
     with caplog.at_level(logging.INFO, logger="vramgate.access"):
         assert asyncio.run(turn()) == ""
     lines = out.getvalue().splitlines()
-    assert Writes.calls == 1 and [line.rsplit(": ", 1)[1] for line in lines] == [
+    assert out.calls == 1 and [line.rsplit(": ", 1)[1] for line in lines] == [
         "request_id=t0 status=200", "request_id=t1 status=200", "request_id=t2 status=200"]
     assert all(PREFIX.match(line) for line in lines)
 
 
 def test_a_line_is_one_write_in_the_root_handlers_format(caplog):
-    class Writes(io.StringIO):
-        calls = 0
-
-        def write(self, s):
-            Writes.calls += 1
-            return super().write(s)
     out = Writes()
     log = AccessLog(out)
     with caplog.at_level(logging.INFO, logger="vramgate.access"):
@@ -51,7 +51,7 @@ def test_a_line_is_one_write_in_the_root_handlers_format(caplog):
         log.write("json", request_id="r2", status=503)
     assert caplog.records == []  # none went through logging
     first, second = out.getvalue().splitlines()
-    assert Writes.calls == 2 and PREFIX.match(first) and PREFIX.match(second)
+    assert out.calls == 2 and PREFIX.match(first) and PREFIX.match(second)
     assert first.endswith("vramgate.access: request_id=r1 status=200")  # None fields left out
     assert second.endswith('vramgate.access: {"request_id":"r2","status":503}')
     # The same prefix as logging's own formatter gives (milliseconds after a comma).
