@@ -28,10 +28,11 @@ from server.validation import ROUTES
 
 class InferenceFastPath:
     """Pure ASGI, innermost: ``POST`` to an inference route goes straight to :func:`inference`,
-    past Starlette's router and exception middleware (the same handler, the same answers, less
-    work on every request: ``loadtest/README.md``), its answer carrying the ``x-request-id``
-    header (``server.requestid``). Everything else goes on to Starlette.
-    Unexpected errors still reach Starlette's outermost ``ServerErrorMiddleware``."""
+    past Starlette (the same handler, the same answers, less work on every request:
+    ``loadtest/README.md``), its answer carrying the ``x-request-id`` header
+    (``server.requestid``). Everything else goes on to Starlette. An unexpected error (a bug) is
+    answered as :func:`server_error` answers Starlette's, and raised on to the server, which
+    logs it."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
@@ -44,7 +45,16 @@ class InferenceFastPath:
             return
         scope["route"] = route
         scope["endpoint"] = inference
-        response = await inference(Request(scope, receive, send))
+        request = Request(scope, receive, send)
+        try:
+            response = await inference(request)
+        except Exception as exc:  # a bug: answered in the route's shape, then uvicorn logs it
+            answer = await server_error(request, exc)
+            rid = id_header(scope)
+            if rid is not None:
+                answer.raw_headers.append(rid)
+            await answer(scope, receive, send)
+            raise
         rid = id_header(scope)  # RequestIdMiddleware leaves this route's header to us
         if rid is not None:
             response.raw_headers.append(rid)

@@ -13,7 +13,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.middleware import Middleware
+from starlette.types import Receive, Scope, Send
 
 from server import admin, api, batchapi, console
 from server.accesslog import AccessLog
@@ -166,8 +166,8 @@ def create_app(settings: Settings, *, launcher: Launcher | None = None,
                inventory: Inventory | None = None,
                reload: Callable[[], Settings] | None = None,
                clock: Callable[[], float] = time.monotonic,
-               access: AccessLog | None = None) -> Starlette:
-    """Build the gateway for ``settings``.
+               access: AccessLog | None = None) -> Edge:
+    """Build the gateway for ``settings``: an :class:`Edge` around the Starlette application.
 
     ``inventory`` (default: NVML, or the simulated layout of ``settings.simulate_gpus``) and
     ``launcher`` (builds each engine process) are injectable. On startup every model is placed and
@@ -188,16 +188,38 @@ def create_app(settings: Settings, *, launcher: Launcher | None = None,
             app.state.begin_shutdown = lambda: loop.call_soon_threadsafe(begin_shutdown)
             yield vars(state)
 
-    # CORS outermost: preflights need no key, and a 401 carries the CORS headers.
-    middleware = [Middleware(Cors, origins=settings.auth.cors_origins,
-                             hosts=settings.auth.allowed_hosts,
-                             check_host=settings.host in LOOPBACK_BINDS),
-                  Middleware(RequestIdMiddleware, log_format=settings.log_format, access=access,
-                             direct=ROUTES),
-                  Middleware(AuthMiddleware, auth=settings.auth),
-                  Middleware(api.InferenceFastPath)]
     app = Starlette(routes=api.routes + batchapi.routes + admin.routes + console.routes,
-                    lifespan=lifespan, middleware=middleware,
+                    lifespan=lifespan,
                     exception_handlers={HTTPException: api.http_error, Exception: api.server_error})
     app.router.redirect_slashes = False
-    return app
+    return Edge(app, settings, access)
+
+
+class Edge:
+    """What :func:`create_app` returns (ASGI): the gateway's own layers around Starlette, which
+    serves every route but the inference ones. From the outside in: the CORS and host checks
+    (preflights need no key, and a 401 carries the CORS headers), the request id, the key check
+    and the inference fast path (``api.InferenceFastPath``, which answers its own bugs with a
+    500 in the route's shape). Outside Starlette's error middleware, a streamed chunk passes one
+    send wrapper fewer (issue #15), and a 500 from any route carries the request id. ``state``
+    and ``router`` are Starlette's."""
+
+    def __init__(self, app: Starlette, settings: Settings, access: AccessLog) -> None:
+        self.starlette = app
+        auth = settings.auth
+        self.handler = Cors(
+            RequestIdMiddleware(AuthMiddleware(api.InferenceFastPath(app), auth=auth),
+                                log_format=settings.log_format, access=access, direct=ROUTES),
+            origins=auth.cors_origins, hosts=auth.allowed_hosts,
+            check_host=settings.host in LOOPBACK_BINDS)
+
+    @property
+    def state(self) -> Any:
+        return self.starlette.state
+
+    @property
+    def router(self) -> Any:
+        return self.starlette.router
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.handler(scope, receive, send)

@@ -15,6 +15,7 @@ configured key (``hmac.compare_digest``). A key never appears in logs, metrics, 
 
 from __future__ import annotations
 
+import functools
 import hmac
 import json
 import re
@@ -83,9 +84,10 @@ def _same(a: str, b: str) -> bool:
     return hmac.compare_digest(a.encode(), b.encode())
 
 
-def check(auth: AuthConfig, path: str, header: str | None) -> ApiKey | None:
-    """The key allowing this request (``None`` when none is needed); raises :class:`AuthError`."""
-    need = required(auth, path)
+def check(auth: AuthConfig, path: str, header: str | None, need: str | None = None) -> ApiKey | None:
+    """The key allowing this request (``None`` when none is needed); raises :class:`AuthError`.
+    ``need``: :func:`required`'s answer for ``path``, when the caller has it already."""
+    need = need or required(auth, path)
     if need == "none":
         return None
     token = bearer(header)
@@ -120,6 +122,9 @@ class AuthMiddleware:
     def __init__(self, app: ASGIApp, auth: AuthConfig) -> None:
         self.app = app
         self.auth = auth
+        # What each path needs, worked out once (a regex per request otherwise); bounded, since
+        # a client chooses the path.
+        self.need = functools.lru_cache(maxsize=1024)(lambda path: required(auth, path))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not self.auth.enabled:
@@ -133,7 +138,7 @@ class AuthMiddleware:
             if name == b"x-api-key" and header is None:  # the anthropic client's way
                 header = "Bearer " + value.decode("latin-1")
         try:
-            scope[SCOPE_KEY] = check(self.auth, scope["path"], header)
+            scope[SCOPE_KEY] = check(self.auth, scope["path"], header, self.need(scope["path"]))
         except AuthError as exc:
             anthropic = normalize_path(scope["path"]).startswith("/v1/messages")
             body = json.dumps(anthropic_body(401, exc.message) if anthropic else exc.envelope()).encode()

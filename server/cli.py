@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -81,9 +82,6 @@ def main() -> None:
 def serve(config_path: Path | None, host: str | None, port: int | None, data_dir: Path | None,
           log_level: str, api_keys: tuple[str, ...], admin_key: str | None) -> None:
     """Run the gateway; preloaded models start at once, the others on their first request."""
-    import uvicorn
-
-    from server.accesslog import AccessLog
     from server.app import create_app
     from server.models import embedded_models, ensure_prepared
 
@@ -120,10 +118,20 @@ def serve(config_path: Path | None, host: str | None, port: int | None, data_dir
     base = f"http://{'[' + shown + ']' if ':' in shown else shown}:{settings.port}"
     click.echo(f"vramgate: serving {names} on {base}/v1 (engine logs in {settings.log_dir}); "
                f"web console: {base}/ui", err=True)
+    run_gateway(create_app, settings, reload, log_level)
+
+
+def run_gateway(create_app: Any, settings: Any, reload: Any, log_level: str) -> None:
+    """The serving process: its open-file limit and garbage collector tuned, access lines
+    straight to stderr beside the root handler's lines (``server.accesslog``), and uvicorn,
+    which tells the gateway the moment SIGTERM/SIGINT arrives (to stop admitting)."""
+    import uvicorn
+
+    from server.accesslog import AccessLog
+
     before, after = raise_open_files_limit()
     if after > before:
         logging.getLogger("vramgate").info("open-file limit raised from %d to %d", before, after)
-    # Access lines straight to stderr, beside the root handler's lines (server.accesslog).
     access = AccessLog(sys.stderr)
     app = create_app(settings, reload=reload, access=access)
     config = uvicorn.Config(app, host=settings.host, port=settings.port,
@@ -131,8 +139,6 @@ def serve(config_path: Path | None, host: str | None, port: int | None, data_dir
                             timeout_graceful_shutdown=int(settings.shutdown_timeout))
 
     class GatewayServer(uvicorn.Server):
-        """uvicorn, telling the gateway the moment SIGTERM/SIGINT arrives (to stop admitting)."""
-
         def handle_exit(self, sig, frame) -> None:
             hook = getattr(app.state, "begin_shutdown", None)
             if hook is not None and not self.should_exit:

@@ -64,3 +64,24 @@ def test_admin_gpus_answers_503_in_the_envelope_when_nvml_raises(tmp_path):
         r = client.get("/admin/gpus")
         assert r.status_code == 503 and r.json()["error"]["code"] == "gpu_read_failed"
         assert "GPU is lost" in r.json()["error"]["message"]
+
+
+def test_a_bug_on_the_inference_fast_path_is_a_500_in_the_routes_shape(tmp_path, monkeypatch):
+    """The fast path runs outside Starlette's error middleware (server.app.Edge): a bug there is
+    still answered as Starlette's would be, in the route's shape, with the request id."""
+    import server.exchange
+
+    def broken(*args, **kwargs):
+        raise KeyError("a bug")
+    monkeypatch.setattr(server.exchange, "read_call", broken)
+    settings = Settings(models=(), data_dir=tmp_path)
+    app = create_app(settings, launcher=lambda *a: IdleEngine(), inventory=BrokenNvml(good=0))
+    with TestClient(app, base_url="http://127.0.0.1", raise_server_exceptions=False) as client:
+        r = client.post("/v1/chat/completions", json={}, headers={"x-request-id": "bug-1"})
+        assert r.status_code == 500 and r.headers["x-request-id"] == "bug-1"
+        assert r.json()["error"] == {"message": "Internal error: KeyError", "type": "server_error",
+                                     "param": None, "code": "internal_error"}
+        r = client.post("/v1/messages", json={})
+        assert r.status_code == 500 and r.json()["type"] == "error"
+        assert r.json()["error"]["type"] == "api_error" and len(r.headers["x-request-id"]) == 32
+        assert client.get("/health").status_code == 200  # and the gateway goes on
