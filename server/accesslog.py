@@ -15,19 +15,27 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 from typing import Any, TextIO
 
 ACCESS = logging.getLogger("vramgate.access")
 
 
+# A text value with any of these is written as a JSON string: a path with ``%0A`` in it (the
+# route is the decoded path) could otherwise forge a line, and one with a space a field.
+_UNSAFE = re.compile(r'[\x00-\x20\x7f"]')
+
+
 def access_line(fmt: str, **fields: Any) -> str:
-    """One access-log line: ``json`` (one object) or ``text`` (``key=value`` pairs); fields that
-    are ``None`` are left out."""
+    """One access-log line: ``json`` (one object) or ``text`` (``key=value`` pairs, a value with a
+    control character, a space or a quote as a JSON string); fields that are ``None`` are left
+    out."""
     kept = {k: v for k, v in fields.items() if v is not None}
     if fmt == "json":
         return json.dumps(kept, separators=(",", ":"))
-    return " ".join(f"{k}={v}" for k, v in kept.items())
+    return " ".join(f"{k}={json.dumps(v) if isinstance(v, str) and _UNSAFE.search(v) else v}"
+                    for k, v in kept.items())
 
 
 class AccessLog:

@@ -7,6 +7,7 @@ as an OpenAI error envelope, as plain JSON whenever it is known before the first
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from starlette.exceptions import HTTPException
@@ -21,7 +22,8 @@ from server.errors import (ModelNotFound, RouteNotFound,
                            anthropic_body, error_body)
 from server.exchange import inference
 from server.relay import error_response
-from server.requestid import id_header
+from server.metrics import UNKNOWN_MODEL
+from server.requestid import SCOPE_KEY as RID_KEY, id_header
 from server.admin import model_object
 from server.validation import ROUTES
 
@@ -45,14 +47,18 @@ class InferenceFastPath:
             return
         scope["route"] = route
         scope["endpoint"] = inference
-        request = Request(scope, receive, send)
+        request, t0 = Request(scope, receive, send), time.perf_counter()
         try:
             response = await inference(request)
-        except Exception as exc:  # a bug: answered in the route's shape, then uvicorn logs it
+        except Exception as exc:  # a bug: answered in the route's shape, counted, then logged
             answer = await server_error(request, exc)
             rid = id_header(scope)
             if rid is not None:
                 answer.raw_headers.append(rid)
+            request.state.service.record(
+                route.path, scope.get("vramgate.model", UNKNOWN_MODEL), 500,
+                time.perf_counter() - t0, request_id=scope.get(RID_KEY) or "",
+                key=scope.get(SCOPE_KEY))
             await answer(scope, receive, send)
             raise
         rid = id_header(scope)  # RequestIdMiddleware leaves this route's header to us

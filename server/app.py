@@ -182,11 +182,14 @@ def create_app(settings: Settings, *, launcher: Launcher | None = None,
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict]:
-        async with gateway(settings, devices, launcher, reload, clock, access) as (state, begin_shutdown):
-            # uvicorn's signal handler calls this; it only enqueues (see cli.GatewayServer).
-            loop = asyncio.get_running_loop()
-            app.state.begin_shutdown = lambda: loop.call_soon_threadsafe(begin_shutdown)
-            yield vars(state)
+        try:
+            async with gateway(settings, devices, launcher, reload, clock, access) as (state, begin_shutdown):
+                # uvicorn's signal handler calls this; it only enqueues (see cli.GatewayServer).
+                loop = asyncio.get_running_loop()
+                app.state.begin_shutdown = lambda: loop.call_soon_threadsafe(begin_shutdown)
+                yield vars(state)
+        finally:  # the last lines (a batch line ended by the stop): uvicorn re-raises SIGTERM
+            access.flush()  # once it has served, so nothing after this runs then
 
     app = Starlette(routes=api.routes + batchapi.routes + admin.routes + console.routes,
                     lifespan=lifespan,

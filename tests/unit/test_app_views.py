@@ -4,6 +4,7 @@ admin views and ``/metrics`` over the scheduler's frozen views, no engine proces
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from starlette.testclient import TestClient
 
@@ -66,7 +67,7 @@ def test_admin_gpus_answers_503_in_the_envelope_when_nvml_raises(tmp_path):
         assert "GPU is lost" in r.json()["error"]["message"]
 
 
-def test_a_bug_on_the_inference_fast_path_is_a_500_in_the_routes_shape(tmp_path, monkeypatch):
+def test_a_bug_on_the_inference_fast_path_is_a_500_in_the_routes_shape(tmp_path, monkeypatch, caplog):
     """The fast path runs outside Starlette's error middleware (server.app.Edge): a bug there is
     still answered as Starlette's would be, in the route's shape, with the request id."""
     import server.exchange
@@ -76,6 +77,7 @@ def test_a_bug_on_the_inference_fast_path_is_a_500_in_the_routes_shape(tmp_path,
     monkeypatch.setattr(server.exchange, "read_call", broken)
     settings = Settings(models=(), data_dir=tmp_path)
     app = create_app(settings, launcher=lambda *a: IdleEngine(), inventory=BrokenNvml(good=0))
+    caplog.set_level(logging.INFO, logger="vramgate.access")
     with TestClient(app, base_url="http://127.0.0.1", raise_server_exceptions=False) as client:
         r = client.post("/v1/chat/completions", json={}, headers={"x-request-id": "bug-1"})
         assert r.status_code == 500 and r.headers["x-request-id"] == "bug-1"
@@ -85,3 +87,9 @@ def test_a_bug_on_the_inference_fast_path_is_a_500_in_the_routes_shape(tmp_path,
         assert r.status_code == 500 and r.json()["type"] == "error"
         assert r.json()["error"]["type"] == "api_error" and len(r.headers["x-request-id"]) == 32
         assert client.get("/health").status_code == 200  # and the gateway goes on
+        metrics = client.get("/metrics").text  # counted, as every answered request is
+        assert 'vramgate_requests_total{model="unknown",route="/v1/chat/completions",' \
+               'status_class="5xx"} 1.0' in metrics
+    lines = [r.getMessage() for r in caplog.records if r.name == "vramgate.access"]
+    assert any("request_id=bug-1 route=/v1/chat/completions model=unknown status=500" in line
+               for line in lines), lines

@@ -45,4 +45,9 @@ def test_access_line_and_usage_counts():
     responses = b'"usage":{"input_tokens":5,"input_tokens_details":{"cached_tokens":0},"output_tokens":3}'
     assert usage_counts(responses) == {"prompt": 5, "completion": 3}
     assert access_line("text", a=1, b=None, c="x") == "a=1 c=x"
+    # A decoded path cannot forge a line or a field (found by a break-it run).
+    forged = access_line("text", route="/v1/x\n2026-01-01 INFO vramgate.access: status=200", status=404)
+    assert "\n" not in forged and forged.endswith(" status=404")
+    assert forged.startswith('route="/v1/x\\n2026-01-01 INFO vramgate.access: status=200"')
+    assert access_line("text", route='/a"b', x="\x00") == 'route="/a\\"b" x="\\u0000"'
     assert json.loads(access_line("json", a=1, b=None)) == {"a": 1}

@@ -63,6 +63,22 @@ def test_deep_nesting_is_a_400_not_a_crash():
         parse_body(deep)
 
 
+@pytest.mark.parametrize("depth", [600, 1000, 1023])
+@pytest.mark.parametrize("huge", ["", ', "seed": 123456789012345678901234567890'])
+def test_nesting_orjson_reads_but_json_could_not_encode_again_is_a_400(depth, huge):
+    """orjson reads 1,024 levels; Python's json, in the gateway, gave up near 965, and a body read
+    that deep could not be encoded again for the engine (a 500, found by a break-it run). The
+    limit is MAX_DEPTH on every path, the slow one (a huge integer) too."""
+    import json as _json
+
+    from server.validation import MAX_DEPTH
+    raw = (b'{"model": "m"' + huge.encode() + b', "x": ' + b"[" * depth + b"]" * depth + b"}")
+    with pytest.raises(InvalidRequest, match="nested too deeply"):
+        parse_body(raw)
+    ok = b'{"model": "m", "x": ' + b"[" * (MAX_DEPTH - 1) + b"]" * (MAX_DEPTH - 1) + b"}"
+    assert _json.dumps(parse_body(ok))  # it can be encoded again
+
+
 def test_engine_body_asks_for_usage_without_touching_the_rest():
     import json as _json
 
