@@ -14,6 +14,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
+from server.errors import InvalidRequest
+from server.validation import MAX_DEPTH, check_nesting
+
 MAX_LINES = 50_000  # OpenAI's limit on requests in one batch
 MAX_BYTES = 200 * 1000 * 1000  # OpenAI's limit on a batch input file (200 MB)
 MAX_ERRORS = 100
@@ -38,8 +41,13 @@ def parse_line(raw: bytes, number: int, endpoint: str, out: Checked) -> dict[str
     """One line's request, or ``None`` with its error added to ``out``."""
     try:
         task = json.loads(raw)
+        check_nesting(task)  # what a request body may nest, so the line's body can be sent on
     except (ValueError, RecursionError):  # RecursionError: nesting deeper than Python's stack
         out.fail("invalid_json_line", "This line is not parseable as valid JSON.", number)
+        return None
+    except InvalidRequest:
+        out.fail("invalid_json_line", f"This line nests arrays and objects more than "
+                 f"{MAX_DEPTH} deep.", number)
         return None
     if not isinstance(task, dict):
         out.fail("invalid_json_line", "This line is not a JSON object.", number)

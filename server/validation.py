@@ -94,6 +94,13 @@ _HUGE = float(2 ** 63)  # orjson reads integers below -2**63 or above 2**64 - 1 
 MAX_DEPTH = 512
 
 
+def check_nesting(data: Any) -> None:
+    """Raise :class:`InvalidRequest` when ``data`` (decoded JSON) nests arrays and objects past
+    :data:`MAX_DEPTH`: the rule :func:`parse_body` applies, for what is decoded elsewhere (batch
+    input lines)."""
+    _scan(data, stop=False)
+
+
 def _scan(data: Any, stop: bool = True) -> bool:
     """Whether any number in ``data`` is a float of magnitude 2**63 or more (an integer literal
     that orjson turned into a float, or, rarely, a float written so, which ``json`` reads alike);

@@ -35,6 +35,9 @@ def test_a_good_file_gives_its_model_and_ids():
     ([line("a", model="zzz")], "model_not_found", 1),
     ([b" \n"], "empty_file", None),
     ([b'{"custom_id": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n"], "invalid_json_line", 1),
+    # Readable, but deeper than a request body may nest (validation.MAX_DEPTH): its body could
+    # not always be encoded again for the engine.
+    ([line("a"), b'{"custom_id": "b", "x": ' + b"[" * 600 + b"]" * 600 + b"}\n"], "invalid_json_line", 2),
 ])
 def test_each_fault_names_its_line(lines, code, number):
     out = check_lines(lines, "/v1/chat/completions", 10, known)
