@@ -73,7 +73,8 @@ class AccessLog:
                 self.flush()
 
     def flush(self) -> None:
-        """Write the pending lines in one ``write``; the gateway also calls this as it stops."""
+        """Write the pending lines in one ``write``; the gateway's lifespan also calls this as it
+        ends."""
         lines, self._pending = self._pending, []
         if not lines:
             return

@@ -23,7 +23,7 @@ from server.errors import (ModelNotFound, RouteNotFound,
 from server.exchange import inference
 from server.relay import error_response
 from server.metrics import UNKNOWN_MODEL
-from server.requestid import SCOPE_KEY as RID_KEY, id_header
+from server.requestid import SCOPE_KEY as RID_KEY, add_id_header
 from server.admin import model_object
 from server.validation import ROUTES
 
@@ -52,18 +52,14 @@ class InferenceFastPath:
             response = await inference(request)
         except Exception as exc:  # a bug: answered in the route's shape, counted, then logged
             answer = await server_error(request, exc)
-            rid = id_header(scope)
-            if rid is not None:
-                answer.raw_headers.append(rid)
+            add_id_header(scope, answer.raw_headers)
             request.state.service.record(
                 route.path, scope.get("vramgate.model", UNKNOWN_MODEL), 500,
                 time.perf_counter() - t0, request_id=scope.get(RID_KEY) or "",
                 key=scope.get(SCOPE_KEY))
             await answer(scope, receive, send)
             raise
-        rid = id_header(scope)  # RequestIdMiddleware leaves this route's header to us
-        if rid is not None:
-            response.raw_headers.append(rid)
+        add_id_header(scope, response.raw_headers)  # RequestIdMiddleware leaves it to us
         await response(scope, receive, send)
 
 

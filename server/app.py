@@ -205,7 +205,7 @@ class Edge:
     and the inference fast path (``api.InferenceFastPath``, which answers its own bugs with a
     500 in the route's shape). Outside Starlette's error middleware, a streamed chunk passes one
     send wrapper fewer (issue #15), and a 500 from any route carries the request id. ``state``
-    and ``router`` are Starlette's."""
+    is Starlette's."""
 
     def __init__(self, app: Starlette, settings: Settings, access: AccessLog) -> None:
         self.starlette = app
@@ -219,10 +219,6 @@ class Edge:
     @property
     def state(self) -> Any:
         return self.starlette.state
-
-    @property
-    def router(self) -> Any:
-        return self.starlette.router
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self.handler(scope, receive, send)

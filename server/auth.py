@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server.errors import AuthError, anthropic_body
-from server.requestid import STATUS, id_header
+from server.requestid import STATUS, add_id_header
 
 SCOPE_KEY = "vramgate.api_key"
 
@@ -146,9 +146,7 @@ class AuthMiddleware:
                        (b"content-length", str(len(body)).encode()),
                        (b"www-authenticate", b"Bearer")]
             headers += [(k.encode(), v.encode()) for k, v in exc.headers().items()]
-            rid = id_header(scope)  # a direct request's send adds none (server.requestid)
-            if rid is not None:
-                headers.append(rid)
+            add_id_header(scope, headers)  # a direct request's send adds none (server.requestid)
             scope[STATUS] = 401
             await send({"type": "http.response.start", "status": 401, "headers": headers})
             await send({"type": "http.response.body", "body": body})

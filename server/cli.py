@@ -132,8 +132,7 @@ def run_gateway(create_app: Any, settings: Any, reload: Any, log_level: str) -> 
     before, after = raise_open_files_limit()
     if after > before:
         logging.getLogger("vramgate").info("open-file limit raised from %d to %d", before, after)
-    access = AccessLog(sys.stderr)
-    app = create_app(settings, reload=reload, access=access)
+    app = create_app(settings, reload=reload, access=AccessLog(sys.stderr))
     config = uvicorn.Config(app, host=settings.host, port=settings.port,
                             log_level=log_level, access_log=False, lifespan="on",
                             timeout_graceful_shutdown=int(settings.shutdown_timeout))
@@ -146,10 +145,7 @@ def run_gateway(create_app: Any, settings: Any, reload: Any, log_level: str) -> 
             super().handle_exit(sig, frame)
 
     tune_gc(GC_GEN0)
-    try:
-        GatewayServer(config).run()
-    finally:
-        access.flush()  # lines of a last turn of the loop that did not run
+    GatewayServer(config).run()  # the lifespan flushes the last access lines (server.app)
 
 
 @main.command()
