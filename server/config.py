@@ -138,7 +138,9 @@ class Settings:
     (0: the stream waits silently). ``batch_concurrency``: lines of one batch in flight at once;
     ``batch_beside``: batch-priority leases a model may hold while other requests run on it;
     ``max_file_bytes``: the largest upload ``POST /v1/files`` takes (bytes);
-    ``traffic_interval``: seconds between the samples of the console's traffic charts."""
+    ``traffic_interval``: seconds between the samples of the console's traffic charts;
+    ``engine_transport``: ``unix`` (local engines on Unix sockets, :mod:`server.localsock`) or
+    ``tcp`` (on loopback ports); read at each engine start."""
 
     models: tuple[ModelConfig, ...]
     host: str = "127.0.0.1"
@@ -164,6 +166,7 @@ class Settings:
     batch_beside: int = 0  # batch leases on a model while other requests run on it (decisions)
     max_file_bytes: int = 512 * 2**20  # the largest upload to /v1/files
     traffic_interval: float = 5.0  # seconds between the console's traffic samples (server.traffic)
+    engine_transport: str = "unix"  # local engines listen on a Unix socket, or ("tcp") a port
 
     @property
     def log_dir(self) -> Path:

@@ -26,12 +26,14 @@ _TOP_KEYS = {"host", "port", "data_dir", "models", "engine_module", "engine_pyth
              "gpu_headroom", "kv_cache_sequences", "simulate_gpus", "max_loaded_models",
              "place_wait_timeout", "cpu_memory_budget", "api_keys", "admin_key", "metrics_auth",
              "cors_origins", "allowed_hosts", "max_body_bytes", "log_format", "stream_keepalive",
-             "batch_concurrency", "batch_beside", "max_file_bytes", "traffic_interval"}
+             "batch_concurrency", "batch_beside", "max_file_bytes", "traffic_interval",
+             "engine_transport"}
 
 
 _BYTE_FIELDS = {"gpu_headroom": "gpu_headroom_bytes", "max_body_bytes": "max_body_bytes",
                 "cpu_memory_budget": "cpu_memory_budget", "max_file_bytes": "max_file_bytes"}
-_CHOICE_FIELDS = {"placement": ("pack", "spread"), "log_format": ("text", "json")}
+_CHOICE_FIELDS = {"placement": ("pack", "spread"), "log_format": ("text", "json"),
+                  "engine_transport": ("unix", "tcp")}
 
 
 def parse_auth(raw: dict[str, Any], env_keys: tuple[str, ...] = (),

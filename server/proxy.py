@@ -10,21 +10,25 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 from typing import AsyncIterator, Callable
 
 import aiohttp
 
 from server.errors import EngineUnreachable, ModelUnavailable
+from server.localsock import EngineConnector
 from server.sse import EventSplitter, StreamFlavor, StreamTap
 
 # Engines answer slowly (a long generation); only the connection attempt is bounded.
 TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10)
 
 
-def new_session() -> aiohttp.ClientSession:
-    """One pooled client for every engine: keep-alive connections, no total connection limit."""
+def new_session(socket_dir: Path | None = None) -> aiohttp.ClientSession:
+    """One pooled client for every engine: keep-alive connections, no total connection limit;
+    engines on Unix sockets in ``socket_dir`` are dialled there (:mod:`server.localsock`)."""
     return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30, enable_cleanup_closed=True),
+        connector=EngineConnector(socket_dir, limit=0, keepalive_timeout=30,
+                                  enable_cleanup_closed=True),
         timeout=TIMEOUT, auto_decompress=False, skip_auto_headers=("User-Agent",))
 
 

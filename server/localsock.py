@@ -1,0 +1,116 @@
+"""Unix domain sockets to local engines: where they live, their URLs, and the connector that dials them.
+
+A local engine listens on ``<socket dir>/<id>.sock`` (vLLM's ``--uds``), not on a loopback port,
+when the config's ``engine_transport`` is ``unix`` (the default). Measured on the floor proxy
+(``loadtest/README.md``): 1.11× the requests per core of loopback TCP, plain, and 1.08× streamed.
+The directory is the gateway user's alone (mode 0700), so no other local user reaches an engine
+past the gateway's keys and limits, as any of them could reach a loopback port.
+
+Such an engine's URL is ``http://<id>.uds.invalid``: the ``.invalid`` top-level name (RFC 2606)
+can never resolve, so a URL that escaped would fail, not reach some other host. The one aiohttp
+session of the gateway uses :class:`EngineConnector`, which dials the socket for those hosts and
+TCP for every other (an upstream on another host), so health checks, model cards, metrics scrapes,
+sleep and wake and the data path need no change of client.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+
+import aiohttp
+from aiohttp.client_exceptions import UnixClientConnectorError
+from aiohttp.helpers import ceil_timeout
+
+SUFFIX = ".uds.invalid"  # the host of an engine URL on a Unix socket: <id>.uds.invalid
+MAX_PATH = 100  # bytes; sun_path holds 108 on Linux (104 on macOS), less its NUL
+ID_BYTES = 6  # an engine socket's id: 12 hex digits
+
+
+def supported() -> bool:
+    """Whether this platform has Unix domain sockets (not Windows)."""
+    return hasattr(socket, "AF_UNIX")
+
+
+def socket_dir(data_dir: Path) -> tuple[Path, bool]:
+    """Make the directory the engine sockets go in (mode 0700) and return it, with whether it is
+    the gateway's own to remove at the end.
+
+    ``<data_dir>/run/sockets`` when a socket path there fits the :data:`MAX_PATH` bytes of
+    ``sun_path`` and a socket can be bound there (not on every file system: a Windows drive under
+    WSL refuses); sockets an earlier gateway left there (it was killed) are removed first, as that
+    gateway's engines are reaped. Otherwise a new ``vramgate-*`` directory under the temporary
+    directory, removed at the end. Raises ``OSError`` when neither can be made."""
+    fixed = data_dir / "run" / "sockets"
+    if len(os.fsencode(fixed / f"{'0' * 2 * ID_BYTES}.sock")) <= MAX_PATH:
+        fixed.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(fixed, 0o700)  # an existing one may have been made with the umask's mode
+        for stale in fixed.glob("*.sock"):
+            stale.unlink(missing_ok=True)
+        if _can_bind(new_socket(fixed)):
+            return fixed, False
+    return Path(tempfile.mkdtemp(prefix="vramgate-")), True
+
+
+def _can_bind(path: Path) -> bool:
+    """Whether a Unix socket can be bound at ``path`` (it is removed again)."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.bind(str(path))
+        return True
+    except OSError:
+        return False
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def remove_dir(path: Path, own: bool) -> None:
+    """At the end: remove the sockets left in ``path``, and ``path`` itself when ``own``."""
+    if own:
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    for left in path.glob("*.sock"):
+        left.unlink(missing_ok=True)
+
+
+def new_socket(directory: Path) -> Path:
+    """A fresh socket path in ``directory`` for one engine (vLLM binds it; nothing is made here)."""
+    return directory / f"{secrets.token_hex(ID_BYTES)}.sock"
+
+
+def url_for(path: Path | str) -> str:
+    """The URL of the engine listening on socket ``path``: ``http://<id>.uds.invalid``."""
+    return f"http://{Path(path).stem}{SUFFIX}"
+
+
+class EngineConnector(aiohttp.TCPConnector):
+    """aiohttp's TCP connector, except that a host ``<id>.uds.invalid`` is dialled as the Unix
+    socket ``<directory>/<id>.sock``; pooling, keep-alive and limits are the TCP connector's, per
+    host. With ``directory`` ``None`` it is the TCP connector alone. A socket that is not there
+    raises aiohttp's ``UnixClientConnectorError`` (a ``ClientConnectorError``), as a refused port
+    would raise its TCP form.
+
+    It overrides ``_create_connection``, the method aiohttp's own ``UnixConnector`` implements
+    (aiohttp 3.10 to 3.14); ``tests/unit/test_localsock.py`` dials a real socket through it."""
+
+    def __init__(self, directory: Path | None, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.directory = directory
+
+    async def _create_connection(self, req, traces, timeout):  # noqa: ANN001 (aiohttp's own)
+        host = req.url.raw_host or ""
+        if self.directory is None or not host.endswith(SUFFIX):
+            return await super()._create_connection(req, traces, timeout)
+        path = str(self.directory / f"{host[:-len(SUFFIX)]}.sock")
+        try:
+            async with ceil_timeout(timeout.sock_connect, ceil_threshold=timeout.ceil_threshold):
+                _, proto = await self._loop.create_unix_connection(self._factory, path)
+        except OSError as exc:
+            if exc.errno is None and isinstance(exc, TimeoutError):
+                raise
+            raise UnixClientConnectorError(path, req.connection_key, exc) from exc
+        return proto

@@ -1,0 +1,128 @@
+"""Unix sockets to local engines (server.localsock): the one session dials a real socket for an
+engine's ``<id>.uds.invalid`` URL and TCP for every other host; where the sockets live."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+
+import pytest
+from aiohttp import web
+
+from server import localsock
+from server.config import ModelConfig
+from server.configload import parse_settings
+from server.engines import engine_launch
+from server.errors import ConfigError, EngineUnreachable
+from server.proxy import new_session, open_upstream, probe
+
+
+def app(name: str, conns: set | None = None) -> web.Application:
+    async def hello(request: web.Request) -> web.Response:
+        if conns is not None:
+            conns.add(id(request.transport))  # one per connection the client opened
+        return web.json_response({"from": name, "host": request.host})
+    out = web.Application()
+    out.router.add_get("/who", hello)
+    out.router.add_post("/who", hello)
+    return out
+
+
+def test_one_session_dials_the_socket_for_engine_urls_and_tcp_for_the_rest(tmp_path):
+    async def go():
+        sock = localsock.new_socket(tmp_path)
+        conns: set = set()
+        unix, tcp = web.AppRunner(app("unix", conns)), web.AppRunner(app("tcp"))
+        await unix.setup()
+        await tcp.setup()
+        await web.UnixSite(unix, str(sock)).start()
+        site = web.TCPSite(tcp, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        session = new_session(tmp_path)
+        try:
+            got = await probe(session, localsock.url_for(sock) + "/who", 5)
+            assert got is not None and got[0] == 200 and b'"from": "unix"' in got[1]
+            got = await probe(session, f"http://127.0.0.1:{port}/who", 5)
+            assert got is not None and b'"from": "tcp"' in got[1]
+            for _ in range(3):  # kept alive and pooled like a TCP connection
+                resp = await open_upstream(session, localsock.url_for(sock) + "/who", b"{}", {})
+                assert resp.status == 200 and (await resp.json())["from"] == "unix"
+            assert len(conns) == 1
+            sock.unlink()  # the engine is gone: an unreachable engine, as a refused port
+            gone = localsock.url_for(tmp_path / "000000000000.sock")
+            with pytest.raises(EngineUnreachable, match="could not be reached"):
+                await open_upstream(session, gone + "/who", b"{}", {})
+            assert await probe(session, gone + "/health", 5) is None
+        finally:
+            await session.close()
+            await unix.cleanup()
+            await tcp.cleanup()
+    asyncio.run(go())
+
+
+def test_without_a_socket_dir_an_engine_url_is_never_dialled(tmp_path):
+    async def go():
+        session = new_session(None)  # engine_transport tcp, or no AF_UNIX
+        try:
+            assert await probe(session, "http://abc.uds.invalid/health", 5) is None
+        finally:
+            await session.close()
+    asyncio.run(go())
+
+
+def test_the_socket_dir_is_the_users_alone_and_starts_empty(tmp_path):
+    data = tmp_path / "data"
+    (data / "run" / "sockets").mkdir(parents=True, mode=0o755)
+    (data / "run" / "sockets" / "left.sock").write_text("")  # an earlier gateway was killed
+    (data / "run" / "sockets" / "keep.txt").write_text("")
+    path, own = localsock.socket_dir(data)
+    assert (path, own) == (data / "run" / "sockets", False)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o700
+    assert sorted(p.name for p in path.iterdir()) == ["keep.txt"]
+    (path / "a.sock").write_text("")
+    localsock.remove_dir(path, own)
+    assert path.is_dir() and sorted(p.name for p in path.iterdir()) == ["keep.txt"]
+
+
+def test_a_data_dir_too_long_for_sun_path_gets_a_temporary_dir(tmp_path):
+    deep = tmp_path / ("d" * 100)
+    path, own = localsock.socket_dir(deep)
+    try:
+        assert own and path.name.startswith("vramgate-") and not deep.exists()
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o700
+        assert len(os.fsencode(localsock.new_socket(path))) <= localsock.MAX_PATH
+    finally:
+        localsock.remove_dir(path, own)
+    assert not path.exists()
+
+
+def test_an_engine_on_a_socket_gets_uds_and_no_port():
+    m = ModelConfig("chat", "/m")
+    on_socket = engine_launch(m, port=0, uds="/run/x/0123456789ab.sock", device="cpu", python="py",
+                              module="v")
+    assert on_socket.argv[on_socket.argv.index("--uds") + 1] == "/run/x/0123456789ab.sock"
+    assert "--port" not in on_socket.argv and "--host" not in on_socket.argv
+    assert on_socket.base_url == "http://0123456789ab.uds.invalid"
+    assert on_socket.address == "unix:/run/x/0123456789ab.sock"
+    on_port = engine_launch(m, port=8123, device="cpu", python="py", module="v")
+    assert "--uds" not in on_port.argv and on_port.address == on_port.base_url == "http://127.0.0.1:8123"
+
+
+def test_engine_transport_is_unix_or_tcp():
+    models = [{"name": "a", "path": "p"}]
+    assert parse_settings({"models": models}).engine_transport == "unix"
+    assert parse_settings({"engine_transport": "tcp", "models": models}).engine_transport == "tcp"
+    with pytest.raises(ConfigError, match="engine_transport: must be unix or tcp"):
+        parse_settings({"engine_transport": "uds", "models": models})
+
+
+
+def test_a_file_system_that_refuses_sockets_gets_a_temporary_dir(tmp_path, monkeypatch):
+    monkeypatch.setattr(localsock, "_can_bind", lambda path: False)  # a Windows drive under WSL
+    path, own = localsock.socket_dir(tmp_path / "data")
+    try:
+        assert own and path.name.startswith("vramgate-")
+    finally:
+        localsock.remove_dir(path, own)
