@@ -28,7 +28,7 @@ log = logging.getLogger("vramgate.admin")
 def replica_object(rep: EngineView, now: float) -> dict[str, Any]:
     """One engine replica as the admin API shows it (bytes, seconds)."""
     out: dict[str, Any] = {"index": rep.index, "state": rep.state.value, "in_flight": rep.in_flight,
-                           "pid": rep.pid, "url": rep.base_url, "device": rep.device,
+                           "pid": rep.pid, "url": rep.address, "device": rep.device,
                            "max_model_len": rep.max_model_len,
                            "cpu_cores": dict(rep.env).get("VLLM_CPU_OMP_THREADS_BIND"),
                            "uptime_s": round(now - rep.ready_since, 1) if rep.ready_since else None,

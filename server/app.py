@@ -15,7 +15,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.types import Receive, Scope, Send
 
-from server import admin, api, batchapi, console
+from server import admin, api, batchapi, console, localsock
 from server.accesslog import AccessLog
 from server.batchrunner import BatchRunner
 from server.batchstore import BatchStore
@@ -124,9 +124,11 @@ async def gateway(settings: Settings, devices: Inventory, launcher: Launcher | N
     records = GroupRecords(settings.data_dir / "run" / "engines")
     # Engines an earlier gateway on this data dir left running (it was killed) go first.
     await asyncio.to_thread(records.reap)
-    session = new_session()  # the one HTTP client: the data path and the control plane
+    sockets, own_sockets = (await asyncio.to_thread(localsock.socket_dir, settings.data_dir)
+                            if localsock.supported() else (None, False))
+    session = new_session(sockets)  # the one HTTP client: the data path and the control plane
     pool = Scheduler(settings, devices, launcher=launcher, events=metrics, profiles=profiles,
-                     records=records, clock=clock, session=session)
+                     records=records, clock=clock, session=session, socket_dir=sockets)
     do_reload = reloader(pool, reload)
     upstreams: set = set()  # engine responses being read, cut short before a forced exit
     background: set = set()  # the reload and shutdown tasks, kept referenced
@@ -160,6 +162,8 @@ async def gateway(settings: Settings, devices: Inventory, launcher: Launcher | N
         await asyncio.to_thread(store.close)
         await pool.stop_all()
         await session.close()
+        if sockets is not None:
+            localsock.remove_dir(sockets, own_sockets)
 
 
 def create_app(settings: Settings, *, launcher: Launcher | None = None,

@@ -192,6 +192,7 @@ class EngineView:
     log_path: str | None
     host_bytes: int = 0  # host RAM its level-1 sleep holds (bytes)
     loading_since: float | None = None  # clock time its current load or wake was queued
+    address: str | None = None  # where it listens, for people: unix:/path.sock, or its URL
 
     @property
     def key(self) -> str:
@@ -229,6 +230,12 @@ class ModelView:
         return any(r.state == ModelState.LOADING for r in self.replicas)
 
 
+def address(engine: Any) -> str | None:
+    """Where ``engine`` listens, for people (``unix:/path.sock`` or its URL): its ``address``, or
+    its ``base_url`` where it has none."""
+    return getattr(engine, "address", None) or getattr(engine, "base_url", None)
+
+
 def replica_view(rep: ReplicaBook) -> EngineView:
     """The frozen copy of ``rep`` (its engine's pid, URL and log as they are now)."""
     eng = rep.engine
@@ -239,7 +246,7 @@ def replica_view(rep: ReplicaBook) -> EngineView:
         rep.requirement, rep.booked_bytes, rep.measured_bytes, rep.leases, rep.last_used,
         rep.ready_since, rep.load_seconds, rep.max_model_len,
         str(eng.log_path) if getattr(eng, "log_path", None) else None, rep.host_bytes,
-        rep.loading_since)
+        rep.loading_since, address(eng))
 
 
 def model_view(book: ModelBook, waiting: int) -> ModelView:

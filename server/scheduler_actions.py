@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from server import decisions as d
 from server.books import Lease, ModelState, Phase, ReplicaBook
 from server.engines import cpu_binding, cpu_list, engine_launch, free_port, sleeps
+from server.localsock import new_socket
 from server.placement import fmt
 from server.remote import RemoteEngine
 from server.sleep import sleep_engine, wake_engine
@@ -111,8 +112,10 @@ class Actions:
         kind = "cpu" if placed.devices == ("cpu",) else "cuda"
         rep.sleepable = sleeps(model, kind)
         cores = cpu_binding(self.settings.models, cpu_list()).get(rep.key) if kind == "cpu" else None
+        uds = (str(new_socket(self.socket_dir)) if self.socket_dir is not None
+               and self.settings.engine_transport == "unix" else None)
         launch = engine_launch(
-            model, port=free_port(), device=kind, python=self.settings.engine_python or sys.executable,
+            model, port=0 if uds else free_port(), uds=uds, device=kind, python=self.settings.engine_python or sys.executable,
             module=self.settings.engine_module,
             kv_cache_bytes=rep.requirement.kv_cache_bytes if rep.requirement else None,
             gpu_memory_utilization=placed.gpu_memory_utilization,

@@ -58,6 +58,11 @@ class Engine(Protocol):
         ...
 
     @property
+    def address(self) -> str:
+        """Where it listens, for people and logs: ``unix:/path.sock`` or its URL."""
+        ...
+
+    @property
     def health_url(self) -> str:
         """What answers 200 while it is healthy."""
         ...

@@ -24,6 +24,24 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def engine_id(address: str) -> str:
+    """What the stand-in engine names its stats file by (``tests.standin_engine.listen_id``): the
+    port of ``http://127.0.0.1:P``, or the socket id of ``unix:/dir/<id>.sock`` (an admin
+    replica's ``url``)."""
+    if address.startswith("unix:"):
+        return Path(address[5:]).stem
+    return address.rsplit(":", 1)[1]
+
+
+def engine_client(address: str, timeout: float = 30) -> httpx.Client:
+    """An httpx client to the engine at ``address`` (an admin replica's ``url``): over its Unix
+    socket for ``unix:/path.sock``, else over TCP. Paths are relative: ``client.get("/metrics")``."""
+    if address.startswith("unix:"):
+        return httpx.Client(transport=httpx.HTTPTransport(uds=address[5:]), base_url="http://engine",
+                            timeout=timeout)
+    return httpx.Client(base_url=address, timeout=timeout)
+
+
 def alive(pid: int) -> bool:
     """True while ``pid`` is a running (not zombie) process."""
     try:

@@ -21,9 +21,10 @@ Its behaviour comes from the model path, ``standin:MODE[,MODE...]``:
                           ``/wake_up``, ``/is_sleeping``, ``/collective_rpc``): see
                           ``tests/standin_sleep.py``
 
-It writes ``$STANDIN_DIR/<served name>.json`` (and ``<served name>@<port>.json``, one per replica)
-after every change: pid, port, argv, counters (``started``, ``completed``, ``aborted``,
-``running``), the ``last`` request body and the ``prompts`` of the last 50 completions in the
+It writes ``$STANDIN_DIR/<served name>.json`` (and ``<served name>@<port or socket id>.json``, one
+per replica) after every change: pid, port (or socket id, with ``--uds``), the ``address`` it
+listens on (``unix:/path.sock`` or ``http://host:port``), argv, counters (``started``,
+``completed``, ``aborted``, ``running``), the ``last`` request body and the ``prompts`` of the last 50 completions in the
 order they arrived, so tests can see what reached the engine. It answers
 ``/v1/chat/completions``, ``/v1/completions``, ``/v1/embeddings`` and, minimally, Anthropic's
 ``/v1/messages``.
@@ -50,8 +51,14 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--model", required=True)
     p.add_argument("--served-model-name", required=True)
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--port", type=int)
+    p.add_argument("--uds")  # a Unix socket path, as vLLM's --uds (host and port are ignored then)
     return p.parse_known_args(argv)
+
+
+def listen_id(args: argparse.Namespace) -> str:
+    """What names this engine in its stats files: its port, or its socket's id (tests.gateway.engine_id)."""
+    return Path(args.uds).stem if args.uds else str(args.port)
 
 
 class Standin:
@@ -61,12 +68,13 @@ class Standin:
         self.delay = float(self.modes.get("delay") or 0.01)
         self.healthy_at = time.monotonic() + float(self.modes.get("slow-start") or 0)
         self.max_model_len = int(self.modes.get("context") or 4096)
-        self.stats = {"pid": os.getpid(), "port": args.port, "argv": argv,
+        self.stats = {"pid": os.getpid(), "port": listen_id(args), "argv": argv,
+                      "address": f"unix:{args.uds}" if args.uds else f"http://{args.host}:{args.port}",
                       "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "started": 0,
                       "completed": 0, "aborted": 0, "running": 0}
         folder = Path(os.environ.get("STANDIN_DIR", "."))
         safe = self.name.replace("/", "_")
-        self.outs = (folder / f"{safe}.json", folder / f"{safe}@{args.port}.json")
+        self.outs = (folder / f"{safe}.json", folder / f"{safe}@{listen_id(args)}.json")
         self.sleep = SleepMode(self, argv)
         self.save()
 
@@ -293,8 +301,9 @@ def main(argv: list[str]) -> None:
                 os._exit(3)
             app["fail"] = asyncio.ensure_future(later())
         app.on_startup.append(fail_later)
-    print(f"standin: {standin.name} listening on {args.host}:{args.port}", flush=True)
-    web.run_app(app, host=args.host, port=args.port, print=None, handler_cancellation=True,
+    where = {"path": args.uds} if args.uds else {"host": args.host, "port": args.port}
+    print(f"standin: {standin.name} listening on {args.uds or f'{args.host}:{args.port}'}", flush=True)
+    web.run_app(app, **where, print=None, handler_cancellation=True,
                 handle_signals="ignore-sigterm" not in standin.modes)
 
 

@@ -21,7 +21,7 @@ import httpx
 import openai
 import pytest
 
-from tests.gateway import Gateway, describe, wait_gone
+from tests.gateway import Gateway, describe, engine_client, wait_gone
 
 pytestmark = pytest.mark.e2e
 CHAT = "SmolLM2-135M-Instruct"
@@ -363,9 +363,11 @@ def test_the_model_shows_its_tool_parser_and_context(gw):
 
 
 def engine_running(gw: Gateway) -> float:
-    """``vllm:num_requests_running`` of the chat engine, read from its own /metrics (loopback)."""
-    url = re.search(rf"engine for {CHAT}#0 ready on (http://127.0.0.1:\d+)", gw.log_text()).group(1)
-    text = httpx.get(url + "/metrics", timeout=10).text
+    """``vllm:num_requests_running`` of the chat engine, read from its own /metrics, over the Unix
+    socket the gateway's log says it is ready on."""
+    address = re.search(rf"engine for {CHAT}#0 ready on (unix:\S+\.sock)", gw.log_text()).group(1)
+    with engine_client(address, timeout=10) as engine:
+        text = engine.get("/metrics").text
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                if line.startswith("vllm:num_requests_running"))
 

@@ -22,7 +22,7 @@ from server import fim
 from server.models import CHAT_MODEL, ensure_prepared
 from server.modelfiles import read_model_files
 from tests.fim_models import FAMILY_STOP, ROLE_TOKENS, build
-from tests.gateway import Gateway
+from tests.gateway import Gateway, engine_client
 
 pytestmark = pytest.mark.e2e
 FAMILIES = sorted(FAMILY_STOP)
@@ -102,8 +102,9 @@ def test_the_familys_stop_tokens_reach_the_engine(gw, folders, family):
     assert (choice["finish_reason"], choice["stop_reason"]) == ("stop", stop_id)
     # The same prompt straight to the engine, without the gateway's stop ids, does not stop.
     rendered = fim.detect(read_model_files(str(folders[family]))).render(PREFIX, SUFFIX)
-    direct = httpx.post(engine_url(gw, family) + "/v1/completions", timeout=60, json={
-        "model": f"fim-{family}", "prompt": rendered, "temperature": 0, **force}).json()
+    with engine_client(engine_url(gw, family), timeout=60) as engine:  # its Unix socket
+        direct = engine.post("/v1/completions", json={
+            "model": f"fim-{family}", "prompt": rendered, "temperature": 0, **force}).json()
     assert direct["choices"][0]["finish_reason"] == "length"
 
 
@@ -116,7 +117,8 @@ def test_a_client_stop_string_that_is_a_special_token_stops(gw, folders):
 
 
 def engine_running(url: str) -> float:
-    text = httpx.get(url + "/metrics", timeout=10).text
+    with engine_client(url, timeout=10) as engine:
+        text = engine.get("/metrics").text
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                if line.startswith("vllm:num_requests_running"))
 

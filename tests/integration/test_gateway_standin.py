@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from tests.gateway import Gateway, alive, describe, standin_gateway, wait_for, wait_gone
+from tests.gateway import Gateway, alive, describe, engine_client, standin_gateway, wait_for, wait_gone
 
 
 def standin(name: str, mode: str = "ok", **extra) -> dict:
@@ -77,7 +77,10 @@ def test_failed_start_answers_503_with_cause_and_leaves_no_process(gw):
 
 def test_stream_is_relayed_byte_for_byte(gw):
     body = chat("echo", stream=True, max_tokens=5)
-    direct = httpx.post(f"http://127.0.0.1:{stats(gw, 'echo')['port']}/v1/chat/completions", json=body)
+    address = stats(gw, "echo")["address"]
+    assert address.startswith("unix:")  # the default engine_transport
+    with engine_client(address) as engine:
+        direct = engine.post("/v1/chat/completions", json=body)
     with gw.client.stream("POST", "/v1/chat/completions", json=body) as r:
         assert r.status_code == 200
         assert r.headers["content-type"] == "text/event-stream"
@@ -281,11 +284,14 @@ def test_sigterm_stops_every_engine_even_one_ignoring_sigterm(tmp_path):
     try:
         assert gw.wait_states(60) == {"a": "ready", "deaf": "ready"}
         pids = _engine_pids(gw)
+        sockets = tmp_path / "data" / "run" / "sockets"
+        assert len(list(sockets.glob("*.sock"))) == 2  # one Unix socket per engine
     finally:
         rc = gw.stop(signal.SIGTERM)
     assert rc in (0, -signal.SIGTERM)  # uvicorn re-raises the signal it handled, after shutdown
     assert "Application shutdown complete" in gw.log_text()
     assert wait_gone(pids, 5) == []
+    assert list(sockets.glob("*")) == []  # each engine's socket unlinked as it was reaped
 
 
 def test_sigkill_of_the_gateway_leaves_no_orphan(tmp_path):

@@ -17,7 +17,7 @@ import psutil
 import pytest
 import yaml
 
-from tests.gateway import standin_gateway
+from tests.gateway import engine_id, standin_gateway
 
 CONFIG = {
     "stream_keepalive": 0.5,
@@ -156,8 +156,8 @@ def test_fim_requests_go_before_queued_chat_and_get_their_budget(gw):
     assert sent["max_tokens"] == 9 and r.json()["choices"][0]["text"].count(" w") == 9
 
 
-def replica_counts(gw) -> dict[int, int]:
-    ports = [r["url"].rsplit(":", 1)[1] for r in gw.client.get("/v1/models/multi").json()["replicas"]]
+def replica_counts(gw) -> dict[str, int]:
+    ports = [engine_id(r["url"]) for r in gw.client.get("/v1/models/multi").json()["replicas"]]
     return {p: json.loads((gw.standin / f"multi@{p}.json").read_text())["completed"] for p in ports}
 
 
@@ -246,7 +246,7 @@ def test_infill_warm_up_and_the_keys_own_model(gw):
 def test_a_crashed_replica_restarts_beside_the_one_that_serves(gw):
     reps = gw.client.get("/v1/models/multi").json()["replicas"]
     guard = reps[0]["pid"]  # the engine's guard process
-    engine = json.loads((gw.standin / f"multi@{reps[0]['url'].rsplit(':', 1)[1]}.json").read_text())["pid"]
+    engine = json.loads((gw.standin / f"multi@{engine_id(reps[0]['url'])}.json").read_text())["pid"]
     os.kill(guard, signal.SIGKILL)  # the guard dies; its engine must not live on
     wait_for(lambda: not psutil.pid_exists(engine) or psutil.Process(engine).status() == "zombie")
     wait_for(lambda: [r["state"] for r in gw.client.get("/v1/models/multi").json()["replicas"]]

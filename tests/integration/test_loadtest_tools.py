@@ -7,9 +7,10 @@ import asyncio
 import sys
 
 import httpx
+import pytest
 
 from loadtest.loadgen import payload, run_level, summarize
-from loadtest.procs import Proc, engine_url, free_port, start_gateway, wait_http
+from loadtest.procs import Proc, engine_url, free_port, instant_direct, start_gateway, wait_http
 
 
 def drive(url: str, stream: bool, n: int = 20) -> dict:
@@ -22,8 +23,10 @@ def drive(url: str, stream: bool, n: int = 20) -> dict:
 
 
 def test_gateway_floor_proxy_and_load_generator_on_the_instant_engine(tmp_path):
-    gw, url = start_gateway({"engine_module": "loadtest.instant_engine", "models": [
-        {"name": "instant", "path": "instant", "preload": True}]}, tmp_path / "gw", ready_timeout=60)
+    model = {"name": "instant", "path": "instant", "preload": True}
+    direct = instant_direct(model)  # a loopback port beside the Unix socket the gateway uses
+    gw, url = start_gateway({"engine_module": "loadtest.instant_engine", "models": [model]},
+                            tmp_path / "gw", ready_timeout=60)
     floor = None
     try:
         for stream in (False, True):
@@ -31,7 +34,8 @@ def test_gateway_floor_proxy_and_load_generator_on_the_instant_engine(tmp_path):
             assert row["output_tok_per_s"] > 0 and row["ttft_p50_s"] > 0
             if stream:
                 assert row["itl_p50_s"] is not None  # 16 chunks a stream: 15 gaps each
-        direct = engine_url(url, "instant")
+        with pytest.raises(RuntimeError, match="engine_transport: tcp"):
+            engine_url(url, "instant")  # it listens on a socket: no direct URL from the admin API
         port = free_port()
         floor = Proc([sys.executable, "-m", "loadtest.floor_proxy", "--upstream", direct,
                       "--port", str(port)], tmp_path / "floor.log")
