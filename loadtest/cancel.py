@@ -72,7 +72,8 @@ def main(runs: int) -> None:
 
     data_dir = Path(os.environ.get("VRAMGATE_DATA_DIR", Path.home() / ".cache" / "vramgate"))
     ensure_prepared(data_dir)
-    config = {"models": [{"name": "coder", "path": str(data_dir / "models" / CHAT), "preload": True,
+    config = {"engine_transport": "tcp",  # the engine is also read directly
+              "models": [{"name": "coder", "path": str(data_dir / "models" / CHAT), "preload": True,
                           "fim": "<repo_name>{suffix}<file_sep>{prefix}"}]}
     common = {"model": "coder", "max_tokens": 2000, "ignore_eos": True, "stream": True}
     body = json.dumps({**common, "prompt": "def main():\n    ", "suffix": "\n    return 0\n"}).encode()

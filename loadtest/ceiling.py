@@ -6,7 +6,10 @@ Python proxy can do: ``loadtest/floor_proxy.py``), each in front of an engine th
 
 LiteLLM's proxy is installed in its own virtualenv (``loadtest/.venv-litellm``, once, by this
 script). Each proxy gets its own instant engine (``loadtest/instant_engine.py``, 16 chunks a
-stream). Two phases:
+stream). vramgate talks to its engine over a Unix socket, its default (``engine_transport``); the
+direct path to that engine is a loopback port it also listens on (``INSTANT_TCP_PORT``). The floor
+and LiteLLM reach theirs over loopback TCP, as a baseline checkout of vramgate older than the
+sockets does. Two phases:
 
 1. Added latency at concurrency 1: ``--pairs`` pairs of identical requests, the engine directly and
    through the proxy, order flipped every pair; the median of the per-pair differences (time to
@@ -37,7 +40,8 @@ import aiohttp
 import click
 
 from loadtest.loadgen import machine, one_request, payload, run_level, summarize
-from loadtest.procs import ROOT, Proc, engine_url, free_port, start_gateway, venv_version, wait_http
+from loadtest.procs import ROOT, Proc, engine_url, free_port, instant_direct, start_gateway, venv_version, \
+    wait_http
 
 LITELLM_VENV = Path(os.environ.get("LITELLM_VENV", ROOT / "loadtest" / ".venv-litellm"))
 LITELLM_SPEC = os.environ.get("LITELLM_SPEC", "litellm[proxy]")
@@ -232,12 +236,14 @@ def main(requests: int, concurrency: int, rounds: int, pairs: int, out: Path, ba
     procs: list[Proc] = []
     worktree = tmp / "baseline"
     try:
-        config = {"engine_module": "loadtest.instant_engine", "api_keys": [KEY], "models": [
-            {"name": "instant", "path": "instant", "preload": True, "max_concurrency": 4096,
-             "max_queue": 4096}]}
+        model = {"name": "instant", "path": "instant", "preload": True, "max_concurrency": 4096,
+                 "max_queue": 4096}
+        config = {"engine_module": "loadtest.instant_engine", "api_keys": [KEY], "models": [model]}
+        direct = instant_direct(model)  # beside the Unix socket the gateway talks to it over
         gw, gw_url = start_gateway(config, tmp / "gw", ready_timeout=60)
         procs.append(gw)
-        targets = [("vramgate", engine_url(gw_url, "instant", AUTH), gw_url, gw, False)]
+        targets = [("vramgate", direct, gw_url, gw, False)]
+        config = {**config, "models": [{k: v for k, v in model.items() if k != "engine_env"}]}
         if baseline:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(worktree),
                            baseline], check=True, capture_output=True)

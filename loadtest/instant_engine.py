@@ -17,6 +17,10 @@ is 8,192 so that thousands of connections arriving at once are queued, not refus
 ``INSTANT_CHUNK_DELAY`` (seconds, default 0) spaces the chunks, so that a client can hang up in
 the middle of a stream (``loadtest/soak.py``); ``/v1/embeddings`` answers a fixed 384-dimension
 vector.
+
+Given ``--uds PATH`` (the gateway's default, ``engine_transport: unix``), it listens there, and
+also on ``127.0.0.1:$INSTANT_TCP_PORT`` when that is set: the benchmarks' direct path, which a
+real vLLM engine on a socket would not have.
 """
 
 from __future__ import annotations
@@ -133,14 +137,18 @@ def main() -> None:
     p.add_argument("--model", required=True)
     p.add_argument("--served-model-name", required=True)
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--port", type=int)
+    p.add_argument("--uds")  # a Unix socket path, as vLLM's --uds: host and port are ignored then
     args, _ = p.parse_known_args()  # vLLM's other flags are accepted and ignored
     try:
         import uvloop
         uvloop.install()
     except ImportError:
         pass
-    web.run_app(app_for(args.served_model_name), host=args.host, port=args.port, print=None,
+    where = {"path": args.uds} if args.uds else {"host": args.host, "port": args.port}
+    if args.uds and os.environ.get("INSTANT_TCP_PORT"):  # a direct path for the benchmarks too
+        where.update(host="127.0.0.1", port=int(os.environ["INSTANT_TCP_PORT"]))
+    web.run_app(app_for(args.served_model_name), **where, print=None,
                 access_log=None, backlog=8192)
 
 

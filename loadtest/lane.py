@@ -53,7 +53,7 @@ def config(data_dir: Path, lane: bool) -> dict[str, Any]:
                              "fim": "<repo_name>{suffix}<file_sep>{prefix}"}
     if lane:
         coder.update(pinned=True, cpu_cores=1)
-    return {"models": [chat, coder]}
+    return {"engine_transport": "tcp", "models": [chat, coder]}  # the chat engine is read directly
 
 
 def fim_body(i: int) -> dict[str, Any]:

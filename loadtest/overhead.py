@@ -105,7 +105,8 @@ def main(concurrency: str, max_tokens: int, waves: int, rounds: int, n_pairs: in
     chat = embedded_models(data_dir())[0]
     tmp = Path(tempfile.mkdtemp(prefix="vramgate-overhead-"))
     click.echo("starting the gateway and its engine (about a minute on a CPU) ...", err=True)
-    gw, gw_url = start_gateway({"models": [{"name": chat.name, "path": chat.path, "preload": True,
+    gw, gw_url = start_gateway({"engine_transport": "tcp",  # the engine is also read directly
+                                "models": [{"name": chat.name, "path": chat.path, "preload": True,
                                             "aliases": list(chat.aliases), "max_concurrency": 256,
                                             "max_queue": 1024}]}, tmp, data_dir=data_dir())
     try:

@@ -161,7 +161,8 @@ def main(rounds: int, prompts: int, concurrency: int, input_len: int, output_len
         ensure_guidellm()
     tmp = Path(tempfile.mkdtemp(prefix="vramgate-peers-"))
     click.echo("starting the gateway and its engine (about a minute on a CPU) ...", err=True)
-    gw, gw_url = start_gateway({"models": [{"name": chat.name, "path": chat.path, "preload": True,
+    gw, gw_url = start_gateway({"engine_transport": "tcp",  # the engine is also read directly
+                                "models": [{"name": chat.name, "path": chat.path, "preload": True,
                                             "max_concurrency": 256, "max_queue": 1024}]},
                                tmp, data_dir=data_dir())
     results: dict[str, dict[str, Any]] = {name: {"runs": []} for name in chosen}

@@ -114,12 +114,26 @@ def start_gateway(config: dict[str, Any], tmp: Path, *, data_dir: Path | None = 
 
 
 def engine_url(gateway_url: str, model: str, headers: dict[str, str] | None = None) -> str:
-    """The loopback URL of ``model``'s first engine (``GET /admin/models``)."""
+    """The loopback URL of ``model``'s first engine (``GET /admin/models``). Raises
+    ``RuntimeError`` when it has none, or listens on a Unix socket (no direct client can use it:
+    start the gateway with ``engine_transport: tcp``, or see :func:`instant_direct`)."""
     models = httpx.get(gateway_url + "/admin/models", headers=headers, timeout=10).json()["data"]
     rep = next(m for m in models if m["id"] == model)["replicas"][0]
     if not rep.get("url"):
         raise RuntimeError(f"no running engine for {model}: {rep}")
+    if not rep["url"].startswith("http"):
+        raise RuntimeError(f"the engine for {model} listens on {rep['url']}: give the gateway "
+                           "engine_transport: tcp for a direct path")
     return rep["url"]
+
+
+def instant_direct(model: dict[str, Any]) -> str:
+    """Give ``model`` (an instant-engine model of a gateway config, changed in place) a loopback
+    port beside its Unix socket (``INSTANT_TCP_PORT``): the benchmark's direct path while the
+    gateway talks to it over the socket, as it does by default. Returns that port's URL."""
+    port = free_port()
+    model.setdefault("engine_env", {})["INSTANT_TCP_PORT"] = str(port)
+    return f"http://127.0.0.1:{port}"
 
 
 def venv_version(venv: Path, dist: str) -> str:

@@ -33,7 +33,7 @@ import httpx
 import psutil
 
 from loadtest.loadgen import machine, write_results
-from loadtest.procs import ROOT, engine_url, start_gateway
+from loadtest.procs import ROOT, instant_direct, start_gateway
 
 KEY = "sk-streams-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -147,12 +147,12 @@ def main(levels: str, chunks: int, open_timeout: float, out: str) -> None:
     config = {"engine_module": "loadtest.instant_engine", "api_keys": [KEY], "models": [
         {"name": "instant", "path": "x", "preload": True,
          "engine_env": {"INSTANT_CHUNKS": str(chunks), "INSTANT_HOLD": "1"}}]}
+    engine = instant_direct(config["models"][0])  # the gateway reaches it over its Unix socket
     rows: list[dict[str, Any]] = []
     limit = 0
     with tempfile.TemporaryDirectory() as tmp:
         proc, url = start_gateway(config, Path(tmp) / "gw", ready_timeout=120)
         try:
-            engine = engine_url(url, "instant", AUTH)
             gateway = psutil.Process(proc.proc.pid)
             limit = gateway.rlimit(psutil.RLIMIT_NOFILE)[0]  # what serve raised its own to
 

@@ -140,7 +140,8 @@ def main(levels: str, rounds: int, max_tokens: int, pairs: int, seed: int, stagg
     chat = embedded_models(data_dir)[0]
     ns = [int(x) for x in levels.split(",")]
     click.echo("starting the gateway and its engine (about a minute on a CPU) ...", err=True)
-    gw, gw_url = start_gateway({"models": [{"name": chat.name, "path": chat.path, "preload": True,
+    gw, gw_url = start_gateway({"engine_transport": "tcp",  # the engine is also read directly
+                                "models": [{"name": chat.name, "path": chat.path, "preload": True,
                                             "max_concurrency": 1024, "max_queue": 4096,
                                             "engine_args": {"max-num-seqs": max(ns)}}]},
                                Path(tempfile.mkdtemp(prefix="vramgate-ttftgap-")), data_dir=data_dir)
