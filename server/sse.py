@@ -14,6 +14,7 @@ from server.errors import anthropic_body
 DONE = b"data: [DONE]\n\n"
 _USAGE_KEY = b'"usage":'
 _NULL_USAGE = b',"usage":null'
+_NULL_TAIL = _NULL_USAGE + b"}\n\n"
 
 
 class EventSplitter:
@@ -47,6 +48,8 @@ def with_null_usage(event: bytes) -> bytes:
     """
     if not event.startswith(b"data: {") or _USAGE_KEY in event:
         return event
+    if event.endswith(b"}\n\n"):  # how vLLM frames every chunk: one slice, no strip (issue #15)
+        return event[:-3] + _NULL_TAIL
     end = event.rstrip(b"\r\n")
     if not end.endswith(b"}"):
         return event
