@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import stat
+from pathlib import Path
 
 import pytest
 from aiohttp import web
@@ -29,7 +31,16 @@ def app(name: str, conns: set | None = None) -> web.Application:
     return out
 
 
-def test_one_session_dials_the_socket_for_engine_urls_and_tcp_for_the_rest(tmp_path):
+engine_socket = localsock.engine_socket
+
+
+def wmem_max() -> int:
+    """The kernel's cap on SO_SNDBUF (bytes); what this test can expect the connector to get."""
+    path = Path("/proc/sys/net/core/wmem_max")
+    return int(path.read_text()) if path.exists() else localsock.SEND_BUFFER
+
+
+def test_one_session_dials_the_socket_for_engine_urls_and_tcp_for_the_rest(tmp_path, monkeypatch):
     async def go():
         sock = localsock.new_socket(tmp_path)
         conns: set = set()
@@ -40,6 +51,8 @@ def test_one_session_dials_the_socket_for_engine_urls_and_tcp_for_the_rest(tmp_p
         site = web.TCPSite(tcp, "127.0.0.1", 0)
         await site.start()
         port = site._server.sockets[0].getsockname()[1]
+        made = []
+        monkeypatch.setattr(localsock, "engine_socket", lambda: made.append(engine_socket()) or made[-1])
         session = new_session(tmp_path)
         try:
             got = await probe(session, localsock.url_for(sock) + "/who", 5)
@@ -49,7 +62,7 @@ def test_one_session_dials_the_socket_for_engine_urls_and_tcp_for_the_rest(tmp_p
             for _ in range(3):  # kept alive and pooled like a TCP connection
                 resp = await open_upstream(session, localsock.url_for(sock) + "/who", b"{}", {})
                 assert resp.status == 200 and (await resp.json())["from"] == "unix"
-            assert len(conns) == 1
+            assert len(conns) == 1 and len(made) == 1  # the connector's socket, buffer and all
             sock.unlink()  # the engine is gone: an unreachable engine, as a refused port
             gone = localsock.url_for(tmp_path / "000000000000.sock")
             with pytest.raises(EngineUnreachable, match="could not be reached"):
@@ -126,3 +139,10 @@ def test_a_file_system_that_refuses_sockets_gets_a_temporary_dir(tmp_path, monke
         assert own and path.name.startswith("vramgate-")
     finally:
         localsock.remove_dir(path, own)
+
+
+def test_an_engine_socket_sends_large_bodies_in_one_fill():
+    """A 512 KiB body over Linux's default 208 KiB send buffer took three fills (issue #15)."""
+    with localsock.engine_socket() as sock:
+        got = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)  # the kernel doubles it
+    assert got >= 2 * min(localsock.SEND_BUFFER, wmem_max())  # unset, it reads wmem_default
