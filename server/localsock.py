@@ -47,14 +47,13 @@ def socket_dir(data_dir: Path) -> tuple[Path, bool]:
     ``<data_dir>/run/sockets`` when a socket path there fits the :data:`MAX_PATH` bytes of
     ``sun_path`` and a socket can be bound there (not on every file system: a Windows drive under
     WSL refuses); sockets an earlier gateway left there (it was killed) are removed first, as that
-    gateway's engines are reaped. Otherwise a new ``vramgate-*`` directory under the temporary
+    gateway's engines are reaped; a live one, another gateway's on the same data dir, is left alone. Otherwise a new ``vramgate-*`` directory under the temporary
     directory, removed at the end. Raises ``OSError`` when neither can be made."""
     fixed = data_dir / "run" / "sockets"
     if len(os.fsencode(fixed / f"{'0' * 2 * ID_BYTES}.sock")) <= MAX_PATH:
         fixed.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(fixed, 0o700)  # an existing one may have been made with the umask's mode
-        for stale in fixed.glob("*.sock"):
-            stale.unlink(missing_ok=True)
+        clear_stale(fixed)
         if _can_bind(new_socket(fixed)):
             return fixed, False
     return Path(tempfile.mkdtemp(prefix="vramgate-")), True
@@ -72,13 +71,27 @@ def _can_bind(path: Path) -> bool:
         path.unlink(missing_ok=True)
 
 
+def clear_stale(directory: Path) -> None:
+    """Unlink each ``*.sock`` in ``directory`` that nothing listens on (a connect is refused):
+    what a killed gateway's engines left. A socket something still listens on is kept."""
+    for path in directory.glob("*.sock"):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            probe.settimeout(1)
+            try:
+                probe.connect(str(path))
+            except (ConnectionRefusedError, FileNotFoundError):
+                path.unlink(missing_ok=True)
+            except OSError:
+                pass  # busy (a full backlog) or unreadable: not ours to judge dead
+
+
 def remove_dir(path: Path, own: bool) -> None:
-    """At the end: remove the sockets left in ``path``, and ``path`` itself when ``own``."""
+    """At the end: remove the dead sockets left in ``path`` (:func:`clear_stale`), and ``path``
+    itself when ``own``."""
     if own:
         shutil.rmtree(path, ignore_errors=True)
         return
-    for left in path.glob("*.sock"):
-        left.unlink(missing_ok=True)
+    clear_stale(path)
 
 
 def new_socket(directory: Path) -> Path:

@@ -90,13 +90,21 @@ def test_the_socket_dir_is_the_users_alone_and_starts_empty(tmp_path):
     (data / "run" / "sockets").mkdir(parents=True, mode=0o755)
     (data / "run" / "sockets" / "left.sock").write_text("")  # an earlier gateway was killed
     (data / "run" / "sockets" / "keep.txt").write_text("")
-    path, own = localsock.socket_dir(data)
-    assert (path, own) == (data / "run" / "sockets", False)
-    assert stat.S_IMODE(os.stat(path).st_mode) == 0o700
-    assert sorted(p.name for p in path.iterdir()) == ["keep.txt"]
-    (path / "a.sock").write_text("")
-    localsock.remove_dir(path, own)
-    assert path.is_dir() and sorted(p.name for p in path.iterdir()) == ["keep.txt"]
+    with socket.socket(socket.AF_UNIX) as dead:  # bound, closed, never unlinked: a killed engine's
+        dead.bind(str(data / "run" / "sockets" / "dead.sock"))
+    live = socket.socket(socket.AF_UNIX)  # another gateway on the same data dir: its engine's socket
+    live.bind(str(data / "run" / "sockets" / "live.sock"))
+    live.listen(8)
+    try:
+        path, own = localsock.socket_dir(data)
+        assert (path, own) == (data / "run" / "sockets", False)
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o700
+        assert sorted(p.name for p in path.iterdir()) == ["keep.txt", "live.sock"]
+        (path / "a.sock").write_text("")
+        localsock.remove_dir(path, own)
+        assert path.is_dir() and sorted(p.name for p in path.iterdir()) == ["keep.txt", "live.sock"]
+    finally:
+        live.close()
 
 
 def test_a_data_dir_too_long_for_sun_path_gets_a_temporary_dir(tmp_path):
