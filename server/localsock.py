@@ -15,16 +15,20 @@ sleep and wake and the data path need no change of client.
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
 import secrets
-import shutil
 import socket
+import stat
 import tempfile
 from pathlib import Path
 
 import aiohttp
 from aiohttp.client_exceptions import UnixClientConnectorError
 from aiohttp.helpers import ceil_timeout
+
+log = logging.getLogger("vramgate.localsock")
 
 SUFFIX = ".uds.invalid"  # the host of an engine URL on a Unix socket: <id>.uds.invalid
 MAX_PATH = 100  # bytes; sun_path holds 108 on Linux (104 on macOS), less its NUL
@@ -40,23 +44,52 @@ def supported() -> bool:
     return hasattr(socket, "AF_UNIX")
 
 
-def socket_dir(data_dir: Path) -> tuple[Path, bool]:
-    """Make the directory the engine sockets go in (mode 0700) and return it, with whether it is
-    the gateway's own to remove at the end.
+def socket_dir(data_dir: Path) -> tuple[Path | None, bool]:
+    """Make the directory the engine sockets go in and return it, with whether it is the
+    gateway's own to remove at the end; ``(None, False)`` when no directory will do (engines then
+    listen on loopback ports, as with ``engine_transport: tcp``).
 
-    ``<data_dir>/run/sockets`` when a socket path there fits the :data:`MAX_PATH` bytes of
-    ``sun_path`` and a socket can be bound there (not on every file system: a Windows drive under
-    WSL refuses); sockets an earlier gateway left there (it was killed) are removed first, as that
-    gateway's engines are reaped; a live one, another gateway's on the same data dir, is left alone. Otherwise a new ``vramgate-*`` directory under the temporary
-    directory, removed at the end. Raises ``OSError`` when neither can be made."""
-    fixed = data_dir / "run" / "sockets"
-    if len(os.fsencode(fixed / f"{'0' * 2 * ID_BYTES}.sock")) <= MAX_PATH:
-        fixed.mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.chmod(fixed, 0o700)  # an existing one may have been made with the umask's mode
-        clear_stale(fixed)
-        if _can_bind(new_socket(fixed)):
-            return fixed, False
-    return Path(tempfile.mkdtemp(prefix="vramgate-")), True
+    ``<data_dir>/run/sockets`` (absolute) when a socket path there fits the :data:`MAX_PATH` bytes
+    of ``sun_path`` and the directory is usable (:func:`_prepare`: not every file system takes a
+    socket, a Windows drive under WSL refuses). Otherwise ``vramgate-<uid>-<hash of that path>``
+    under the temporary directory (``$TMPDIR``, then ``/tmp``): the same one each time this data
+    dir falls back, so a gateway that was killed leaves nothing that piles up."""
+    fixed = Path(os.path.abspath(data_dir)) / "run" / "sockets"
+    if _fits(fixed) and _prepare(fixed):
+        return fixed, False
+    name = f"vramgate-{os.getuid()}-{hashlib.sha256(os.fsencode(fixed)).hexdigest()[:12]}"
+    for base in dict.fromkeys((tempfile.gettempdir(), "/tmp")):
+        spare = Path(base) / name
+        if _fits(spare) and _prepare(spare):
+            return spare, True
+    log.warning("no directory for engine sockets (tried %s and %s under %s and /tmp): engines "
+                "listen on loopback ports", fixed, name, tempfile.gettempdir())
+    return None, False
+
+
+def _fits(directory: Path) -> bool:
+    return len(os.fsencode(directory / f"{'0' * 2 * ID_BYTES}.sock")) <= MAX_PATH
+
+
+def _prepare(directory: Path) -> bool:
+    """Make ``directory`` (mode 0700) unless it is there, and say whether it will do: a real
+    directory (not a link) of this user, in which a socket can be bound. The dead sockets in it
+    (:func:`clear_stale`) are removed."""
+    try:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            directory.mkdir(mode=0o700)
+        except FileExistsError:
+            pass
+        st = directory.lstat()
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+            return False  # a file, a link (to somewhere not ours to chmod), another user's
+        if stat.S_IMODE(st.st_mode) != 0o700:
+            os.chmod(directory, 0o700)  # made earlier with the umask's mode
+        clear_stale(directory)
+        return _can_bind(new_socket(directory))
+    except OSError:
+        return False
 
 
 def _can_bind(path: Path) -> bool:
@@ -72,30 +105,38 @@ def _can_bind(path: Path) -> bool:
 
 
 def clear_stale(directory: Path) -> None:
-    """Unlink each ``*.sock`` in ``directory`` that nothing listens on (a connect is refused):
-    what a killed gateway's engines left. A socket something still listens on is kept."""
+    """Unlink each socket in ``directory`` that nothing listens on (a connect is refused): what
+    the engines of a gateway that was killed left. A socket something still listens on (another
+    gateway's on the same data dir) and anything that is not a socket are kept."""
     for path in directory.glob("*.sock"):
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-            probe.settimeout(1)
-            try:
-                probe.connect(str(path))
-            except (ConnectionRefusedError, FileNotFoundError):
-                path.unlink(missing_ok=True)
-            except OSError:
-                pass  # busy (a full backlog) or unreadable: not ours to judge dead
+        try:
+            if not stat.S_ISSOCK(path.lstat().st_mode):
+                continue
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                probe.settimeout(1)
+                try:
+                    probe.connect(str(path))
+                except ConnectionRefusedError:
+                    path.unlink(missing_ok=True)
+        except OSError:
+            pass  # gone meanwhile, busy (a full backlog) or unreadable: not ours to judge dead
 
 
 def remove_dir(path: Path, own: bool) -> None:
     """At the end: remove the dead sockets left in ``path`` (:func:`clear_stale`), and ``path``
-    itself when ``own``."""
-    if own:
-        shutil.rmtree(path, ignore_errors=True)
-        return
+    itself when ``own`` and nothing else is left in it."""
     clear_stale(path)
+    if own:
+        try:
+            path.rmdir()
+        except OSError:
+            pass  # another gateway's sockets are still in it, or it is gone
 
 
 def new_socket(directory: Path) -> Path:
-    """A fresh socket path in ``directory`` for one engine (vLLM binds it; nothing is made here)."""
+    """A fresh socket path in ``directory`` for one engine (vLLM binds it). ``directory`` is made
+    again (mode 0700) if something removed it, as a cleaner of ``/tmp`` may."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     return directory / f"{secrets.token_hex(ID_BYTES)}.sock"
 
 

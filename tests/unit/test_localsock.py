@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import socket
 import stat
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -88,7 +90,6 @@ def test_without_a_socket_dir_an_engine_url_is_never_dialled(tmp_path):
 def test_the_socket_dir_is_the_users_alone_and_starts_empty(tmp_path):
     data = tmp_path / "data"
     (data / "run" / "sockets").mkdir(parents=True, mode=0o755)
-    (data / "run" / "sockets" / "left.sock").write_text("")  # an earlier gateway was killed
     (data / "run" / "sockets" / "keep.txt").write_text("")
     with socket.socket(socket.AF_UNIX) as dead:  # bound, closed, never unlinked: a killed engine's
         dead.bind(str(data / "run" / "sockets" / "dead.sock"))
@@ -100,23 +101,73 @@ def test_the_socket_dir_is_the_users_alone_and_starts_empty(tmp_path):
         assert (path, own) == (data / "run" / "sockets", False)
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o700
         assert sorted(p.name for p in path.iterdir()) == ["keep.txt", "live.sock"]
-        (path / "a.sock").write_text("")
+        with socket.socket(socket.AF_UNIX) as ours:  # an engine of this gateway, not unlinked
+            ours.bind(str(path / "a.sock"))
         localsock.remove_dir(path, own)
         assert path.is_dir() and sorted(p.name for p in path.iterdir()) == ["keep.txt", "live.sock"]
     finally:
         live.close()
 
 
-def test_a_data_dir_too_long_for_sun_path_gets_a_temporary_dir(tmp_path):
+def test_a_data_dir_too_long_for_sun_path_gets_the_same_temporary_dir_each_time(tmp_path):
     deep = tmp_path / ("d" * 100)
     path, own = localsock.socket_dir(deep)
     try:
-        assert own and path.name.startswith("vramgate-") and not deep.exists()
+        assert own and path.name.startswith(f"vramgate-{os.getuid()}-") and not deep.exists()
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o700
         assert len(os.fsencode(localsock.new_socket(path))) <= localsock.MAX_PATH
+        with socket.socket(socket.AF_UNIX) as dead:  # the gateway was killed: its engine's socket
+            dead.bind(str(path / "dead.sock"))
+        assert localsock.socket_dir(deep) == (path, True)  # its restart: the same dir, cleared
+        assert list(path.iterdir()) == []
     finally:
         localsock.remove_dir(path, own)
     assert not path.exists()
+
+
+def test_a_relative_data_dir_gives_absolute_socket_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path, own = localsock.socket_dir(Path("rel"))
+    assert path == tmp_path / "rel" / "run" / "sockets" and not own
+
+
+@pytest.mark.parametrize("odd", ["file", "symlink"])
+def test_a_sockets_path_that_is_not_our_directory_is_left_alone(tmp_path, odd):
+    data = tmp_path / "data"
+    (data / "run").mkdir(parents=True)
+    shared = tmp_path / "shared"  # a symlink's target: not to be chmod-ed or swept
+    shared.mkdir(mode=0o777)
+    os.chmod(shared, 0o1777)
+    with socket.socket(socket.AF_UNIX) as dead:
+        dead.bind(str(shared / "precious.sock"))
+    if odd == "file":
+        (data / "run" / "sockets").write_text("")
+    else:
+        (data / "run" / "sockets").symlink_to(shared)
+    path, own = localsock.socket_dir(data)
+    try:
+        assert own and path.parent == Path(tempfile.gettempdir())  # the fallback instead
+        assert (shared / "precious.sock").exists()
+        assert stat.S_IMODE(os.stat(shared).st_mode) == 0o1777
+    finally:
+        localsock.remove_dir(path, own)
+
+
+def test_with_no_usable_directory_engines_go_on_loopback_ports(tmp_path, monkeypatch):
+    monkeypatch.setattr(localsock, "_can_bind", lambda path: False)
+    assert localsock.socket_dir(tmp_path / "data") == (None, False)
+
+
+def test_what_is_not_a_dead_socket_is_kept_and_a_removed_dir_comes_back(tmp_path):
+    path, _ = localsock.socket_dir(tmp_path / "data")
+    (path / "x.sock").mkdir()  # a directory that happens to end in .sock
+    (path / "plain.sock").write_text("")  # a regular file: not ours either
+    localsock.clear_stale(path)
+    assert sorted(p.name for p in path.iterdir()) == ["plain.sock", "x.sock"]
+    shutil.rmtree(path)  # a cleaner removed it while the gateway ran
+    fresh = localsock.new_socket(path)
+    assert path.is_dir() and stat.S_IMODE(os.stat(path).st_mode) == 0o700
+    assert fresh.parent == path
 
 
 def test_an_engine_on_a_socket_gets_uds_and_no_port():
@@ -141,16 +192,12 @@ def test_engine_transport_is_unix_or_tcp():
 
 
 def test_a_file_system_that_refuses_sockets_gets_a_temporary_dir(tmp_path, monkeypatch):
-    monkeypatch.setattr(localsock, "_can_bind", lambda path: False)  # a Windows drive under WSL
-    path, own = localsock.socket_dir(tmp_path / "data")
+    data = tmp_path / "data"
+    refuse = localsock._can_bind
+    monkeypatch.setattr(localsock, "_can_bind",  # a Windows drive under WSL
+                        lambda path: not path.is_relative_to(data) and refuse(path))
+    path, own = localsock.socket_dir(data)
     try:
         assert own and path.name.startswith("vramgate-")
     finally:
         localsock.remove_dir(path, own)
-
-
-def test_an_engine_socket_sends_large_bodies_in_one_fill():
-    """A 512 KiB body over Linux's default 208 KiB send buffer took three fills (issue #15)."""
-    with localsock.engine_socket() as sock:
-        got = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)  # the kernel doubles it
-    assert got >= 2 * min(localsock.SEND_BUFFER, wmem_max())  # unset, it reads wmem_default
