@@ -230,12 +230,6 @@ class ModelView:
         return any(r.state == ModelState.LOADING for r in self.replicas)
 
 
-def address(engine: Any) -> str | None:
-    """Where ``engine`` listens, for people (``unix:/path.sock`` or its URL): its ``address``, or
-    its ``base_url`` where it has none."""
-    return getattr(engine, "address", None) or getattr(engine, "base_url", None)
-
-
 def replica_view(rep: ReplicaBook) -> EngineView:
     """The frozen copy of ``rep`` (its engine's pid, URL and log as they are now)."""
     eng = rep.engine
@@ -246,7 +240,7 @@ def replica_view(rep: ReplicaBook) -> EngineView:
         rep.requirement, rep.booked_bytes, rep.measured_bytes, rep.leases, rep.last_used,
         rep.ready_since, rep.load_seconds, rep.max_model_len,
         str(eng.log_path) if getattr(eng, "log_path", None) else None, rep.host_bytes,
-        rep.loading_since, address(eng))
+        rep.loading_since, eng.address if eng is not None else None)
 
 
 def model_view(book: ModelBook, waiting: int) -> ModelView:

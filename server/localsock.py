@@ -76,11 +76,7 @@ def _prepare(directory: Path) -> bool:
     directory (not a link) of this user, in which a socket can be bound. The dead sockets in it
     (:func:`clear_stale`) are removed."""
     try:
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            directory.mkdir(mode=0o700)
-        except FileExistsError:
-            pass
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)  # a file there: FileExistsError
         st = directory.lstat()
         if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
             return False  # a file, a link (to somewhere not ours to chmod), another user's

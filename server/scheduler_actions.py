@@ -115,7 +115,8 @@ class Actions:
         uds = (str(new_socket(self.socket_dir)) if self.socket_dir is not None
                and self.settings.engine_transport == "unix" else None)
         launch = engine_launch(
-            model, port=0 if uds else free_port(), uds=uds, device=kind, python=self.settings.engine_python or sys.executable,
+            model, port=0 if uds else free_port(), uds=uds, device=kind,
+            python=self.settings.engine_python or sys.executable,
             module=self.settings.engine_module,
             kv_cache_bytes=rep.requirement.kv_cache_bytes if rep.requirement else None,
             gpu_memory_utilization=placed.gpu_memory_utilization,

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from server import decisions as d
 from server import reconfig
-from server.books import ModelBook, address, ModelState, Phase, ReplicaBook, WaiterBook
+from server.books import ModelBook, ModelState, Phase, ReplicaBook, WaiterBook
 from server.errors import ModelUnavailable, VramgateError
 from server.gpus import Snapshot
 from server.placement import NoFit, Plan, Requirement, fmt, wake_plan
@@ -215,7 +215,7 @@ class Messages:
             book.profile = reconfig.adopt(book, info.profile)
         book.error, book.gave_up = None, False
         self.events.engine_ready(book.name, info.load_seconds)
-        log.info("engine for %s ready on %s in %.1f s", key, address(rep.engine), info.load_seconds)
+        log.info("engine for %s ready on %s in %.1f s", key, rep.engine.address, info.load_seconds)
 
     def _on_start_failed(self: "Scheduler", key: str, run: int, error: VramgateError) -> None:
         rep = self._rep(key)

@@ -33,7 +33,7 @@ class BrokenNvml:
 
 
 class IdleEngine:
-    base_url = "http://127.0.0.1:9"
+    base_url = address = "http://127.0.0.1:9"
     health_url = base_url + "/health"
     headers: dict = {}
     served_name = None

@@ -47,6 +47,10 @@ class FakeEngine:
         return self.launch.base_url
 
     @property
+    def address(self) -> str:
+        return self.launch.address
+
+    @property
     def health_url(self) -> str:
         return self.launch.base_url + "/health"
 
