@@ -107,6 +107,15 @@ def start_floor(tmp: Path, procs: list[Proc]) -> tuple[Proc, str, str]:
     return proxy, direct, f"http://127.0.0.1:{port}"
 
 
+def baseline_direct(gateway_url: str, side_port_url: str) -> str:
+    """The direct URL of a baseline gateway's engine: its loopback port (a commit older than the
+    Unix sockets), else the side port beside its socket."""
+    try:
+        return engine_url(gateway_url, "instant", AUTH)
+    except RuntimeError:  # it listens on a socket: the side port is the direct path
+        return side_port_url
+
+
 def context(kb: int) -> str:
     """About ``kb`` KiB of source code as a prompt: what an IDE agent sends as context (quotes and
     newlines, so JSON has escapes to decode)."""
@@ -243,13 +252,15 @@ def main(requests: int, concurrency: int, rounds: int, pairs: int, out: Path, ba
         gw, gw_url = start_gateway(config, tmp / "gw", ready_timeout=60)
         procs.append(gw)
         targets = [("vramgate", direct, gw_url, gw, False)]
-        config = {**config, "models": [{k: v for k, v in model.items() if k != "engine_env"}]}
         if baseline:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(worktree),
                            baseline], check=True, capture_output=True)
-            old, old_url = start_gateway(config, tmp / "gw-baseline", ready_timeout=60, cwd=worktree)
+            old_model = {k: v for k, v in model.items() if k != "engine_env"}
+            old_direct = instant_direct(old_model)  # ignored by a commit older than the sockets
+            old, old_url = start_gateway({**config, "models": [old_model]}, tmp / "gw-baseline",
+                                         ready_timeout=60, cwd=worktree)
             procs.append(old)
-            targets.append((f"vramgate@{baseline}", engine_url(old_url, "instant", AUTH), old_url,
+            targets.append((f"vramgate@{baseline}", baseline_direct(old_url, old_direct), old_url,
                             old, False))
         floor, f_direct, f_url = start_floor(tmp, procs)
         targets.append(("floor", f_direct, f_url, floor, False))
