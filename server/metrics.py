@@ -12,6 +12,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import disable_created_metrics
 
+from server.bulkhist import BulkHistogram
 from server.validation import ROUTES
 
 UNKNOWN_MODEL = "unknown"
@@ -60,10 +61,10 @@ class Metrics:
                               "Streamed requests: time from arrival to the first byte from the engine.",
                               ["model", "route"], namespace=ns, buckets=LATENCY_BUCKETS,
                               registry=self.registry)
-        self.itl = Histogram("inter_token_latency_seconds",
-                             "Streamed requests: time between successive token events sent to the "
-                             "client (the first token excluded).", ["model"], namespace=ns,
-                             buckets=ITL_BUCKETS, registry=self.registry)
+        self.itl = BulkHistogram(f"{ns}_inter_token_latency_seconds",
+                                 "Streamed requests: time between successive token events sent to "
+                                 "the client (the first token excluded).", ["model"],
+                                 buckets=ITL_BUCKETS, registry=self.registry)  # a stream's in one call
         self.tokens = Counter("tokens", "Tokens of answered requests, by model and kind (prompt, "
                               "completion), from the engine's usage (streamed answers too).",
                               ["model", "kind"], namespace=ns, registry=self.registry)

@@ -284,9 +284,7 @@ class Serving:
         def finalize(complete: bool) -> None:
             for undo in reversed(held):
                 undo()
-            itl = self.metrics.child(self.metrics.itl, self.label)
-            for gap in tap.gaps:
-                itl.observe(gap)
+            self.metrics.itl.observe_many((self.label,), tap.gaps)
             # A client that hangs up once it has the stream's last event (Codex does, after
             # response.completed) got its whole answer.
             self.done(outcome["status"] if complete or tap.finished else 499, tap.tokens)
