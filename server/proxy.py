@@ -106,25 +106,26 @@ async def relay_stream(resp: aiohttp.ClientResponse, *, tap: StreamTap,
     ``convert`` rewrites the tapped events for a route that answers in another API's shape
     (``/infill``); every other route's events go out as the engine wrote them.
     """
-    splitter = EventSplitter()
+    splitter = EventSplitter() if convert is not None else None
     flavor = tap.flavor
-    last = b""
     clock = time.perf_counter
     try:
         async for chunk in resp.content.iter_any():
             if on_first is not None:
                 on_first()
                 on_first = None
-            events = splitter.feed(chunk)
-            if not events:
+            if splitter is None:  # bytes as the engine wrote them, whole events only
+                out = tap.feed_bytes(chunk, clock())
+                if out:
+                    yield out
                 continue
-            last = events[-1]
-            events = tap.feed(events, clock())
-            if convert is not None:
-                events = convert(events)
+            events = splitter.feed(chunk)
             if events:
-                yield b"".join(events)
-        if not flavor.complete(last):
+                tap.last_event = events[-1]
+                events = convert(tap.feed(events, clock()))  # type: ignore[misc]
+                if events:
+                    yield b"".join(events)
+        if not flavor.complete(tap.last_event):
             yield _failure("the engine ended the stream before it was complete",
                            "engine_stream_incomplete", closing, flavor)
     except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:

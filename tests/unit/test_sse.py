@@ -112,3 +112,57 @@ def test_an_upstreams_model_name_becomes_ours_and_nothing_else_changes():
     assert b'\\"model\\": \\"their/name\\"' in out  # text inside a string stays as it was
     assert rename(b'{"type": "message", "model" : "their/name"}') == b'{"type": "message", "model" : "far"}'
     assert rename(b'{"model":"their/name-2"}') == b'{"model":"their/name-2"}'
+
+
+def _reference(tap, reads):
+    """What the tap did before ``feed_bytes``: the splitter's events through ``feed``."""
+    splitter, out, last = EventSplitter(), [], b""
+    for now, read in enumerate(reads):
+        events = splitter.feed(read)
+        if events:
+            last = events[-1]
+            out += tap.feed(events, float(now))
+    return b"".join(out), last
+
+
+def test_feed_bytes_forwards_and_counts_what_the_splitter_and_feed_would():
+    """The fast path (whole OpenAI events, nothing to change) and the split path give the same
+    bytes, gaps, tokens, end and last event, however the engine's reads are cut."""
+    import random
+
+    from server.sse import ANTHROPIC, DONE, OPENAI, ModelRename, StreamTap
+    rng = random.Random(15)
+    delta = b'event: content_block_delta\ndata: {"type":"content_block_delta","delta":{}}\n\n'
+    for trial in range(400):
+        flavor = OPENAI if trial % 4 else ANTHROPIC
+        continuous = (b'data: {"choices":[{"index":0,"delta":{"content":"x"}}],'  # vLLM's
+                      b'"usage":{"prompt_tokens":3,"completion_tokens":%d}}\n\n' % trial)
+        events = [rng.choice([CHUNK % b"a", CHUNK % b"b\\n\\n", b": keep-alive\n\n", delta,
+                              continuous]) for _ in range(rng.randrange(1, 12))]
+        events += [USAGE] if rng.random() < 0.5 else []
+        events += [DONE] if rng.random() < 0.7 else []
+        stream = b"".join(events)
+        cuts = sorted(rng.sample(range(1, len(stream)), min(len(stream) - 1, rng.randrange(6))))
+        if rng.random() < 0.5:  # most engines' reads end at an event's end
+            ends = [i + 2 for i in range(len(stream)) if stream[i:i + 2] == b"\n\n"]
+            cuts = sorted(set(rng.sample(ends, min(len(ends), 3))) - {len(stream)})
+        reads = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)])]
+        options = dict(null_usage=rng.random() < 0.3, drop_usage=rng.random() < 0.5)
+        rename = ModelRename("theirs", "ours") if rng.random() < 0.2 else None
+        fast, slow = StreamTap(flavor, **options), StreamTap(flavor, **options)
+        fast.rename = slow.rename = rename
+        got = b"".join(fast.feed_bytes(read, float(now)) for now, read in enumerate(reads))
+        want, last = _reference(slow, reads)
+        assert got == want
+        assert (fast.gaps, fast.tokens, fast.finished) == (slow.gaps, slow.tokens, slow.finished)
+        assert flavor.complete(fast.last_event) == flavor.complete(last)
+        assert fast.rest() == b""
+
+
+def test_feed_bytes_holds_an_event_cut_short():
+    from server.sse import DONE, OPENAI, StreamTap
+    tap = StreamTap(OPENAI)
+    assert tap.feed_bytes((CHUNK % b"a")[:10], 1.0) == b""
+    assert tap.feed_bytes((CHUNK % b"a")[10:] + DONE, 2.0) == CHUNK % b"a" + DONE
+    assert tap.finished and OPENAI.complete(tap.last_event)
+    assert tap.feed_bytes(b"data: {", 3.0) == b"" and tap.rest() == b"data: {"
