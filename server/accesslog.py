@@ -27,15 +27,30 @@ ACCESS = logging.getLogger("vramgate.access")
 _UNSAFE = re.compile(r'[\x00-\x20\x7f"]')
 
 
+# ``text`` lines by the names they have: "k1=%s k2=%s ...", one ``%`` a line instead of an
+# f-string a field and a join (2.4 µs of 6.9 a line, issue #15). The callers' field sets are few.
+_TEMPLATES: dict[tuple[str, ...], str] = {}
+
+
 def access_line(fmt: str, **fields: Any) -> str:
     """One access-log line: ``json`` (one object) or ``text`` (``key=value`` pairs, a value with a
     control character, a space or a quote as a JSON string); fields that are ``None`` are left
     out."""
-    kept = {k: v for k, v in fields.items() if v is not None}
     if fmt == "json":
-        return json.dumps(kept, separators=(",", ":"))
-    return " ".join(f"{k}={json.dumps(v) if isinstance(v, str) and _UNSAFE.search(v) else v}"
-                    for k, v in kept.items())
+        return json.dumps({k: v for k, v in fields.items() if v is not None}, separators=(",", ":"))
+    names, values = [], []
+    for name, value in fields.items():
+        if value is not None:
+            names.append(name)
+            values.append(json.dumps(value) if isinstance(value, str) and _UNSAFE.search(value)
+                          else value)
+    key = tuple(names)
+    template = _TEMPLATES.get(key)
+    if template is None:
+        template = " ".join(f"{name}=%s" for name in names)
+        if len(_TEMPLATES) < 256:  # bounded, whatever a caller passes
+            _TEMPLATES[key] = template
+    return template % tuple(values)
 
 
 class AccessLog:

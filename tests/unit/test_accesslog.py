@@ -103,3 +103,25 @@ def test_generated_request_ids_are_fresh_and_a_sane_given_one_is_kept():
     ids = [request_id(None) for _ in range(1000)]  # past one 4 KiB draw of random bytes
     assert len(set(ids)) == 1000 and all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
     assert request_id("trace-1") == "trace-1" and len(request_id("bad id\n")) == 32
+
+
+def test_text_lines_read_as_key_value_pairs_with_unsafe_values_quoted():
+    """What the one-template formatting gives is what a pair at a time gave."""
+    import json
+    import random
+
+    from server.accesslog import access_line
+
+    unsafe = re.compile(r'[\x00-\x20\x7f"]')
+
+    def pairwise(**fields):
+        return " ".join(f"{k}={json.dumps(v) if isinstance(v, str) and unsafe.search(v) else v}"
+                        for k, v in fields.items() if v is not None)
+    rng = random.Random(15)
+    values = [None, 0, 200, 0.0123, True, "instant", "a b", 'q"uote', "line\nforged=1", "50%",
+              "%s", "ünïcode", "\x7f", ""]
+    for _ in range(300):
+        fields = {name: rng.choice(values) for name in rng.sample(
+            ["request_id", "route", "model", "status", "duration_s", "key", "tools"], rng.randrange(8))}
+        assert access_line("text", **fields) == pairwise(**fields)
+    assert access_line("text", route="/v1/x y", status=200) == 'route="/v1/x y" status=200'
