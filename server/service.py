@@ -167,9 +167,8 @@ class Serving:
 
     # ---- the engine ---------------------------------------------------------------------------
     def _leased(self, lease: Any, into: list[Callable[[], None]]) -> Any:
-        in_flight = self.metrics.child(self.metrics.in_flight, self.label)
-        in_flight.inc()
-        self.lease_undo = (lease.release, in_flight.dec)
+        # No in-flight gauge to move here: /metrics reads the leases from the scheduler's books.
+        self.lease_undo = (lease.release,)
         into.extend(self.lease_undo)
         return lease
 
