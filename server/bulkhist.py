@@ -23,13 +23,14 @@ from prometheus_client.utils import floatToGoString
 
 
 class BulkHistogram:
-    """Histogram ``name`` (the full name, namespace included) with ``labelnames``, bucket upper
-    bounds ``buckets`` (seconds or any unit, ascending; ``+Inf`` is added), registered in
-    ``registry``. Raises ``ValueError`` for unsorted buckets, and as ``registry.register`` does
-    for a name already taken."""
+    """Histogram ``name`` (``<namespace>_<name>`` with a ``namespace``, as prometheus_client
+    names them) with ``labelnames``, bucket upper bounds ``buckets`` (seconds or any unit,
+    ascending; ``+Inf`` is added), registered in ``registry``. Raises ``ValueError`` for unsorted
+    buckets, and as ``registry.register`` does for a name already taken."""
 
     def __init__(self, name: str, documentation: str, labelnames: Sequence[str],
-                 buckets: Sequence[float], registry: CollectorRegistry) -> None:
+                 buckets: Sequence[float], registry: CollectorRegistry, namespace: str = "") -> None:
+        name = f"{namespace}_{name}" if namespace else name
         bounds = [float(b) for b in buckets]
         if bounds != sorted(bounds):
             raise ValueError(f"{name}: buckets must be in ascending order")

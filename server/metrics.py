@@ -61,9 +61,9 @@ class Metrics:
                               "Streamed requests: time from arrival to the first byte from the engine.",
                               ["model", "route"], namespace=ns, buckets=LATENCY_BUCKETS,
                               registry=self.registry)
-        self.itl = BulkHistogram(f"{ns}_inter_token_latency_seconds",
+        self.itl = BulkHistogram("inter_token_latency_seconds",
                                  "Streamed requests: time between successive token events sent to "
-                                 "the client (the first token excluded).", ["model"],
+                                 "the client (the first token excluded).", ["model"], namespace=ns,
                                  buckets=ITL_BUCKETS, registry=self.registry)  # a stream's in one call
         self.tokens = Counter("tokens", "Tokens of answered requests, by model and kind (prompt, "
                               "completion), from the engine's usage (streamed answers too).",

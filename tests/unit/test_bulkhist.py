@@ -15,7 +15,7 @@ def test_the_exposition_is_a_histograms_byte_for_byte():
     disable_created_metrics()  # as server.metrics does
     rng = random.Random(15)
     ours, theirs = CollectorRegistry(), CollectorRegistry()
-    bulk = BulkHistogram("x_gap_seconds", "Gaps.", ["model"], ITL_BUCKETS, ours)
+    bulk = BulkHistogram("gap_seconds", "Gaps.", ["model"], ITL_BUCKETS, ours, namespace="x")
     hist = Histogram("gap_seconds", "Gaps.", ["model"], namespace="x", buckets=ITL_BUCKETS,
                      registry=theirs)
     for model in ("a", "b", "idle"):
