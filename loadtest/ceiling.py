@@ -16,7 +16,8 @@ sockets does. Two phases:
    the whole answer, and to the first chunk of a stream), and the whole answer again with
    ``--body-kb`` KiB of source code as context (IDE agents send 50–500 KB a request).
 2. Throughput: ``--requests`` at ``--concurrency``, targets alternating within each round so that
-   machine noise hits all alike, and the order turned by one each round. "Per core" = answered
+   machine noise hits all alike, and the order turned by one each round, after an unmeasured
+   warm-up of each target (up to 2,000 requests of each mode). "Per core" = answered
    requests ÷ CPU seconds the proxy's process tree used during the run (user + system, psutil):
    the load generator and the engines are not counted, so the figure holds on a machine where
    they share the cores.
@@ -145,6 +146,15 @@ async def added_latency(direct: str, proxy: str, pairs: int, stream: bool,
             "proxy_s": statistics.median(p)}
 
 
+def warm_up(url: str, stream: bool, requests: int, concurrency: int) -> None:
+    """``requests`` at ``concurrency``, not measured: the first run at a concurrency opens the
+    proxy's connections to its engine and warms its caches, which the measured runs should not
+    pay for in the first round only."""
+    body = payload("instant", "chat", stream, CHUNKS, "Say hello.", False)
+    asyncio.run(run_level(url + "/v1/chat/completions", lambda i: body, concurrency=concurrency,
+                          requests=requests, headers=AUTH))
+
+
 def measure(target: str, url: str, proc: Proc, children: bool, stream: bool, requests: int,
             concurrency: int) -> dict[str, Any]:
     """One run: the load, the proxy's CPU seconds, the row."""
@@ -269,6 +279,9 @@ def main(requests: int, concurrency: int, rounds: int, pairs: int, out: Path, ba
             targets.append(("litellm", l_direct, l_url, proxy, True))
 
         latency = latency_phase([(t, d, u) for t, d, u, _, _ in targets], pairs, sizes)
+        for _, _, url, _, _ in targets:  # unmeasured: the engine connection pools grow to size
+            for stream in (False, True):
+                warm_up(url, stream, min(requests, 2000), concurrency)
         rows = []
         for rnd in range(rounds):
             for stream in (False, True):

@@ -71,3 +71,14 @@ def test_ceiling_large_body_context_and_added_latency_ratios():
                {"target": "floor", "mode": "stream (first chunk)", "added_s": 0.0}]
     assert added_ratios(latency, "floor") == {
         "plain, 64 KB body: added latency, vramgate ÷ floor": 1.5}
+
+
+def test_side_by_side_reports_each_modes_median_ratio():
+    from loadtest.sidebyside import report
+    rows = [{"mode": "plain", "a": {"cpu_us_per_request": 300.0, "errors": 0},
+             "b": {"cpu_us_per_request": 300.0 * k, "errors": 0}, "per_core_ratio": k}
+            for k in (1.0, 1.1, 1.3)]
+    text = report(rows, ["a", "b"])
+    assert "| plain | 300 | 330 | 1.100 | 0 / 0 |" in text
+    assert "- plain: req/s per core, a ÷ b: **1.10×** (median of 3 rounds, 1.00–1.30)" in text
+    assert "stream" not in text
