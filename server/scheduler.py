@@ -40,7 +40,7 @@ from server.placement import Booking, Policy
 from server.profile import Profile, profile
 from server.proxy import new_session
 from server.scheduler_actions import Actions
-from server.scheduler_messages import Messages
+from server.scheduler_messages import QUIET, Messages
 from server.supervisor import GroupRecords, Usage, read_snapshot
 
 log = logging.getLogger("vramgate.pool")
@@ -238,25 +238,31 @@ class Scheduler(Messages, Actions):
         while True:
             await self._wake.wait()
             self._wake.clear()
+            retime = self._timer is None
             while self._inbox:
                 kind, args = self._inbox.popleft()
-                try:  # handlers that answer True decided everything there was to decide
-                    if getattr(self, f"_on_{kind}")(*args) is not True:
+                try:  # handlers that answer True (or QUIET) decided all there was to decide
+                    answer = getattr(self, f"_on_{kind}")(*args)
+                    if answer is not True and answer is not QUIET:
                         self._dirty = True
+                    retime = retime or answer is not QUIET
                 except Exception:  # a bug in one message must not stop the scheduler
-                    self._dirty = True
+                    self._dirty = retime = True
                     log.exception("scheduler: %s", kind)
             try:
-                self._settle()
+                self._settle(retime)
             except Exception:  # a bug in one decision or action must not stop the scheduler
                 log.exception("scheduler: deciding")
             if self.stopped:
                 return
 
-    def _settle(self) -> None:
+    def _settle(self, retime: bool = True) -> None:
+        """Decide and act until nothing more follows, then (with ``retime``) arm the timer for the
+        next deadline, back-off or ttl; a ringing timer sets ``_dirty``."""
         now = self.clock()
         timeouts = d.Timeouts(self.settings.place_wait_timeout, self.settings.batch_beside)
-        for _ in range(50 if self._dirty else 0):
+        decided = self._dirty
+        for _ in range(50 if decided else 0):
             actions = d.step(self.books, list(self.waiters.values()), now, timeouts)
             for action in actions:
                 getattr(self, f"_do_{type(action).__name__.lower()}")(action, now)
@@ -267,6 +273,8 @@ class Scheduler(Messages, Actions):
         self._dirty = False
         self._view = None
         self._resolve_watchers()
+        if not (retime or decided):
+            return
         wake = d.next_wake(self.books, list(self.waiters.values()), now, timeouts)
         delay = min(self.reap_interval, max(0.0, wake - now) if wake is not None else 1e9)
         loop = asyncio.get_running_loop()

@@ -23,6 +23,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("vramgate.pool")
 
 
+# What a handler returns when it decided everything there was to decide (as ``True``) and no
+# timer can be due sooner for it (a lease granted at once, one given back to a still busy engine):
+# the scheduler then skips working out its next wake (``Scheduler._settle``).
+QUIET = "quiet"
+
+
 def shutting_down() -> ModelUnavailable:
     return ModelUnavailable("the server is shutting down", retry_after=5)
 
@@ -54,7 +60,7 @@ class Messages:
             granted = d.grants(self.books, {name: [waiter]}, self.settings.batch_beside)
             if granted:
                 self._do_grant(granted[0], now)
-                return True
+                return QUIET  # a busier engine: no timer can be due sooner
         if book is not None and book.nofit is not None:
             book.retry = True  # a new request tries the placement again (room may have appeared)
         return False
@@ -73,9 +79,11 @@ class Messages:
         rep.last_used = self.clock()
         if rep.leases == 0:
             self._room_changed()  # an idle engine can be evicted
-        # Nothing to decide when nobody waits and nothing drains, waits for room or is reloaded.
-        return not self.waiters and not rep.drain and not any(
+        # Nothing to decide when nobody waits and nothing drains, waits for room or is reloaded;
+        # and while the engine stays busy, no idle timer of its can be due.
+        quiet = not self.waiters and not rep.drain and not any(
             b.nofit is not None or b.pending is not None or b.retiring for b in self.books.values())
+        return (QUIET if rep.leases else True) if quiet else False
 
     def _on_preload(self: "Scheduler") -> None:
         for book in self.books.values():

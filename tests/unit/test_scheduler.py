@@ -475,3 +475,30 @@ def test_batch_waiters_neither_fill_the_queue_for_others_nor_time_out_in_it():
         (await asyncio.wait_for(waiting[0], 5)).release()
         await pool.stop_all()
     run(go())
+
+
+def test_only_what_can_bring_a_timer_forward_works_out_the_next_wake(monkeypatch):
+    """A lease granted at once, or given back to an engine still busy, makes no deadline sooner:
+    the scheduler skips ``next_wake`` for it. The last release (the engine idles: its ttl
+    starts) works it out, and the ttl still unloads the engine."""
+    import server.decisions as d
+    calls = []
+    real = d.next_wake
+    monkeypatch.setattr(d, "next_wake", lambda *a: calls.append(1) or real(*a))
+
+    async def go():
+        pool, clock, log, _ = make_pool([model("a", ttl=60)])
+        first = await pool.acquire("a")  # the load: timers worked out
+        await settle()
+        calls.clear()
+        second = await pool.acquire("a")
+        first.release()
+        await settle()
+        assert calls == []  # granted at once, and given back to a busy engine
+        second.release()
+        await settle()
+        assert calls == [1]
+        await tick(pool, clock, 60)
+        assert state(pool, "a") == ModelState.UNLOADED and ("stop", "a") in log
+        await pool.stop_all()
+    run(go())
