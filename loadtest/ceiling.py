@@ -12,7 +12,8 @@ and LiteLLM reach theirs over loopback TCP, as a baseline checkout of vramgate o
 sockets does. Two phases:
 
 1. Added latency at concurrency 1: ``--pairs`` pairs of identical requests, the engine directly and
-   through the proxy, order flipped every pair; the median of the per-pair differences (time to
+   through the proxy, order flipped every pair and the targets taking turns pair by pair (so a
+   drift in the machine's speed falls on all alike); the median of the per-pair differences (time to
    the whole answer, and to the first chunk of a stream), and the whole answer again with
    ``--body-kb`` KiB of source code as context (IDE agents send 50–500 KB a request).
 2. Throughput: ``--requests`` at ``--concurrency``, targets alternating within each round so that
@@ -124,26 +125,32 @@ def context(kb: int) -> str:
     return (unit * (kb * 1024 // len(unit) + 1))[:kb * 1024]
 
 
-async def added_latency(direct: str, proxy: str, pairs: int, stream: bool,
-                        prompt: str = "Say hello.") -> dict[str, float]:
-    """Median per-pair difference proxy − direct (seconds) at concurrency 1, with both medians."""
+async def added_latency(targets: list[tuple[str, str, str]], pairs: int, stream: bool,
+                        prompt: str = "Say hello.") -> dict[str, dict[str, float]]:
+    """Per target ``(name, direct URL, proxy URL)``: the median per-pair difference proxy − direct
+    (seconds) at concurrency 1, with both medians. The targets take turns pair by pair (the
+    order turned each time, direct and proxy flipped every pair), so a drift in the machine's
+    speed over the phase falls on every target alike."""
     body = payload("instant", "chat", stream, CHUNKS, prompt, False)
-    diffs, d, p = [], [], []
+    diffs: dict[str, list[float]] = {t: [] for t, _, _ in targets}
+    d: dict[str, list[float]] = {t: [] for t, _, _ in targets}
+    p: dict[str, list[float]] = {t: [] for t, _, _ in targets}
     async with aiohttp.ClientSession(headers=AUTH) as session:
         for i in range(pairs + 20):  # the first 20 pairs warm connections up
-            order = [direct, proxy] if i % 2 else [proxy, direct]
-            got = {}
-            for url in order:
-                r = await one_request(session, url + "/v1/chat/completions", body)
-                if not r.ok:
-                    raise RuntimeError(f"{url}: {r.status} {r.error}")
-                got[url] = r.ttft if stream else r.end - r.start
-            if i >= 20:
-                diffs.append(got[proxy] - got[direct])
-                d.append(got[direct])
-                p.append(got[proxy])
-    return {"added_s": statistics.median(diffs), "direct_s": statistics.median(d),
-            "proxy_s": statistics.median(p)}
+            turn = i % len(targets)
+            for target, direct, proxy in targets[turn:] + targets[:turn]:
+                got = {}
+                for url in ([direct, proxy] if i % 2 else [proxy, direct]):
+                    r = await one_request(session, url + "/v1/chat/completions", body)
+                    if not r.ok:
+                        raise RuntimeError(f"{url}: {r.status} {r.error}")
+                    got[url] = r.ttft if stream else r.end - r.start
+                if i >= 20:
+                    diffs[target].append(got[proxy] - got[direct])
+                    d[target].append(got[direct])
+                    p[target].append(got[proxy])
+    return {t: {"added_s": statistics.median(diffs[t]), "direct_s": statistics.median(d[t]),
+                "proxy_s": statistics.median(p[t])} for t in diffs}
 
 
 def warm_up(url: str, stream: bool, requests: int, concurrency: int) -> None:
@@ -184,8 +191,7 @@ def latency_phase(targets: list[tuple[str, str, str]], pairs: int,
     cases += [(False, context(kb), f"plain, {kb} KB body") for kb in body_kb]
     latency = []
     for stream, prompt, mode in cases:
-        for target, direct, url in targets:
-            lat = asyncio.run(added_latency(direct, url, pairs, stream, prompt))
+        for target, lat in asyncio.run(added_latency(targets, pairs, stream, prompt)).items():
             lat.update(target=target, mode=mode)
             latency.append(lat)
             click.echo(f"{target:9s} {mode:22s} adds {lat['added_s'] * 1000:7.3f} ms "

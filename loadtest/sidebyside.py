@@ -44,6 +44,10 @@ def start_targets(tmp: Path, baseline: str, procs: list[Proc]) -> list[tuple[str
     if baseline == "floor":
         floor, _, f_url = start_floor(tmp, procs)
         return [("vramgate", gw, url), ("floor", floor, f_url)]
+    if baseline.startswith("dir:"):  # a scratch copy of the package (an experiment)
+        var, var_url = start_gateway(config, tmp / "gw-dir", ready_timeout=60, cwd=Path(baseline[4:]))
+        procs.append(var)
+        return [("vramgate", gw, url), ("variant", var, var_url)]
     worktree = tmp / "baseline"
     subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(worktree), baseline],
                    check=True, capture_output=True)
@@ -124,7 +128,7 @@ def main(baseline: str, rounds: int, requests: int, concurrency: int, modes: str
         text = report(rows, names)
         meta = {"machine": machine(), "baseline": baseline, "rounds": rounds, "requests": requests,
                 "concurrency": concurrency, "chunks_per_stream": CHUNKS}
-        out = out or ROOT / "loadtest" / "results" / f"sidebyside-{baseline}"
+        out = out or ROOT / "loadtest" / "results" / f"sidebyside-{baseline.replace('/', '_')}"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
         out.with_suffix(".md").write_text(
