@@ -44,8 +44,9 @@ def one(port: int, body: bytes, client: httpx.Client, engine: str) -> tuple[floa
     sock = socket.create_connection(("127.0.0.1", port), timeout=60)
     arrivals = []
     try:
-        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        sock.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"  # a loopback
+                     "Content-Type: application/json\r\n"  # gateway refuses other Host names
+                     f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
         seen = b""
         while len(arrivals) < 12:
             chunk = sock.recv(65536)
