@@ -42,7 +42,7 @@ import aiohttp
 import click
 
 from loadtest.loadgen import machine, one_request, payload, run_level, summarize
-from loadtest.procs import ROOT, Proc, engine_url, free_port, instant_direct, start_gateway, venv_version, \
+from loadtest.procs import ROOT, Proc, drop_scratch, engine_url, free_port, instant_direct, start_gateway, venv_version, \
     wait_http
 
 LITELLM_VENV = Path(os.environ.get("LITELLM_VENV", ROOT / "loadtest" / ".venv-litellm"))
@@ -322,6 +322,7 @@ def main(requests: int, concurrency: int, rounds: int, pairs: int, out: Path, ba
         if worktree.exists():
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(worktree)],
                            capture_output=True)
+        drop_scratch(tmp)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ time a process tree used (what "per core" figures divide by)."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -65,6 +66,15 @@ class Proc:
                     pass
                 self.proc.wait()
         self._fh.close()
+
+
+def drop_scratch(tmp: Path) -> None:
+    """Call in a ``finally``: remove a benchmark's scratch dir (configs, data, the processes'
+    logs) after a run that ended well; after a failure keep it, and say where, for its logs."""
+    if sys.exc_info()[0] is None:
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        print(f"the processes' logs are kept in {tmp}", file=sys.stderr)
 
 
 def wait_http(url: str, proc: Proc, timeout: float, ok=lambda r: r.status_code == 200,

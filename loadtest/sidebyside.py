@@ -30,7 +30,7 @@ import click
 
 from loadtest.ceiling import AUTH, CHUNKS, KEY, start_floor
 from loadtest.loadgen import machine, payload, run_level
-from loadtest.procs import ROOT, Proc, start_gateway
+from loadtest.procs import ROOT, Proc, drop_scratch, start_gateway
 
 
 def start_targets(tmp: Path, baseline: str, procs: list[Proc]) -> list[tuple[str, Proc, str]]:
@@ -92,8 +92,9 @@ def report(rows: list[dict[str, Any]], names: list[str]) -> str:
     for mode in ("plain", "stream"):
         ratios = [r["per_core_ratio"] for r in rows if r["mode"] == mode]
         if ratios:
+            rounds = f"{len(ratios)} round{'s' if len(ratios) > 1 else ''}"
             text += (f"- {mode}: req/s per core, {a} ÷ {b}: **{statistics.median(ratios):.2f}×** "
-                     f"(median of {len(ratios)} rounds, {min(ratios):.2f}–{max(ratios):.2f})\n")
+                     f"(median of {rounds}, {min(ratios):.2f}–{max(ratios):.2f})\n")
     return text
 
 
@@ -116,6 +117,7 @@ def main(baseline: str, rounds: int, requests: int, concurrency: int, modes: str
         targets = start_targets(tmp, baseline, procs)
         names = [name for name, _, _ in targets]
         rows = []
+        click.echo("\n".join(report([], names).splitlines()[:2]))  # the table's head
         for mode in modes.split(","):
             stream = mode.strip() == "stream"
             asyncio.run(load_both([u for _, _, u in targets], stream, min(requests, 2000),
@@ -137,12 +139,14 @@ def main(baseline: str, rounds: int, requests: int, concurrency: int, modes: str
             f"machine: {meta['machine']}\n")
         click.echo("\n" + text)
         click.echo(f"machine: {meta['machine']}")
+        click.echo(f"wrote {out.with_suffix('.md')} and .json")
     finally:
         for p in reversed(procs):
             p.stop()
         if (tmp / "baseline").exists():
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force",
                             str(tmp / "baseline")], capture_output=True)
+        drop_scratch(tmp)
 
 
 if __name__ == "__main__":
