@@ -72,6 +72,9 @@ class ModelRename:
 
 
 _USAGE = b'"usage"'
+# vLLM's first chat chunk names the role and carries no text: not a token, so no ITL gap. (Inside
+# a JSON string every quote is escaped, so these bytes can only be the delta object itself.)
+_ROLE_ONLY = b'"delta":{"role":"assistant","content":""'
 _USAGE_OBJ = re.compile(rb'"usage"\s*:\s*\{')  # vLLM writes compact JSON; others may not
 _EMPTY_CHOICES = re.compile(rb'"choices"\s*:\s*\[\s*\]')
 _TOKEN_FIELDS = re.compile(rb'"(prompt_tokens|completion_tokens|input_tokens|output_tokens)":\s*(\d+)')
@@ -106,7 +109,8 @@ class StreamTap:
     - ``tokens``: prompt/completion tokens from the engine's usage (OpenAI routes: the
       ``choices: []`` usage chunk; Responses/Anthropic: their ``usage`` objects).
     - ``gaps``: seconds between successive token events as the gateway forwards them (the first
-      token excluded; events that arrive in one read count 0, as the client sees them).
+      token excluded, and vLLM's role-only first chat chunk is no token; events that arrive in one
+      read count 0, as the client sees them).
     - ``drop_usage``: the gateway asked the engine for ``include_usage`` on the client's behalf, so
       the usage chunk is removed (cases C01); ``null_usage``: the client asked, so other chunks get
       ``"usage":null`` (:func:`with_null_usage`).
@@ -135,7 +139,8 @@ class StreamTap:
         an event with a usage in it goes through :meth:`feed`: the same bytes and the same gaps,
         for a fraction of the cost (issue #15)."""
         if not (self.flavor is OPENAI and not self.null_usage and self.rename is None
-                and not self._splitter.rest() and chunk.endswith(b"\n\n")):
+                and not self._splitter.rest() and chunk.endswith(b"\n\n")
+                and _ROLE_ONLY not in chunk):  # a stream's first read, once
             events = self._splitter.feed(chunk)
             if not events:
                 return b""
@@ -144,13 +149,19 @@ class StreamTap:
         at = chunk.find(_USAGE)
         if at < 0:
             return self._whole(chunk, now)
-        start = chunk.rfind(b"\n\n", 0, at)  # the event with the usage in it: chunk[start:end]
-        start = 0 if start < 0 else start + 2
-        end = chunk.find(b"\n\n", at) + 2
-        head = self._whole(chunk[:start], now) if start else b""
-        self.last_event = chunk[start:end]
-        usage = b"".join(self.feed([self.last_event], now))
-        return head + usage + (self.feed_bytes(chunk[end:], now) if end < len(chunk) else b"")
+        out, pos = [], 0  # each event with a usage in it is chunk[start:end]; the runs between
+        while at >= 0:    # them go whole (a loop: a read may hold thousands of such events)
+            start = chunk.rfind(b"\n\n", pos, at)
+            start = pos if start < 0 else start + 2
+            end = chunk.find(b"\n\n", at) + 2
+            if start > pos:
+                out.append(self._whole(chunk[pos:start], now))
+            self.last_event = chunk[start:end]
+            out += self.feed([self.last_event], now)
+            pos, at = end, chunk.find(_USAGE, end)
+        if pos < len(chunk):
+            out.append(self._whole(chunk[pos:], now))
+        return b"".join(out)
 
     def _whole(self, chunk: bytes, now: float) -> bytes:
         """Count ``chunk``'s whole events, none with a usage, as :meth:`feed` would; forward it."""
@@ -181,7 +192,7 @@ class StreamTap:
                     if not self.drop_usage:
                         out.append(event)
                     continue
-            if event != DONE and (openai or b"delta" in event):
+            if event != DONE and (openai or b"delta" in event) and _ROLE_ONLY not in event:
                 if self._last is not None:
                     self.gaps.append(now - self._last)
                 self._last = now

@@ -137,8 +137,9 @@ def test_feed_bytes_forwards_and_counts_what_the_splitter_and_feed_would():
         flavor = OPENAI if trial % 4 else ANTHROPIC
         continuous = (b'data: {"choices":[{"index":0,"delta":{"content":"x"}}],'  # vLLM's
                       b'"usage":{"prompt_tokens":3,"completion_tokens":%d}}\n\n' % trial)
-        events = [rng.choice([CHUNK % b"a", CHUNK % b"b\\n\\n", b": keep-alive\n\n", delta,
-                              continuous]) for _ in range(rng.randrange(1, 12))]
+        events = [ROLE] if rng.random() < 0.5 else []
+        events += [rng.choice([CHUNK % b"a", CHUNK % b"b\\n\\n", b": keep-alive\n\n", delta,
+                               continuous]) for _ in range(rng.randrange(1, 12))]
         events += [USAGE] if rng.random() < 0.5 else []
         events += [DONE] if rng.random() < 0.7 else []
         stream = b"".join(events)
@@ -166,3 +167,28 @@ def test_feed_bytes_holds_an_event_cut_short():
     assert tap.feed_bytes((CHUNK % b"a")[10:] + DONE, 2.0) == CHUNK % b"a" + DONE
     assert tap.finished and OPENAI.complete(tap.last_event)
     assert tap.feed_bytes(b"data: {", 3.0) == b"" and tap.rest() == b"data: {"
+
+
+ROLE = (b'data: {"id":"c","object":"chat.completion.chunk","choices":[{"index":0,"delta":'
+        b'{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}]}\n\n')
+
+
+def test_vllms_role_only_first_chunk_is_no_token_gap():
+    """vLLM opens a chat stream with the role and no text: the gaps start at the first token."""
+    from server.sse import DONE, OPENAI, StreamTap
+    for reads in ([ROLE + CHUNK % b"a", CHUNK % b"b", DONE], [ROLE, CHUNK % b"a", CHUNK % b"b" + DONE]):
+        tap = StreamTap(OPENAI)
+        out = b"".join(tap.feed_bytes(read, float(t)) for t, read in enumerate(reads))
+        assert out == b"".join(reads) and tap.finished
+        assert len(tap.gaps) == 1  # two tokens, one gap between them
+
+
+def test_a_read_of_thousands_of_usage_events_is_one_pass():
+    """An upstream that puts ``"usage":null`` in every chunk, read in one go (a backlog): no
+    recursion per event (a break-it pass had 1,000 such events raise RecursionError)."""
+    from server.sse import DONE, OPENAI, StreamTap
+    event = b'data: {"choices":[{"index":0,"delta":{"content":"w"}}],"usage":null}\n\n'
+    tap = StreamTap(OPENAI, drop_usage=True)
+    read = event * 5000 + DONE
+    assert tap.feed_bytes(read, 1.0) == read
+    assert tap.finished and len(tap.gaps) == 4999 and set(tap.gaps) == {0.0}
