@@ -92,9 +92,8 @@ async def metrics_endpoint(request: Request) -> Response:
     metrics.set_states({name: m.state.value for name, m in models.items()})
     metrics.loaded.set(sum(1 for m in models.values() for r in m.replicas
                            if r.state in (ModelState.LOADING, ModelState.READY, ModelState.SLEEPING)))
-    for name, m in models.items():  # read at the scrape, not moved by every request
-        metrics.queued.labels(name).set(m.waiting)
-        metrics.in_flight.labels(name).set(m.in_flight)
+    metrics.set_model_gauges({name: m.in_flight for name, m in models.items()},  # at the scrape,
+                             {name: m.waiting for name, m in models.items()})  # not per request
     batches = state.batches
     metrics.set_batches(await batches.store.call(batches.store.status_counts),
                         batches.lines_queued(), batches.seconds_since_progress())

@@ -40,6 +40,7 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}  # see child()
         self._states = states
+        self._gauged: set[str] = set()  # the models whose in-flight and queued gauges were set
         self.models = tuple(models)
         self._request_metrics()
         self._engine_metrics()
@@ -142,6 +143,17 @@ class Metrics:
         self.batch_stalled = Gauge("batch_seconds_since_progress", "The longest time any "
                                    "in-progress batch has gone without an answered line.",
                                    namespace=ns, registry=self.registry)
+
+    def set_model_gauges(self, in_flight: dict[str, int], queued: dict[str, int]) -> None:
+        """The per-model gauges read at a scrape: requests in flight and queued, by model; a
+        model a reload removed (set before, missing now) reads 0, not its last value."""
+        for name in self._gauged - in_flight.keys():
+            self.in_flight.labels(name).set(0)
+            self.queued.labels(name).set(0)
+        for name, count in in_flight.items():
+            self.in_flight.labels(name).set(count)
+            self.queued.labels(name).set(queued.get(name, 0))
+        self._gauged = set(in_flight)
 
     def set_batches(self, statuses: dict[str, int], queued: dict[str, int], stalled: float) -> None:
         """Batch gauges at a scrape: counts by status, lines queued per model, seconds stalled."""

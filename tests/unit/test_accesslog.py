@@ -125,3 +125,15 @@ def test_text_lines_read_as_key_value_pairs_with_unsafe_values_quoted():
             ["request_id", "route", "model", "status", "duration_s", "key", "tools"], rng.randrange(8))}
         assert access_line("text", **fields) == pairwise(**fields)
     assert access_line("text", route="/v1/x y", status=200) == 'route="/v1/x y" status=200'
+
+
+def test_a_model_removed_by_a_reload_reads_zero_in_flight_not_its_last_value():
+    """The in-flight and queued gauges are set at each scrape from the scheduler; a model gone from
+    it (a reload removed it while it had requests) must not keep its last reading."""
+    m = Metrics({"keep": ("/v1/chat/completions",), "gone": ("/v1/chat/completions",)}, ["ready"])
+    m.set_model_gauges({"keep": 1, "gone": 3}, {"keep": 0, "gone": 2})
+    m.set_model_gauges({"keep": 0}, {"keep": 0})  # after the reload
+    text = m.render().decode()
+    assert 'vramgate_requests_in_flight{model="gone"} 0.0' in text
+    assert 'vramgate_requests_queued{model="gone"} 0.0' in text
+    assert 'vramgate_requests_in_flight{model="keep"} 0.0' in text
