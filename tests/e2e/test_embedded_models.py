@@ -75,19 +75,24 @@ def test_stream_with_usage_matches_the_non_streamed_usage(client):
 
 
 def test_stream_without_usage_has_no_usage_chunk(gw, client):
-    """C01: the gateway asks vLLM for usage (its token metrics) and drops that chunk."""
-    def counted() -> float:
-        line = next(l for l in gw.client.get("/metrics").text.splitlines()
-                    if l.startswith(f'vramgate_tokens_total{{kind="completion",model="{CHAT}"}}'))
+    """C01: the gateway asks vLLM for usage (its token metrics) and drops that chunk. The ITL
+    histogram gets one gap fewer than the token events: vLLM's role-only first chunk is none."""
+    def counted(series: str) -> float:
+        line = next(l for l in gw.client.get("/metrics").text.splitlines() if l.startswith(series))
         return float(line.rsplit(" ", 1)[1])
+    tokens = f'vramgate_tokens_total{{kind="completion",model="{CHAT}"}}'
+    gaps = f'vramgate_inter_token_latency_seconds_count{{model="{CHAT}"}}'
 
-    before = counted()
+    before, gaps_before = counted(tokens), counted(gaps)
     chunks = list(client.chat.completions.create(model="smollm2", messages=HELLO, max_tokens=8,
                                                  stream=True, extra_body={"ignore_eos": True}))
     assert chunks and all(c.choices for c in chunks) and all(c.usage is None for c in chunks)
     assert chunks[-1].choices[0].finish_reason == "length"
     assert all(c.model == CHAT for c in chunks)  # aliases answer with the canonical name
-    assert counted() - before == 8
+    assert counted(tokens) - before == 8
+    role_only = [c for c in chunks if c.choices[0].delta.role and not c.choices[0].delta.content]
+    assert len(role_only) == 1 and chunks[0] is role_only[0]
+    assert counted(gaps) - gaps_before == len(chunks) - 2
 
 
 def test_completions_stop_string_never_leaks(client):
