@@ -77,9 +77,9 @@ def test_stream_with_usage_matches_the_non_streamed_usage(client):
 def test_stream_without_usage_has_no_usage_chunk(gw, client):
     """C01: the gateway asks vLLM for usage (its token metrics) and drops that chunk. The ITL
     histogram gets one gap fewer than the token events: vLLM's role-only first chunk is none."""
-    def counted(series: str) -> float:
-        line = next(l for l in gw.client.get("/metrics").text.splitlines() if l.startswith(series))
-        return float(line.rsplit(" ", 1)[1])
+    def counted(series: str) -> float:  # 0 before the first request made the series
+        return next((float(l.rsplit(" ", 1)[1]) for l in gw.client.get("/metrics").text.splitlines()
+                     if l.startswith(series)), 0.0)
     tokens = f'vramgate_tokens_total{{kind="completion",model="{CHAT}"}}'
     gaps = f'vramgate_inter_token_latency_seconds_count{{model="{CHAT}"}}'
 
