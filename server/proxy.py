@@ -17,7 +17,7 @@ import aiohttp
 
 from server.errors import EngineUnreachable, ModelUnavailable
 from server.localsock import EngineConnector
-from server.sse import EventSplitter, StreamFlavor, StreamTap
+from server.sse import StreamFlavor, StreamTap
 
 # Engines answer slowly (a long generation); only the connection attempt is bounded.
 TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10)
@@ -106,7 +106,6 @@ async def relay_stream(resp: aiohttp.ClientResponse, *, tap: StreamTap,
     ``convert`` rewrites the tapped events for a route that answers in another API's shape
     (``/infill``); every other route's events go out as the engine wrote them.
     """
-    splitter = EventSplitter() if convert is not None else None
     flavor = tap.flavor
     clock = time.perf_counter
     try:
@@ -114,17 +113,12 @@ async def relay_stream(resp: aiohttp.ClientResponse, *, tap: StreamTap,
             if on_first is not None:
                 on_first()
                 on_first = None
-            if splitter is None:  # bytes as the engine wrote them, whole events only
+            if convert is None:  # bytes as the engine wrote them, whole events only
                 out = tap.feed_bytes(chunk, clock())
-                if out:
-                    yield out
-                continue
-            events = splitter.feed(chunk)
-            if events:
-                tap.last_event = events[-1]
-                events = convert(tap.feed(events, clock()))  # type: ignore[misc]
-                if events:
-                    yield b"".join(events)
+            else:
+                out = b"".join(convert(tap.feed_events(chunk, clock())))
+            if out:
+                yield out
         if not flavor.complete(tap.last_event):
             yield _failure("the engine ended the stream before it was complete",
                            "engine_stream_incomplete", closing, flavor)

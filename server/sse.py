@@ -116,8 +116,9 @@ class StreamTap:
       ``"usage":null`` (:func:`with_null_usage`).
     - ``rename``: a :class:`ModelRename` for an upstream that names the model otherwise.
 
-    ``feed`` works on whole events and never re-encodes the ones it forwards; ``feed_bytes``
-    takes the engine's reads as they come (cut into events by an :class:`EventSplitter`).
+    ``feed`` works on whole events and never re-encodes the ones it forwards; ``feed_bytes`` and
+    ``feed_events`` take the engine's reads as they come (cut into events by an
+    :class:`EventSplitter`).
     """
 
     def __init__(self, flavor: "StreamFlavor", *, null_usage: bool = False,
@@ -141,11 +142,7 @@ class StreamTap:
         if not (self.flavor is OPENAI and not self.null_usage and self.rename is None
                 and not self._splitter.rest() and chunk.endswith(b"\n\n")
                 and _ROLE_ONLY not in chunk):  # a stream's first read, once
-            events = self._splitter.feed(chunk)
-            if not events:
-                return b""
-            self.last_event = events[-1]
-            return b"".join(self.feed(events, now))
+            return b"".join(self.feed_events(chunk, now))
         at = chunk.find(_USAGE)
         if at < 0:
             return self._whole(chunk, now)
@@ -162,6 +159,15 @@ class StreamTap:
         if pos < len(chunk):
             out.append(self._whole(chunk[pos:], now))
         return b"".join(out)
+
+    def feed_events(self, chunk: bytes, now: float) -> list[bytes]:
+        """The events to forward of ``chunk``, the engine's next read, arrived at ``now``: its
+        whole events (an event cut short waits for the rest) as :meth:`feed` changes them."""
+        events = self._splitter.feed(chunk)
+        if not events:
+            return []
+        self.last_event = events[-1]
+        return self.feed(events, now)
 
     def _whole(self, chunk: bytes, now: float) -> bytes:
         """Count ``chunk``'s whole events, none with a usage, as :meth:`feed` would; forward it."""
