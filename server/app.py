@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
+import threading
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -140,8 +140,10 @@ async def gateway(settings: Settings, devices: Inventory, launcher: Launcher | N
             log.error("configuration not reloaded: %s", exc)
 
     loop = asyncio.get_running_loop()
-    # No SIGHUP handler where the loop cannot have one (Windows; a loop off the main thread).
-    with contextlib.suppress(NotImplementedError, RuntimeError):  # a signal handler only enqueues
+    # A SIGHUP handler only where a loop can have one: a platform with SIGHUP (not Windows), and
+    # the main thread (an embedding application may run the app's loop on another).
+    sighup = hasattr(signal, "SIGHUP") and threading.current_thread() is threading.main_thread()
+    if sighup:  # the handler only enqueues
         loop.add_signal_handler(signal.SIGHUP, lambda: in_background(background, reload_logged()))
     pool.start()
     service = Service(pool, metrics, session, upstreams=upstreams, access=access)
@@ -156,7 +158,7 @@ async def gateway(settings: Settings, devices: Inventory, launcher: Launcher | N
                shutdown_starter(pool, settings, upstreams, background))
     finally:
         sampler.cancel()
-        with contextlib.suppress(NotImplementedError, RuntimeError):
+        if sighup:
             loop.remove_signal_handler(signal.SIGHUP)
         await batches.stop()
         await asyncio.to_thread(store.close)

@@ -107,9 +107,9 @@ class RelayResponse:
 
     ``finalize(complete)`` runs exactly once however the stream ends; ``complete`` is false when
     the client hung up (or the send failed) before the body's end. A client that hangs up cancels
-    the relay (one watcher on ``receive``, :func:`until_disconnect`, within
-    :data:`WATCH_AFTER` seconds), which closes the engine connection, so vLLM aborts the request. Leaner than Starlette's ``StreamingResponse``, which runs a task group of two
-    tasks for each stream. ``headers`` are sent besides :data:`SSE_HEADERS`; ``raw_headers``
+    the relay (one watcher on ``receive``, :func:`until_disconnect`, within :data:`WATCH_AFTER`
+    seconds), which closes the engine connection, so vLLM aborts the request. Leaner than
+    Starlette's ``StreamingResponse``, which runs a task group of two tasks for each stream. ``headers`` are sent besides :data:`SSE_HEADERS`; ``raw_headers``
     (name and value bytes, as Starlette's responses have them) is the whole list.
     """
 
