@@ -21,6 +21,7 @@ from server.batchrunner import BatchRunner
 from server.batchstore import BatchStore
 from server.auth import AuthConfig, AuthMiddleware
 from server.cors import LOOPBACK_BINDS, Cors
+from server.engineclient import EngineClient
 from server.requestid import RequestIdMiddleware
 from server.config import Settings
 from server.errors import ConfigError
@@ -114,10 +115,10 @@ async def gateway(settings: Settings, devices: Inventory, launcher: Launcher | N
                   reload: Callable[[], Settings] | None, clock: Callable[[], float],
                   access: AccessLog) -> AsyncIterator[tuple[GatewayState, Callable[[], None]]]:
     """The running gateway: the metrics, the models' profiles, the reaping of engines an earlier
-    gateway on this data dir left, the one HTTP client, the scheduler, the request service and
-    the batch runner (its SQLite store in ``<data_dir>/batches``), its access lines to ``access``;
-    a SIGHUP reloads. Yields the state and the function that begins a shutdown; on exit every
-    engine is stopped."""
+    gateway on this data dir left, the HTTP clients (aiohttp's session, and the engine client of
+    the engines on sockets), the scheduler, the request service and the batch runner (its SQLite
+    store in ``<data_dir>/batches``), its access lines to ``access``; a SIGHUP reloads. Yields
+    the state and the function that begins a shutdown; on exit every engine is stopped."""
     metrics = Metrics({m.name: routes_for_task(m.task) for m in settings.models},
                       [s.value for s in ModelState])
     profiles = await asyncio.to_thread(read_profiles, settings.models)
@@ -126,7 +127,8 @@ async def gateway(settings: Settings, devices: Inventory, launcher: Launcher | N
     await asyncio.to_thread(records.reap)
     sockets, own_sockets = (await asyncio.to_thread(localsock.socket_dir, settings.data_dir)
                             if localsock.supported() else (None, False))
-    session = new_session(sockets)  # the one HTTP client: the data path and the control plane
+    session = new_session(sockets)  # aiohttp: the control plane, engines on ports, upstreams
+    local = EngineClient(sockets) if sockets is not None else None  # the data path on sockets
     pool = Scheduler(settings, devices, launcher=launcher, events=metrics, profiles=profiles,
                      records=records, clock=clock, session=session, socket_dir=sockets)
     do_reload = reloader(pool, reload)
@@ -146,7 +148,7 @@ async def gateway(settings: Settings, devices: Inventory, launcher: Launcher | N
     if sighup:  # the handler only enqueues
         loop.add_signal_handler(signal.SIGHUP, lambda: in_background(background, reload_logged()))
     pool.start()
-    service = Service(pool, metrics, session, upstreams=upstreams, access=access)
+    service = Service(pool, metrics, session, upstreams=upstreams, access=access, local=local)
     store = await asyncio.to_thread(BatchStore, settings.data_dir / "batches")
     batches = BatchRunner(store, service, lambda: pool.settings, metrics)
     traffic = Traffic(settings.traffic_interval)
@@ -164,6 +166,8 @@ async def gateway(settings: Settings, devices: Inventory, launcher: Launcher | N
         await asyncio.to_thread(store.close)
         await pool.stop_all()
         await session.close()
+        if local is not None:
+            local.close()
         if sockets is not None:
             localsock.remove_dir(sockets, own_sockets)
 

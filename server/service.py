@@ -33,6 +33,7 @@ import aiohttp
 from server import infill
 from server.calls import Answer, Call, Watch, affinity_key, unwatched  # noqa: F401  (re-exported)
 from server.admission import PRIORITIES, rate_check
+from server.engineclient import EngineClient
 from server.errors import (ClientGone, EngineUnreachable, RateLimited, UpstreamError, VramgateError,
                            normalize_upstream_error)
 from server.modelfiles import UNKNOWN
@@ -51,14 +52,15 @@ COMMIT_AFTER = 0.75
 
 
 class Service:
-    """The request service over the scheduler (``pool``), the metrics, the engines' HTTP session,
-    per-key request times (``rates``: key name → deque of monotonic seconds) and the engine
-    responses being relayed (``upstreams``, cut short at shutdown)."""
+    """The request service over the scheduler (``pool``), the metrics, the engines' HTTP session
+    and the client of the engines on Unix sockets (``local``, :mod:`server.engineclient`; ``None``:
+    the session for all), per-key request times (``rates``: key name → deque of monotonic
+    seconds) and the engine responses being relayed (``upstreams``, cut short at shutdown)."""
 
     def __init__(self, pool: Any, metrics: Any, session: aiohttp.ClientSession,
                  rates: dict[str, deque] | None = None, upstreams: set | None = None,
-                 access: AccessLog | None = None) -> None:
-        self.pool, self.metrics, self.session = pool, metrics, session
+                 access: AccessLog | None = None, local: EngineClient | None = None) -> None:
+        self.pool, self.metrics, self.session, self.local = pool, metrics, session, local
         self.access = access or AccessLog()
         self.rates = {} if rates is None else rates
         self.upstreams = set() if upstreams is None else upstreams
@@ -230,7 +232,7 @@ class Serving:
             into.append(lambda: upstreams.discard(resp))
 
         return await forward(self.service.session, lease.base_url + route, raw, headers, opened,
-                             read=not self.parsed.stream)
+                             read=not self.parsed.stream, local=self.service.local)
 
     def _upstream_error(self, status: int, data: bytes) -> VramgateError:
         return normalize_upstream_error(status, data, field=ROUTES[self.call.route][0])
