@@ -16,6 +16,8 @@ _SEP_DONE = b"\n\n" + DONE
 _USAGE_KEY = b'"usage":'
 _NULL_USAGE = b',"usage":null'
 _NULL_TAIL = _NULL_USAGE + b"}\n\n"
+_OBJ_END = b"}\n\n"
+_EVENT_DATA = b"\n\ndata: "
 
 
 class EventSplitter:
@@ -55,6 +57,12 @@ def with_null_usage(event: bytes) -> bytes:
     if not end.endswith(b"}"):
         return event
     return end[:-1] + _NULL_USAGE + b"}" + event[len(end):]
+
+
+def _data_only(chunk: bytes) -> bool:
+    """Is every event of ``chunk`` (whole events) one ``data:`` field and nothing else (no
+    comment, no ``event:`` line)? Then a ``}\\n\\n`` in it can only end an event's JSON object."""
+    return chunk.startswith(b"data: ") and chunk.count(b"\n\n") == chunk.count(_EVENT_DATA) + 1
 
 
 class ModelRename:
@@ -135,13 +143,15 @@ class StreamTap:
     def feed_bytes(self, chunk: bytes, now: float) -> bytes:
         """The bytes to forward of ``chunk``, the engine's next read, arrived at ``now`` (seconds,
         monotonic): its whole events as :meth:`feed` changes them; an event cut short waits for
-        the rest. Where nothing is to be changed (OpenAI events, no ``"usage":null`` to add, no
+        the rest. Where nothing but ``"usage":null`` is to be changed (OpenAI events, no
         rename) a read of whole events is forwarded as it came, with no split or join, and only
         an event with a usage in it goes through :meth:`feed`: the same bytes and the same gaps,
-        for a fraction of the cost (issue #15)."""
-        if not (self.flavor is OPENAI and not self.null_usage and self.rename is None
+        for a fraction of the cost (issue #15). Where the client asked for usage, such a read gets
+        its ``"usage":null`` in one replace when all its events are ``data:`` lines, as vLLM's are."""
+        if not (self.flavor is OPENAI and self.rename is None
                 and not self._splitter.rest() and chunk.endswith(b"\n\n")
-                and _ROLE_ONLY not in chunk):  # a stream's first read, once
+                and _ROLE_ONLY not in chunk  # a stream's first read, once
+                and (not self.null_usage or _data_only(chunk))):
             return b"".join(self.feed_events(chunk, now))
         at = chunk.find(_USAGE)
         if at < 0:
@@ -181,7 +191,9 @@ class StreamTap:
                 self.gaps.extend([0.0] * (tokens - 1))
             self._last = now
         self.finished = self.finished or done
-        return chunk
+        # Each "}\n\n" of a read of data: lines ends a chunk's JSON (a raw line break cannot be in
+        # one): with_null_usage on every event, at once.
+        return chunk.replace(_OBJ_END, _NULL_TAIL) if self.null_usage else chunk
 
     def rest(self) -> bytes:
         """Bytes of an event not yet ended (at the end of the stream: a truncated event)."""
