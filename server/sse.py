@@ -20,22 +20,27 @@ _OBJ_END = b"}\n\n"
 _EVENT_DATA = b"\n\ndata: "
 
 
+# The blank line that ends an SSE event: vLLM writes "\n\n"; the SSE standard also lets a server end
+# its lines with "\r\n" (an upstream on another host may). A lone "\r" as a line end is not taken.
+_EVENT_END = re.compile(rb"\r?\n\r?\n")
+
+
 class EventSplitter:
-    """Cut a byte stream into whole SSE events (each ending in ``\\n\\n``), keeping the bytes as they are."""
+    """Cut a byte stream into whole SSE events (each ending in a blank line: ``\\n\\n``, or with
+    ``\\r\\n`` line ends), keeping the bytes as they are."""
 
     def __init__(self) -> None:
         self._buf = b""
 
     def feed(self, chunk: bytes) -> list[bytes]:
         """Add ``chunk``; return the events it completed (possibly none), separators included."""
-        self._buf += chunk
-        out = []
-        while True:
-            cut = self._buf.find(b"\n\n")
-            if cut < 0:
-                return out
-            out.append(self._buf[:cut + 2])
-            self._buf = self._buf[cut + 2:]
+        buf = self._buf + chunk
+        out, pos = [], 0
+        for end in _EVENT_END.finditer(buf):
+            out.append(buf[pos:end.end()])
+            pos = end.end()
+        self._buf = buf[pos:]
+        return out
 
     def rest(self) -> bytes:
         """Bytes of an event not yet ended (at the end of the stream: a truncated event)."""
@@ -57,6 +62,12 @@ def with_null_usage(event: bytes) -> bytes:
     if not end.endswith(b"}"):
         return event
     return end[:-1] + _NULL_USAGE + b"}" + event[len(end):]
+
+
+def is_done(event: bytes) -> bool:
+    """Is ``event`` the OpenAI stream's last, ``data: [DONE]`` (with either line end, and with or
+    without the space the SSE standard makes optional)?"""
+    return event == DONE or event.rstrip(b"\r\n") in (b"data: [DONE]", b"data:[DONE]")
 
 
 def _data_only(chunk: bytes) -> bool:
@@ -150,6 +161,7 @@ class StreamTap:
         its ``"usage":null`` in one replace when all its events are ``data:`` lines, as vLLM's are."""
         if not (self.flavor is OPENAI and self.rename is None
                 and not self._splitter.rest() and chunk.endswith(b"\n\n")
+                and b"\r" not in chunk  # "\r\n" line ends (no JSON holds a raw CR)
                 and _ROLE_ONLY not in chunk  # a stream's first read, once
                 and (not self.null_usage or _data_only(chunk))):
             return b"".join(self.feed_events(chunk, now))
@@ -210,7 +222,7 @@ class StreamTap:
                     if not self.drop_usage:
                         out.append(event)
                     continue
-            if event != DONE and (openai or b"delta" in event) and _ROLE_ONLY not in event:
+            if (openai or b"delta" in event) and not is_done(event) and _ROLE_ONLY not in event:
                 if self._last is not None:
                     self.gaps.append(now - self._last)
                 self._last = now
@@ -249,7 +261,7 @@ class StreamFlavor:
     def complete(self, last_event: bytes) -> bool:
         """Did the engine end the stream properly, given its last whole event?"""
         if self.name == "openai":
-            return last_event == DONE
+            return is_done(last_event)
         if self.name == "responses":
             return _last_is(last_event, b'"response.completed"', b'"response.failed"',
                             b'"response.incomplete"')

@@ -14,6 +14,8 @@ Its behaviour comes from the model path, ``standin:MODE[,MODE...]``:
 - ``ignore-sigterm``      ignore SIGTERM (only SIGKILL ends it)
 - ``delay=S``             seconds between chunks (and before a non-streamed answer: S × max_tokens)
 - ``context=N``           the ``max_model_len`` its ``GET /v1/models`` reports (default 4096)
+- ``crlf``                end each streamed line with ``\\r\\n``, as the SSE standard allows (a server
+                          that is not vLLM, on another host)
 - ``fork-core``           start a child in its own process group that ignores SIGTERM, as vLLM's
                           ``EngineCore`` lives beside its API server (its pid: ``core_pid``)
 - ``fail-wake``, ``slow-wake=S``, ``sleep-unsupported``: vLLM's sleep mode, served with
@@ -101,7 +103,12 @@ class Standin:
 
     def chunk(self, body: dict, obj: str, **fields) -> bytes:
         data = {"id": "standin-1", "object": obj, "created": 1, "model": self.name, **fields}
-        return b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
+        return b"data: " + json.dumps(data, separators=(",", ":")).encode() + self.blank_line
+
+    @property
+    def blank_line(self) -> bytes:
+        """What ends a streamed event: vLLM's ``\\n\\n``, or ``\\r\\n\\r\\n`` (``crlf``)."""
+        return b"\r\n\r\n" if "crlf" in self.modes else b"\n\n"
 
     async def generate(self, request: web.Request) -> web.StreamResponse:
         try:
@@ -206,7 +213,7 @@ class Standin:
         if (body.get("stream_options") or {}).get("include_usage"):
             await resp.write(self.chunk(body, kind, choices=[], usage=dict(
                 usage, completion_tokens=sent, total_tokens=3 + sent)))
-        await resp.write(b"data: [DONE]\n\n")
+        await resp.write(b"data: [DONE]" + self.blank_line)
         if not aborted:
             self.count("completed")
         return resp

@@ -26,6 +26,7 @@ CONFIG = {
         standin("crashy", "crash-mid-stream"),
         standin("halfway", "crash-mid-event"),
         standin("halfway2", "crash-mid-event"),
+        standin("crlf", "crlf"),
         standin("broken", "fail-start"),
         standin("stuck", "hang-start", startup_timeout=3),
     ],
@@ -52,6 +53,11 @@ def sse_events(raw: bytes) -> list[bytes]:
     return raw[:-2].split(b"\n\n")
 
 
+def metric(gw: Gateway, name: str) -> float:
+    text = gw.client.get("/metrics").text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+
+
 def series_count(gw: Gateway) -> int:
     text = gw.client.get("/metrics").text
     return sum(1 for line in text.splitlines() if line and not line.startswith("#"))
@@ -60,7 +66,8 @@ def series_count(gw: Gateway) -> int:
 def test_states_after_start(gw):
     states = gw.states()
     assert states == {"echo": "ready", "emb": "ready", "slow": "ready", "crashy": "ready",
-                      "halfway": "ready", "halfway2": "ready", "broken": "failed", "stuck": "failed"}
+                      "halfway": "ready", "halfway2": "ready", "crlf": "ready", "broken": "failed",
+                      "stuck": "failed"}
 
 
 def test_failed_start_answers_503_with_cause_and_leaves_no_process(gw):
@@ -91,6 +98,33 @@ def test_stream_is_relayed_byte_for_byte(gw):
     events = sse_events(relayed)
     assert events.count(b"data: [DONE]") == 1 and events[-1] == b"data: [DONE]"
     assert all(e.startswith(b"data: ") and b"\r" not in e for e in events)
+
+
+@pytest.mark.parametrize("include_usage", [False, True])
+def test_an_engine_that_ends_its_lines_with_crlf_is_relayed_whole(gw, include_usage):
+    """The SSE standard lets a server end its lines with CRLF: every event is relayed as written
+    (``"usage":null`` added where asked), the stream ends with its own ``[DONE]`` and no error
+    event, and its tokens are counted (a break-it pass had such a stream forwarded as nothing)."""
+    from openai import OpenAI
+
+    body = chat("crlf", stream=True, max_tokens=4,
+                **({"stream_options": {"include_usage": True}} if include_usage else {}))
+    tokens = 'vramgate_tokens_total{kind="completion",model="crlf"}'
+    itl = 'vramgate_inter_token_latency_seconds_count{model="crlf"}'
+    before, itl_before = metric(gw, tokens), metric(gw, itl)
+    raw = gw.client.post("/v1/chat/completions", json=body).content
+    events = raw.split(b"\r\n\r\n")
+    assert events[-1] == b"" and events[-2] == b"data: [DONE]" and b"error" not in raw
+    chunks = [json.loads(e[6:]) for e in events[:-2]]
+    assert "".join(c["choices"][0]["delta"]["content"] for c in chunks if c["choices"]) == " w0 w1 w2 w3"
+    assert all(c["usage"] is None for c in chunks if c["choices"]) if include_usage else \
+        all("usage" not in c for c in chunks)
+    client = OpenAI(base_url=gw.url + "/v1", api_key="x", max_retries=0)
+    text = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model="crlf", messages=[{"role": "user", "content": "hi"}], max_tokens=3, stream=True)
+        if c.choices)
+    assert text == " w0 w1 w2"
+    assert metric(gw, tokens) - before == 7 and metric(gw, itl) - itl_before == 3 + 2
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -363,11 +397,6 @@ def test_access_log_line_and_engine_logs(gw):
     res = CliRunner().invoke(main, ["logs", "echo", "--url", gw.url, "-n", "50"])
     assert res.exit_code == 0 and "standin: echo listening" in res.output
     assert 'vramgate_tokens_total{kind="completion",model="echo"}' in gw.client.get("/metrics").text
-
-
-def metric(gw: Gateway, name: str) -> float:
-    text = gw.client.get("/metrics").text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
 
 
 @pytest.mark.parametrize("route,body", [
