@@ -114,12 +114,17 @@ def usage_counts(text: bytes) -> dict[str, int]:
 
 def answer_usage(body: bytes) -> dict[str, int]:
     """Token counts of a whole (non-streamed) JSON answer, read from its top-level ``usage`` object
-    without parsing the answer: the last ``"usage"`` key (inside JSON strings a quote is always
-    escaped, so the bytes ``"usage"`` can only be a key) and the kilobyte after it. vLLM may put
-    ``prompt_logprobs``, token ids or ``kv_transfer_params`` after ``usage``, so it is not always
-    near the end."""
-    at = body.rfind(_USAGE)
-    return usage_counts(body[at:at + 1024]) if at >= 0 else {}
+    without parsing the answer: the last ``"usage"`` that opens an object (``"usage": {``) and the
+    kilobyte after it. vLLM may put ``prompt_logprobs``, token ids or ``kv_transfer_params`` after
+    ``usage``, so it is not always near the end; and there the bytes ``"usage"`` can also be a
+    token: a string value (``"decoded_token":"usage"``) or a key of ``top_logprobs`` (``"usage":
+    -0.5``), which opens no object."""
+    end = len(body)
+    while (at := body.rfind(_USAGE, 0, end)) >= 0:
+        if _USAGE_OBJ.match(body, at):
+            return usage_counts(body[at:at + 1024])
+        end = at
+    return {}
 
 
 class StreamTap:

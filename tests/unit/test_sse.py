@@ -93,6 +93,19 @@ def test_tap_reads_usage_written_with_spaces():
     assert tap.tokens == {"prompt": 2, "completion": 5}
 
 
+def test_a_token_usage_after_the_usage_object_is_not_taken_for_it():
+    """Logprobs after ``usage`` may hold the token "usage": as a string value or as a key of
+    ``top_logprobs``. The counts still come from the usage object (a break-it pass saw them lost)."""
+    from server.sse import answer_usage
+    usage = b'"usage":{"prompt_tokens":5,"total_tokens":7,"completion_tokens":2}'
+    for after in (b'"prompt_logprobs":[null,{"1234":{"logprob":-1.0,"decoded_token":"usage"}}]',
+                  b'"logprobs":{"top_logprobs":[{"usage": -0.5,"x":-1.0}]}',
+                  b'"x":"usage","y":["usage"]'):
+        body = b'{"choices":[{"text":"a"}],' + usage + b"," + after + b"}"
+        assert answer_usage(body) == {"prompt": 5, "completion": 2}, after
+    assert answer_usage(b'{"choices":[{"text":"usage"}]}') == {}
+
+
 def test_answer_usage_is_found_wherever_it_is():
     """vLLM can put prompt_logprobs or token ids after usage: a long tail must not hide it."""
     from server.sse import answer_usage
