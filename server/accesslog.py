@@ -56,12 +56,15 @@ def access_line(fmt: str, **fields: Any) -> str:
 class AccessLog:
     """Where access lines go: ``stream`` (a ``logging``-style prefix in local time with
     milliseconds; each event-loop turn's lines in one write), or ``logging`` when ``stream`` is
-    ``None``. Only the event loop's thread writes. Either way nothing is
-    written unless ``vramgate.access`` is enabled for INFO. A stream that fails (closed, a broken
-    pipe) is dropped, and the lines go on through ``logging``, which reports its own errors."""
+    ``None``. Only the event loop's thread writes. Either way nothing is written while
+    ``enabled`` is false (the ``access_log`` setting, which the gateway applies at start and at
+    each reload) or ``vramgate.access`` is not enabled for INFO. A stream that fails (closed, a
+    broken pipe) is dropped, and the lines go on through ``logging``, which reports its own
+    errors."""
 
     def __init__(self, stream: TextIO | None = None) -> None:
         self.stream = stream
+        self.enabled = True
         self._second = -1  # the Unix second whose formatted time is in ``_stamp``
         self._stamp = ""
         self._pending: list[tuple[str, str]] = []  # this turn's (time, line), for flush()
@@ -69,7 +72,7 @@ class AccessLog:
     def write(self, fmt: str, **fields: Any) -> None:
         """Write one line of ``fields`` in ``fmt`` (see :func:`access_line`): on a stream, at the
         end of this turn of the running event loop (at once outside one)."""
-        if not ACCESS.isEnabledFor(logging.INFO):
+        if not self.enabled or not ACCESS.isEnabledFor(logging.INFO):
             return
         line = access_line(fmt, **fields)
         if self.stream is None:

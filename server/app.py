@@ -55,11 +55,11 @@ class GatewayState:
     auth: AuthConfig  # the keys the middleware checks: the startup ones (a reload keeps them)
 
 
-def reloader(pool: Scheduler, reload: Callable[[], Settings] | None
+def reloader(pool: Scheduler, reload: Callable[[], Settings] | None, access: AccessLog
              ) -> Callable[[], Awaitable[dict]]:
     """The reload function of ``POST /admin/reload`` and SIGHUP: reads the configuration and the
-    models' files again (in a thread) and hands them to the scheduler; returns what changed.
-    Raises :class:`ConfigError` (nothing changed then)."""
+    models' files again (in a thread) and hands them to the scheduler (and ``access_log`` to the
+    access log); returns what changed. Raises :class:`ConfigError` (nothing changed then)."""
     async def do_reload() -> dict:
         if reload is None:
             raise ConfigError("this server was started without a configuration to reload")
@@ -69,6 +69,7 @@ def reloader(pool: Scheduler, reload: Callable[[], Settings] | None
             return new, read_profiles(new.models)
         new, profiles = await asyncio.to_thread(read)
         changes = await pool.reconfigure(new, profiles)
+        access.enabled = new.access_log
         log.info("configuration reloaded: %s", changes)
         return changes
     return do_reload
@@ -131,7 +132,7 @@ async def gateway(settings: Settings, devices: Inventory, launcher: Launcher | N
     local = EngineClient(sockets) if sockets is not None else None  # the data path on sockets
     pool = Scheduler(settings, devices, launcher=launcher, events=metrics, profiles=profiles,
                      records=records, clock=clock, session=session, socket_dir=sockets)
-    do_reload = reloader(pool, reload)
+    do_reload = reloader(pool, reload, access)
     upstreams: set = set()  # engine responses being read, cut short before a forced exit
     background: set = set()  # the reload and shutdown tasks, kept referenced
 
@@ -189,6 +190,7 @@ def create_app(settings: Settings, *, launcher: Launcher | None = None,
     """
     devices = inventory or make_inventory(settings.simulate_gpus)
     access = access or AccessLog()
+    access.enabled = settings.access_log
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict]:

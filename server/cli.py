@@ -79,8 +79,11 @@ def main() -> None:
 @click.option("--api-key", "api_keys", multiple=True, envvar="VRAMGATE_API_KEYS",
               help="An API key clients must send (repeatable; the variable takes a comma list).")
 @click.option("--admin-key", envvar="VRAMGATE_ADMIN_KEY", help="The key /admin/* routes need.")
+@click.option("--access-log/--no-access-log", default=None, envvar="VRAMGATE_ACCESS_LOG",
+              help="One log line per request (default: on, or the config's access_log).")
 def serve(config_path: Path | None, host: str | None, port: int | None, data_dir: Path | None,
-          log_level: str, api_keys: tuple[str, ...], admin_key: str | None) -> None:
+          log_level: str, api_keys: tuple[str, ...], admin_key: str | None,
+          access_log: bool | None) -> None:
     """Run the gateway; preloaded models start at once, the others on their first request."""
     from server.app import create_app
     from server.models import embedded_models, ensure_prepared
@@ -98,7 +101,7 @@ def serve(config_path: Path | None, host: str | None, port: int | None, data_dir
     def reload():
         return load_settings(config_path, default_models=defaults, host=host, port=port,
                              data_dir=data_dir.expanduser() if data_dir else None,
-                             api_keys=keys, admin_key=admin_key)
+                             api_keys=keys, admin_key=admin_key, access_log=access_log)
 
     try:
         settings = reload()

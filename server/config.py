@@ -140,7 +140,8 @@ class Settings:
     ``max_file_bytes``: the largest upload ``POST /v1/files`` takes (bytes);
     ``traffic_interval``: seconds between the samples of the console's traffic charts;
     ``engine_transport``: ``unix`` (local engines on Unix sockets, :mod:`server.localsock`) or
-    ``tcp`` (on loopback ports); read at each engine start."""
+    ``tcp`` (on loopback ports); read at each engine start. ``access_log``: whether each request
+    writes its access-log line (in ``log_format``)."""
 
     models: tuple[ModelConfig, ...]
     host: str = "127.0.0.1"
@@ -161,6 +162,7 @@ class Settings:
     auth: AuthConfig = AuthConfig()
     max_body_bytes: int = 32 * 2**20
     log_format: str = "text"
+    access_log: bool = True  # one line per request (server.accesslog); off behind an ingress that logs
     stream_keepalive: float = 4.0
     batch_concurrency: int = 2  # lines of one batch in flight at once (server.batchrunner)
     batch_beside: int = 0  # batch leases on a model while other requests run on it (decisions)

@@ -27,7 +27,7 @@ _TOP_KEYS = {"host", "port", "data_dir", "models", "engine_module", "engine_pyth
              "place_wait_timeout", "cpu_memory_budget", "api_keys", "admin_key", "metrics_auth",
              "cors_origins", "allowed_hosts", "max_body_bytes", "log_format", "stream_keepalive",
              "batch_concurrency", "batch_beside", "max_file_bytes", "traffic_interval",
-             "engine_transport"}
+             "engine_transport", "access_log"}
 
 
 _BYTE_FIELDS = {"gpu_headroom": "gpu_headroom_bytes", "max_body_bytes": "max_body_bytes",
@@ -109,7 +109,7 @@ def parse_settings(raw: Any, *,
 
 def _scalar_fields(raw: dict[str, Any]) -> dict[str, Any]:
     """The top level's plain fields: host, port, data_dir, engine module and Python, the timeouts
-    (seconds), counts, byte sizes and choices."""
+    (seconds), counts, byte sizes, switches and choices."""
     kw: dict[str, Any] = {}
     if "host" in raw:
         kw["host"] = _str(raw["host"], "host")
@@ -140,6 +140,10 @@ def _scalar_fields(raw: dict[str, Any]) -> dict[str, Any]:
     for key, field_name in _BYTE_FIELDS.items():
         if key in raw:
             kw[field_name] = parse_bytes(raw[key], key)
+    if "access_log" in raw:
+        if not isinstance(raw["access_log"], bool):
+            raise ConfigError(f"access_log: must be true or false, got {raw['access_log']!r}")
+        kw["access_log"] = raw["access_log"]
     for key, choices in _CHOICE_FIELDS.items():
         if key in raw:
             if raw[key] not in choices:

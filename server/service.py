@@ -73,8 +73,11 @@ class Service:
     def record(self, route: str, model: str, status: int, seconds: float, *, request_id: str = "",
                key: Any = None, ttft: float | None = None, tools: int | None = None,
                tokens: dict[str, int] | None = None) -> None:
-        """The one record of a finished call: the metrics, and one access-log line."""
+        """The one record of a finished call: the metrics, and one access-log line (unless the
+        access log is off)."""
         self.metrics.observe(model, route, status, seconds, tokens)
+        if not self.access.enabled:
+            return
         self.access.write(
             self.pool.settings.log_format, request_id=request_id or None, route=route,
             model=model, status=status, duration_s=round(seconds, 4),

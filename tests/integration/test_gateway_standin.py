@@ -10,6 +10,7 @@ import time
 
 import httpx
 import pytest
+import yaml
 
 from tests.gateway import Gateway, alive, describe, engine_client, standin_gateway, wait_for, wait_gone
 
@@ -51,6 +52,44 @@ def chat(model: str, **kw) -> dict:
 def sse_events(raw: bytes) -> list[bytes]:
     assert raw.endswith(b"\n\n"), raw[-100:]
     return raw[:-2].split(b"\n\n")
+
+
+def test_the_access_log_can_be_off_and_a_reload_turns_it_on(tmp_path):
+    """``access_log: false``: no line for any request (inference or not), the metrics still
+    count; a reload with it true brings the lines back (behind an ingress that logs, the line
+    is CPU spent twice: loadtest/README.md)."""
+    config = {"access_log": False, "models": [standin("quiet")]}
+    with standin_gateway(tmp_path, config) as g:
+        g.wait_states(30)
+        requests = 'vramgate_requests_total{model="quiet",route="/v1/chat/completions",status_class="2xx"}'
+        assert g.client.post("/v1/chat/completions", json=chat("quiet", max_tokens=2),
+                             headers={"x-request-id": "off-1"}).status_code == 200
+        assert g.client.get("/v1/models", headers={"x-request-id": "off-2"}).status_code == 200
+        assert metric(g, requests) == 1
+        config["access_log"] = True
+        (tmp_path / "config.yaml").write_text(yaml.safe_dump({**config, "engine_module":
+                                                              "tests.standin_engine"}))
+        assert g.client.post("/admin/reload").status_code == 200
+        assert g.client.post("/v1/chat/completions", json=chat("quiet", max_tokens=2),
+                             headers={"x-request-id": "on-1"}).status_code == 200
+        assert wait_for(lambda: "request_id=on-1" in g.log_text())
+        assert "request_id=off-" not in g.log_text()  # lines go out in order: none came before
+
+
+def test_no_access_log_flag_and_variable_override_the_config(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from server import cli
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"models": [standin("x")]}))
+    seen = []
+    monkeypatch.setattr(cli, "run_gateway", lambda create, settings, reload, level: seen.append(
+        (settings.access_log, reload().access_log)))
+    for args, env in (([], {}), (["--no-access-log"], {}), ([], {"VRAMGATE_ACCESS_LOG": "false"}),
+                      (["--access-log"], {"VRAMGATE_ACCESS_LOG": "false"})):
+        res = CliRunner().invoke(cli.main, ["serve", "--config", str(cfg), *args], env=env)
+        assert res.exit_code == 0, res.output
+    assert seen == [(True, True), (False, False), (False, False), (True, True)]
 
 
 def metric(gw: Gateway, name: str) -> float:

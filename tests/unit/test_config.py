@@ -47,6 +47,7 @@ def test_full_model_entry():
     ({"models": [{"name": "a", "path": "p"}], "place_wait_timeout": -1}, "place_wait_timeout"),
     ({"models": [{"name": "a", "path": "p"}], "placement": "random"}, "placement: must be"),
     ({"models": [{"name": "a", "path": "p"}], "log_format": "xml"}, "log_format: must be"),
+    ({"models": [{"name": "a", "path": "p"}], "access_log": "no"}, "access_log: must be true or false"),
     ([1, 2], "(top level)"),
 ])
 def test_errors_name_the_field_path(raw, where):
