@@ -85,25 +85,30 @@ def start_litellm(tmp: Path, procs: list[Proc]) -> tuple[Proc, str, str]:
     return proxy, direct, f"http://127.0.0.1:{pport}"
 
 
-def start_engine(tmp: Path, name: str, procs: list[Proc]) -> str:
+def start_engine(tmp: Path, name: str, procs: list[Proc], uds: Path | None = None) -> str:
     """An instant engine on a free port (added to ``procs`` at once, so it is stopped whatever
-    happens next); its URL."""
+    happens next), and on the Unix socket ``uds`` too if given; its port's URL."""
     port = free_port()
+    where = ["--uds", str(uds)] if uds else ["--port", str(port)]
     engine = Proc([sys.executable, "-m", "loadtest.instant_engine", "--model", "instant",
-                   "--served-model-name", "instant", "--port", str(port)], tmp / f"{name}-engine.log",
-                  env={"INSTANT_CHUNKS": str(CHUNKS)})
+                   "--served-model-name", "instant", *where], tmp / f"{name}-engine.log",
+                  env={"INSTANT_CHUNKS": str(CHUNKS), "INSTANT_TCP_PORT": str(port)})
     procs.append(engine)
     wait_http(f"http://127.0.0.1:{port}/health", engine, 30)
     return f"http://127.0.0.1:{port}"
 
 
-def start_floor(tmp: Path, procs: list[Proc]) -> tuple[Proc, str, str]:
+def start_floor(tmp: Path, procs: list[Proc], uds: bool = False) -> tuple[Proc, str, str]:
     """An instant engine and the floor proxy in front of it (both added to ``procs``): the proxy,
-    the engine's URL and the proxy's."""
-    direct = start_engine(tmp, "floor", procs)
+    the engine's URL (its loopback port) and the proxy's. With ``uds`` the proxy reaches the
+    engine over a Unix socket, as the gateway does by default."""
+    name = "floor-uds" if uds else "floor"
+    sock = tmp / "floor-engine.sock" if uds else None
+    direct = start_engine(tmp, name, procs, uds=sock)
     port = free_port()
-    proxy = Proc([sys.executable, "-m", "loadtest.floor_proxy", "--upstream", direct,
-                  "--port", str(port)], tmp / "floor.log")
+    upstream = ["--upstream-uds", str(sock)] if sock else ["--upstream", direct]
+    proxy = Proc([sys.executable, "-m", "loadtest.floor_proxy", *upstream,
+                  "--port", str(port)], tmp / f"{name}.log")
     procs.append(proxy)
     wait_http(f"http://127.0.0.1:{port}/v1/models", proxy, 30)
     return proxy, direct, f"http://127.0.0.1:{port}"

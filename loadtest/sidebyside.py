@@ -1,7 +1,7 @@
 """Side by side: this checkout's gateway and a baseline loaded at the same moment, for A/B figures
 that machine noise cannot tilt.
 
-    python -m loadtest.sidebyside --baseline COMMIT|floor [--rounds 6] [--requests 4000]
+    python -m loadtest.sidebyside --baseline COMMIT|floor|floor-uds [--rounds 6] [--requests 4000]
 
 The ceiling benchmark (``loadtest/ceiling.py``) runs its targets one after another, a few seconds
 each. On a shared 2-core VM the CPU a request costs drifts by ±20% from one such run to the next
@@ -9,9 +9,11 @@ each. On a shared 2-core VM the CPU a request costs drifts by ±20% from one suc
 load at once, from one load generator (``--concurrency`` streams each), so whatever the machine
 does in a round it does to both; the ratio is taken per round and the median printed.
 
-The baseline is a commit (its gateway from a git worktree, as the ceiling's ``--baseline``) or
-``floor`` (``loadtest/floor_proxy.py``). Each target has its own instant engine; this checkout's
-gateway talks to it over its Unix socket. "Per core" = answered requests ÷ the target's CPU
+The baseline is a commit (its gateway from a git worktree, as the ceiling's ``--baseline``),
+``floor`` (``loadtest/floor_proxy.py``, to its engine over loopback TCP), ``floor-uds`` (the floor
+over a Unix socket, the gateway's own transport) or ``dir:PATH`` (the gateway of a copy of the
+package, for experiments). Each target has its own instant engine; this checkout's gateway talks
+to it over its Unix socket. "Per core" = answered requests ÷ the target's CPU
 seconds in the round (user + system, psutil). A ratio above 1 means this checkout serves more
 requests per core than the baseline. Writes ``loadtest/results/sidebyside-<baseline>.{json,md}``.
 """
@@ -41,9 +43,9 @@ def start_targets(tmp: Path, baseline: str, procs: list[Proc]) -> list[tuple[str
     config = {"engine_module": "loadtest.instant_engine", "api_keys": [KEY], "models": [model]}
     gw, url = start_gateway(config, tmp / "gw", ready_timeout=60)
     procs.append(gw)
-    if baseline == "floor":
-        floor, _, f_url = start_floor(tmp, procs)
-        return [("vramgate", gw, url), ("floor", floor, f_url)]
+    if baseline in ("floor", "floor-uds"):
+        floor, _, f_url = start_floor(tmp, procs, uds=baseline == "floor-uds")
+        return [("vramgate", gw, url), (baseline, floor, f_url)]
     if baseline.startswith("dir:"):  # a scratch copy of the package (an experiment)
         var, var_url = start_gateway(config, tmp / "gw-dir", ready_timeout=60, cwd=Path(baseline[4:]))
         procs.append(var)
@@ -99,8 +101,9 @@ def report(rows: list[dict[str, Any]], names: list[str]) -> str:
 
 
 @click.command()
-@click.option("--baseline", required=True, metavar="COMMIT|floor",
-              help="A commit's gateway (a git worktree), or the floor proxy.")
+@click.option("--baseline", required=True, metavar="COMMIT|floor|floor-uds|dir:PATH",
+              help="A commit's gateway (a git worktree), the floor proxy (to its engine over "
+                   "loopback TCP, or a Unix socket), or the gateway of a copy of the package.")
 @click.option("--rounds", type=click.IntRange(1), default=6, show_default=True)
 @click.option("--requests", type=click.IntRange(1), default=4000, show_default=True,
               help="Requests to each target per round.")

@@ -50,6 +50,20 @@ def test_gateway_floor_proxy_and_load_generator_on_the_instant_engine(tmp_path):
     assert gw.proc.returncode is not None
 
 
+def test_the_floor_reaches_its_engine_over_a_unix_socket_like_the_gateway(tmp_path):
+    """``sidebyside --baseline floor-uds``: the floor on the gateway's own transport."""
+    from loadtest.ceiling import start_floor
+    procs: list[Proc] = []
+    try:
+        floor, direct, url = start_floor(tmp_path, procs, uds=True)
+        assert drive(url, True)["requests"] == 20 and drive(url, False)["requests"] == 20
+        assert httpx.get(direct + "/health").status_code == 200  # the direct path: a side port
+        assert "--upstream-uds" in floor.proc.args and (tmp_path / "floor-engine.sock").exists()
+    finally:
+        for p in reversed(procs):
+            p.stop()
+
+
 def test_the_streams_benchmark_holds_n_streams_open_and_checks_every_byte(tmp_path):
     import json
     import subprocess
