@@ -40,6 +40,12 @@ KEEPALIVE = 4.0
 # reads slower than the engine writes); aiohttp's stream reader pauses at 128 KiB too.
 HIGH_WATER = 128 * 1024
 CONNECT_TIMEOUT = 10.0  # seconds, as the aiohttp session's sock_connect (server.proxy.TIMEOUT)
+# Seconds after the request went out within which a reused connection that the engine closed
+# unanswered is taken for one its keep-alive timer closed as the request arrived (the request was
+# never read), and the request is sent again on a new connection. Closed later, the engine may
+# have begun on it: the error goes to the caller, as aiohttp does for a POST.
+RETRY_WITHIN = 0.1
+MAX_HEAD = 64 * 1024  # bytes of an answer's header lines (aiohttp allows 8,190 a line)
 _COPY_UNDER = 64 * 1024  # bytes: a smaller body goes out joined to the head in one write
 
 
@@ -185,7 +191,10 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self.keep_alive = False  # the last answer allows another request on this connection
         self.received = False  # a byte of the current answer has arrived
+        self.interim = False  # the message being parsed is a 1xx (100 Continue): not the answer
+        self.head_bytes = 0  # of the header lines of the message being parsed
         self.paused = False
+        self.sent_at = 0.0  # when the current request went out (the client's clock)
         self.idle_since = 0.0
 
     # ---- asyncio ------------------------------------------------------------------------------
@@ -209,17 +218,31 @@ class _Connection(asyncio.Protocol):
         self.received = True
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserError as exc:
-            self.response._fail(EngineConnectionError(f"the engine's answer is not HTTP: {exc}"))
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+            why = exc.__context__ if isinstance(exc, httptools.HttpParserCallbackError) else exc
+            self.keep_alive = False
+            self.response._fail(EngineConnectionError(f"the engine's answer is not HTTP: {why}"))
             self.transport.close()
 
-    # ---- httptools' callbacks -----------------------------------------------------------------
+    # ---- httptools' callbacks (an exception raised here ends the parse: data_received) ---------
+    def on_message_begin(self) -> None:
+        if self.response._done:  # bytes after the answer: they answer no request of ours
+            raise ValueError("bytes after the end of the answer")
+        self.head_bytes = 0
+
     def on_header(self, name: bytes, value: bytes) -> None:
+        self.head_bytes += len(name) + len(value)
+        if self.head_bytes > MAX_HEAD:
+            raise ValueError(f"header lines over {MAX_HEAD} bytes")
         self.response.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
 
     def on_headers_complete(self) -> None:
-        resp = self.response
-        resp.status = self.parser.get_status_code()
+        resp, status = self.response, self.parser.get_status_code()
+        if 100 <= status < 200:  # an interim answer (100 Continue): the real one follows
+            self.interim = True
+            resp.headers.clear()
+            return
+        resp.status = status
         if not resp.head.done():
             resp.head.set_result(None)
 
@@ -227,13 +250,18 @@ class _Connection(asyncio.Protocol):
         self.response._feed(body)
 
     def on_message_complete(self) -> None:
+        if self.interim:
+            self.interim = False
+            return
         self.keep_alive = self.parser.should_keep_alive()
         self.response._end()
 
     # ---- for the response and the client ------------------------------------------------------
     def begin(self) -> EngineResponse:
-        """A response for the request about to go out on this connection."""
+        """A response for the request about to go out on this connection, from now on (the
+        client's clock)."""
         self.response, self.received, self.keep_alive = EngineResponse(self), False, False
+        self.sent_at = self.client.clock()
         return self.response
 
     def pause(self) -> None:
@@ -292,8 +320,9 @@ class EngineClient:
         """``POST target`` with ``body`` and ``headers`` to the engine on socket ``path``; returns
         once the answer's head is in. A connection used before that the engine closed before
         answering a byte (its keep-alive ran out as the request went) is retried once on a new
-        one. Raises :class:`ConnectFailed`, :class:`EngineConnectionError` or ``ValueError`` (a
-        header that cannot be sent, :func:`request_head`)."""
+        one, if that happened within :data:`RETRY_WITHIN` seconds. Raises :class:`ConnectFailed`,
+        :class:`EngineConnectionError` or ``ValueError`` (a header that cannot be sent,
+        :func:`request_head`)."""
         head = request_head(target, len(body), headers)
         message = [head + body] if len(body) < _COPY_UNDER else [head, body]
         conn = self._take(path)
@@ -307,7 +336,8 @@ class EngineClient:
                 await resp.head
                 return resp
             except EngineConnectionError:
-                if not (reused and not conn.received):
+                if not (reused and not conn.received
+                        and self.clock() - conn.sent_at < RETRY_WITHIN):
                     raise
                 conn = None  # once more, on a new connection
             except BaseException:
@@ -319,7 +349,7 @@ class EngineClient:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.connect_timeout):
-                await loop.sock_connect(sock, path)
+                await localsock.connect(sock, path)  # a full backlog is waited for, not mistaken
                 _, conn = await loop.create_unix_connection(lambda: _Connection(self, path), sock=sock)
         except OSError as exc:  # TimeoutError is one
             sock.close()
@@ -343,12 +373,21 @@ class EngineClient:
         return None
 
     def put(self, conn: _Connection) -> None:
-        """An idle connection back into its pool (closed instead once the client is closed)."""
+        """An idle connection back into its pool (closed instead once the client is closed). The
+        pool's oldest connections past :data:`KEEPALIVE` are closed on the way: after a burst,
+        the connections it opened do not wait for the engine to close them."""
         if self._closed:
             conn.transport.close()
             return
-        conn.idle_since = self.clock()
-        self._idle.setdefault(conn.path, {})[conn] = None
+        now = conn.idle_since = self.clock()
+        idle = self._idle.setdefault(conn.path, {})
+        while idle:
+            oldest = next(iter(idle))
+            if now - oldest.idle_since < self.keepalive:
+                break
+            del idle[oldest]
+            oldest.transport.close()
+        idle[conn] = None
 
     def forget(self, conn: _Connection) -> None:
         """An idle connection the engine closed leaves its pool (and the pool, once empty)."""

@@ -14,8 +14,8 @@ import pytest
 from aiohttp import web
 
 from server import localsock
-from server.engineclient import (HIGH_WATER, ConnectFailed, EngineClient, EngineConnectionError,
-                                 request_head)
+from server.engineclient import (HIGH_WATER, MAX_HEAD, ConnectFailed, EngineClient,
+                                 EngineConnectionError, request_head)
 from server.errors import EngineUnreachable, ModelUnavailable
 from server.proxy import new_session, open_upstream, relay_stream
 from server.sse import OPENAI, StreamTap
@@ -257,9 +257,15 @@ def test_a_new_connection_closed_before_an_answer_is_not_retried(tmp_path):
     run(go())
 
 
-def test_an_answer_that_is_not_http_breaks_the_connection(tmp_path):
+@pytest.mark.parametrize("reply,why", [
+    (b"SSH-2.0-OpenSSH_9.6\r\n\r\n", "not HTTP"),
+    # aiohttp allows 8,190 bytes a line; without a limit a misbehaving engine's 32 MB header cost
+    # seconds of the event loop (a break-it pass)
+    (answer(b"{}", extra=b"x-big: " + b"a" * (MAX_HEAD + 1) + b"\r\n"), "header lines over"),
+])
+def test_an_answer_that_breaks_http_breaks_the_connection(tmp_path, reply, why):
     async def script(n, server, request, writer):
-        writer.write(b"SSH-2.0-OpenSSH_9.6\r\n\r\n")
+        writer.write(reply)
         await writer.drain()
         return True
 
@@ -267,7 +273,7 @@ def test_an_answer_that_is_not_http_breaks_the_connection(tmp_path):
         path = sock(tmp_path)
         async with Scripted(path, script):
             client = EngineClient(tmp_path)
-            with pytest.raises(EngineConnectionError, match="not HTTP"):
+            with pytest.raises(EngineConnectionError, match=why):
                 await client.post(str(path), "/v1/completions", b"{}", {})
             assert client.idle() == {}
     run(go())
@@ -427,4 +433,136 @@ def test_aiohttp_engines_answer_it_as_vllm_would(tmp_path):
         finally:
             client.close()
             await runner.cleanup()
+    run(go())
+
+
+def test_a_full_listen_backlog_is_waited_for_not_taken_for_a_connection(tmp_path, monkeypatch):
+    """A Unix socket's connect fails with EAGAIN while the listener's backlog is full; asyncio
+    and uvloop took that for "in progress" and handed back a socket that was not connected (a
+    break-it pass: 88 of 300 streams got a 503). Both clients wait for room instead."""
+    import socket
+    made: list = []
+    engine_socket = localsock.engine_socket
+    monkeypatch.setattr(localsock, "engine_socket", lambda: made.append(engine_socket()) or made[-1])
+
+    async def go():
+        path = sock(tmp_path)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(str(path))
+        listener.listen(0)  # room for one waiting connection, and nothing accepts yet
+        filler = []
+        while True:  # fill the backlog until a connect is refused for room
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.setblocking(False)
+            filler.append(s)
+            if s.connect_ex(str(path)) != 0:
+                break
+        client, session = EngineClient(tmp_path), new_session(tmp_path)
+        posting = asyncio.ensure_future(client.post(str(path), "/v1/completions", b"{}", {}))
+        probing = asyncio.ensure_future(open_upstream(
+            session, localsock.url_for(path) + "/v1/completions", b"{}", {}))
+        while len(made) < 2:  # each made its socket and tried it at once: both wait for room
+            await asyncio.sleep(0)
+        assert not posting.done() and not probing.done()
+        listener.setblocking(False)
+        server = await asyncio.start_unix_server(
+            lambda r, w: json_echo(0, None, b"\r\n\r\n", w), sock=listener)
+        try:
+            resp = await posting
+            assert resp.status == 200 and json.loads(await resp.read())["n"] == 0
+            assert (await probing).status == 200
+        finally:
+            for s in filler:
+                s.close()
+            await session.close()
+            server.close()
+    run(go())
+
+
+def test_an_interim_100_is_skipped_and_the_answer_is_the_requests_own(tmp_path):
+    """A 1xx before the answer is no answer: read as one, the real answer went to the next
+    request on the connection, another user's (a break-it pass)."""
+    async def script(n, server, request, writer):
+        writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        await writer.drain()
+        return await json_echo(n, server, request, writer)
+
+    async def go():
+        path = sock(tmp_path)
+        async with Scripted(path, script) as server:
+            client = EngineClient(tmp_path)
+            for n in range(3):
+                resp = await client.post(str(path), "/v1/completions", b"{}", {})
+                assert resp.status == 200 and json.loads(await resp.read())["n"] == n
+            assert server.connections == 1
+    run(go())
+
+
+def test_bytes_after_an_answer_are_no_answer_and_the_connection_is_dropped(tmp_path):
+    async def script(n, server, request, writer):
+        body = json.dumps({"n": n}).encode()
+        writer.write(answer(body) + answer(b'{"stale":true}'))
+        await writer.drain()
+        return True
+
+    async def go():
+        path = sock(tmp_path)
+        async with Scripted(path, script) as server:
+            client = EngineClient(tmp_path)
+            for _ in range(2):
+                resp = await client.post(str(path), "/v1/completions", b"{}", {})
+                assert json.loads(await resp.read()) == {"n": 0}  # its own, on a new connection
+            assert server.connections == 2 and client.idle() == {}
+    run(go())
+
+
+def test_a_request_the_engine_held_before_closing_is_not_sent_again(tmp_path):
+    """Only a close right after the request went out is the keep-alive race; a request the engine
+    held longer may be under way there, and is not repeated (a break-it pass saw it twice)."""
+    now = [0.0]
+
+    async def script(n, server, request, writer):
+        if n == 1:
+            now[0] += 1.0  # the engine held it a second, then closed
+            return False
+        return await json_echo(n, server, request, writer)
+
+    async def go():
+        path = sock(tmp_path)
+        async with Scripted(path, script) as server:
+            client = EngineClient(tmp_path, clock=lambda: now[0])
+            await (await client.post(str(path), "/v1/completions", b"{}", {})).read()
+            with pytest.raises(EngineConnectionError, match="closed the connection"):
+                await client.post(str(path), "/v1/completions", b'{"second":1}', {})
+            assert sum(b'"second"' in r for r in server.requests) == 1
+    run(go())
+
+
+def test_returning_a_connection_closes_the_pools_stale_ones(tmp_path):
+    """After a burst, the connections it opened are closed as soon as traffic goes on, not when
+    the engine gets round to it (75 s for an aiohttp server)."""
+    now = [0.0]
+
+    async def go():
+        path = sock(tmp_path)
+        all_in = asyncio.Event()
+
+        async def script(n, server, request, writer):
+            if len(server.requests) >= 3:
+                all_in.set()
+            await all_in.wait()
+            return await json_echo(n, server, request, writer)
+
+        async with Scripted(path, script) as server:
+            client = EngineClient(tmp_path, clock=lambda: now[0])
+            burst = [client.post(str(path), "/v1/completions", b"{}", {}) for _ in range(3)]
+            for resp in await asyncio.gather(*burst):
+                await resp.read()
+            assert client.idle() == {str(path): 3}
+            now[0] = 3.0
+            resp = await client.post(str(path), "/v1/completions", b"{}", {})  # the newest, reused
+            now[0] = 4.5
+            await resp.read()  # back in the pool: the two idle since 0.0 are past 4 s
+            assert client.idle() == {str(path): 1} and server.connections == 3
+            await server.gone.wait()
     run(go())
