@@ -12,8 +12,9 @@ from typing import Any
 from server.errors import anthropic_body
 
 DONE = b"data: [DONE]\n\n"
-_SEP_DONE = b"\n\n" + DONE
-_USAGE_KEY = b'"usage":'
+# A chunk's own usage key: an object or null. "usage" can also be a token, a key of
+# top_logprobs mapped to a number, or a string value: those are no usage key.
+_USAGE_KEY = re.compile(rb'"usage"\s*:\s*(?:\{|null)')
 _NULL_USAGE = b',"usage":null'
 _NULL_TAIL = _NULL_USAGE + b"}\n\n"
 _OBJ_END = b"}\n\n"
@@ -30,31 +31,44 @@ class EventSplitter:
     ``\\r\\n`` line ends), keeping the bytes as they are."""
 
     def __init__(self) -> None:
-        self._buf = b""
+        self._buf = bytearray()
+        self._scanned = 0  # where the search for an event's end goes on: the bytes before hold none
 
     def feed(self, chunk: bytes) -> list[bytes]:
-        """Add ``chunk``; return the events it completed (possibly none), separators included."""
-        buf = self._buf + chunk
+        """Add ``chunk``; return the events it completed (possibly none), separators included.
+        Each byte is searched about once, however many reads an event takes (a multi-megabyte
+        event of ``prompt_logprobs`` comes in many: searching the whole of it again at each read
+        made it quadratic, seconds of the event loop for 8 MB, a break-it pass found)."""
+        buf = self._buf
+        buf += chunk
         out, pos = [], 0
-        for end in _EVENT_END.finditer(buf):
-            out.append(buf[pos:end.end()])
+        for end in _EVENT_END.finditer(buf, self._scanned):
+            out.append(bytes(buf[pos:end.end()]))
             pos = end.end()
-        self._buf = buf[pos:]
+        if pos:
+            del buf[:pos]
+        self._scanned = max(0, len(buf) - 3)  # an event end of up to 4 bytes may start there
         return out
+
+    @property
+    def pending(self) -> int:
+        """Bytes held of an event not yet ended."""
+        return len(self._buf)
 
     def rest(self) -> bytes:
         """Bytes of an event not yet ended (at the end of the stream: a truncated event)."""
-        return self._buf
+        return bytes(self._buf)
 
 
 def with_null_usage(event: bytes) -> bytes:
-    """Add ``"usage":null`` to a ``data: {...}`` chunk that has no ``usage`` key.
+    """Add ``"usage":null`` to a ``data: {...}`` chunk that has no ``usage`` key (one whose value
+    is an object or null, written compactly or not).
 
     The OpenAI API documents that, with ``stream_options.include_usage``, every chunk but the last
     carries ``usage: null``; vLLM omits the key. Other events (``[DONE]``, comments) are returned as
     they are.
     """
-    if not event.startswith(b"data: {") or _USAGE_KEY in event:
+    if not event.startswith(b"data: {") or (_USAGE in event and _USAGE_KEY.search(event)):
         return event
     if event.endswith(b"}\n\n"):  # how vLLM frames every chunk: one slice, no strip (issue #15)
         return event[:-3] + _NULL_TAIL
@@ -68,6 +82,12 @@ def is_done(event: bytes) -> bool:
     """Is ``event`` the OpenAI stream's last, ``data: [DONE]`` (with either line end, and with or
     without the space the SSE standard makes optional)?"""
     return event == DONE or event.rstrip(b"\r\n") in (b"data: [DONE]", b"data:[DONE]")
+
+
+def _last_event(chunk: bytes) -> bytes:
+    """The last event of ``chunk``, whole events that end in ``\\n\\n``."""
+    at = chunk.rfind(b"\n\n", 0, len(chunk) - 2)
+    return chunk[at + 2:] if at >= 0 else chunk
 
 
 def _data_only(chunk: bytes) -> bool:
@@ -165,7 +185,7 @@ class StreamTap:
         for a fraction of the cost (issue #15). Where the client asked for usage, such a read gets
         its ``"usage":null`` in one replace when all its events are ``data:`` lines, as vLLM's are."""
         if not (self.flavor is OPENAI and self.rename is None
-                and not self._splitter.rest() and chunk.endswith(b"\n\n")
+                and not self._splitter.pending and chunk.endswith(b"\n\n")
                 and b"\r" not in chunk  # "\r\n" line ends (no JSON holds a raw CR)
                 and _ROLE_ONLY not in chunk  # a stream's first read, once
                 and (not self.null_usage or _data_only(chunk))):
@@ -198,8 +218,9 @@ class StreamTap:
 
     def _whole(self, chunk: bytes, now: float) -> bytes:
         """Count ``chunk``'s whole events, none with a usage, as :meth:`feed` would; forward it."""
-        done = chunk == DONE or chunk.endswith(_SEP_DONE)  # [DONE] can only come last
-        self.last_event = DONE if done else b""
+        last = _last_event(chunk) if chunk.endswith(b"[DONE]\n\n") else b""
+        done = is_done(last)  # [DONE] can only come last
+        self.last_event = last if done else b""
         tokens = chunk.count(b"\n\n") - done  # as many as the splitter would cut
         if tokens:
             if self._last is not None:
