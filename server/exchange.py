@@ -8,6 +8,7 @@ leave as plain JSON in the route's shape when they are known before the first by
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -17,7 +18,8 @@ from starlette.responses import Response
 from server import infill
 from server.admission import parse_priority
 from server.auth import SCOPE_KEY, allowed
-from server.errors import ClientGone, InvalidRequest, ModelNotFound, PermissionDenied, VramgateError
+from server.errors import (ClientGone, InvalidRequest, ModelNotFound, ModelUnavailable,
+                           PermissionDenied, VramgateError)
 from server.metrics import UNKNOWN_MODEL
 from server.relay import RelayResponse, error_response, read_limited, until_disconnect
 from server.requestid import LOGGED, SCOPE_KEY as RID_KEY
@@ -70,21 +72,28 @@ async def read_call(request: Request, route: str, started: float | None = None) 
                 started=time.perf_counter() if started is None else started)
 
 
+def refused(request: Request, route: str, t0: float, exc: VramgateError | ClientGone) -> Response:
+    """The answer to a call refused outside the service (before it, or cut at shutdown), counted
+    and logged as the service records its own (``t0``: when the handler began)."""
+    status = exc.status if isinstance(exc, VramgateError) else 499
+    service, model = request.state.service, request.scope.get("vramgate.model", UNKNOWN_MODEL)
+    if isinstance(exc, VramgateError):
+        service.rejected(exc, model, request.scope.get(RID_KEY) or "")
+    service.record(route, model, status, time.perf_counter() - t0,
+                   request_id=request.scope.get(RID_KEY) or "", key=request.scope.get(SCOPE_KEY))
+    return error_response(exc, route) if isinstance(exc, VramgateError) else Response(status_code=499)
+
+
 async def inference(request: Request) -> Response:
-    """Every inference route (``validation.ROUTES``)."""
+    """Every inference route (``validation.ROUTES``). A call still running when uvicorn gives up
+    waiting at shutdown (``shutdown_timeout``) and cancels it is answered with a 503
+    ``server_shutting_down`` in the route's shape, not uvicorn's plain-text 500."""
     t0, route, service = time.perf_counter(), request.scope["route"].path, request.state.service
     request.scope[LOGGED] = True  # the service (or the refusal below) writes its access-log line
     try:
         call = await read_call(request, route, t0)
     except (VramgateError, ClientGone) as exc:
-        status = exc.status if isinstance(exc, VramgateError) else 499
-        model = request.scope.get("vramgate.model", UNKNOWN_MODEL)
-        if isinstance(exc, VramgateError):
-            service.rejected(exc, model, request.scope.get(RID_KEY) or "")
-        service.record(route, model, status, time.perf_counter() - t0,
-                       request_id=request.scope.get(RID_KEY) or "",
-                       key=request.scope.get(SCOPE_KEY))
-        return error_response(exc, route) if isinstance(exc, VramgateError) else Response(status_code=499)
+        return refused(request, route, t0, exc)
     call.started = t0
 
     def watch(aw: Any, undo: Any = None) -> Any:
@@ -95,8 +104,16 @@ async def inference(request: Request) -> Response:
         return error_response(exc, route)
     except ClientGone:
         return Response(status_code=499)
+    except asyncio.CancelledError:
+        if not service.pool.closing:
+            raise
+        asyncio.current_task().uncancel()  # type: ignore[union-attr]  (answered, not cancelled)
+        return refused(request, route, t0, ModelUnavailable(
+            "the server is shutting down; the request was cut short", code="server_shutting_down",
+            retry_after=5))
     if answer.stream is not None:
         assert answer.finalize is not None
-        return RelayResponse(answer.stream, answer.finalize, answer.headers)
+        return RelayResponse(answer.stream, answer.finalize, answer.headers,
+                             closing=lambda: service.pool.closing)
     return Response(answer.body, status_code=answer.status, headers=answer.headers,
                     media_type=answer.media_type)

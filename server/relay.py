@@ -108,15 +108,19 @@ class RelayResponse:
     ``finalize(complete)`` runs exactly once however the stream ends; ``complete`` is false when
     the client hung up (or the send failed) before the body's end. A client that hangs up cancels
     the relay (one watcher on ``receive``, :func:`until_disconnect`, within :data:`WATCH_AFTER`
-    seconds), which closes the engine connection, so vLLM aborts the request. Leaner than
-    Starlette's ``StreamingResponse``, which runs a task group of two tasks for each stream. ``headers`` are sent besides :data:`SSE_HEADERS`; ``raw_headers``
-    (name and value bytes, as Starlette's responses have them) is the whole list.
+    seconds), which closes the engine connection, so vLLM aborts the request. Cancelled by uvicorn
+    once ``closing()`` (the gateway's shutdown ran past ``shutdown_timeout``), it ends quietly.
+    Leaner than Starlette's ``StreamingResponse``, which runs a task group of two tasks for each
+    stream. ``headers`` are sent besides :data:`SSE_HEADERS`; ``raw_headers`` (name and value
+    bytes, as Starlette's responses have them) is the whole list.
     """
 
     def __init__(self, content: AsyncIterator[bytes], finalize: Callable[[bool], None],
-                 headers: dict[str, str] | None = None) -> None:
+                 headers: dict[str, str] | None = None,
+                 closing: Callable[[], bool] = lambda: False) -> None:
         self.body_iterator = content
         self._finalize = finalize
+        self._closing = closing
         self.raw_headers = list(SSE_HEADERS) + [(k.encode(), v.encode("latin-1"))
                                              for k, v in (headers or {}).items()]
 
@@ -136,6 +140,10 @@ class RelayResponse:
         except RuntimeError as exc:  # uvloop: a write on a transport closed under a pipelined request
             if "closed" not in str(exc):
                 raise
+        except asyncio.CancelledError:  # uvicorn's at shutdown: the stream's error event is out, or
+            if not self._closing():     # a slow client could not take it; nothing more to send
+                raise
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]
         finally:
             await self.body_iterator.aclose()  # type: ignore[attr-defined]
             self._finalize(self._complete)

@@ -14,6 +14,8 @@ Its behaviour comes from the model path, ``standin:MODE[,MODE...]``:
 - ``ignore-sigterm``      ignore SIGTERM (only SIGKILL ends it)
 - ``delay=S``             seconds between chunks (and before a non-streamed answer: S × max_tokens)
 - ``context=N``           the ``max_model_len`` its ``GET /v1/models`` reports (default 4096)
+- ``word=N``              N more characters in each word (tokens of many bytes: a stream that fills a
+                          client's socket buffers soon)
 - ``crlf``                end each streamed line with ``\\r\\n``, as the SSE standard allows (a server
                           that is not vLLM, on another host)
 - ``fork-core``           start a child in its own process group that ignores SIGTERM, as vLLM's
@@ -99,7 +101,8 @@ class Standin:
         n = int(body.get("max_tokens") or 8)
         if not self.sleep.weights_valid():  # woken from a level-2 sleep without a reload
             return [" garbage"] * n
-        return [f" w{i}" for i in range(n)]
+        pad = "x" * int(self.modes.get("word") or 0)
+        return [f" w{i}{pad}" for i in range(n)]
 
     def chunk(self, body: dict, obj: str, **fields) -> bytes:
         data = {"id": "standin-1", "object": obj, "created": 1, "model": self.name, **fields}

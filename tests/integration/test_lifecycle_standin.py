@@ -218,6 +218,46 @@ def test_reload_on_sighup_and_admin_reload(tmp_path):
         assert g.proc.poll() is None  # a bad reload changes nothing and stops nothing
 
 
+def test_what_still_runs_at_the_shutdown_timeout_ends_in_its_routes_shape(tmp_path):
+    """uvicorn cancels what still runs once ``shutdown_timeout`` is up: a whole answer the engine
+    has not sent gets a JSON 503 ``server_shutting_down``, and a stream to a client that reads
+    nothing ends quietly; no plain-text 500 and no traceback (a break-it pass saw both)."""
+    import socket
+
+    models = [{"name": "slow", "path": "standin:delay=0.2", "preload": True},
+              {"name": "fast", "path": "standin:delay=0,word=20000", "preload": True}]
+    g = gateway(tmp_path, models, shutdown_timeout=3)
+    deaf = None
+    try:
+        g.wait_states(30)
+        out: dict = {}
+
+        def whole() -> None:  # 100 tokens at 0.2 s: the answer would take 20 s
+            out["whole"] = httpx.post(g.url + "/v1/chat/completions", timeout=30,
+                                      json=chat("slow", max_tokens=100))
+
+        body = json.dumps(chat("fast", stream=True, max_tokens=1000)).encode()  # 20 MB
+        deaf = socket.create_connection(("127.0.0.1", g.port))  # sends, never reads
+        deaf.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        thread = threading.Thread(target=whole)
+        thread.start()
+        assert wait_for(lambda: stats(g, "slow")["running"] == 1 and stats(g, "fast")["running"] == 1, 10)
+        g.proc.send_signal(signal.SIGTERM)
+        thread.join()
+        r = out["whole"]
+        assert r.status_code == 503 and r.headers["content-type"] == "application/json"
+        assert r.json()["error"]["code"] == "server_shutting_down" and r.headers["retry-after"]
+        g.proc.wait(30)
+        log = g.log_text()
+        assert "Exception in ASGI application" not in log and "Traceback" not in log, log[-3000:]
+        assert "status=503" in log  # its access-log line
+    finally:
+        if deaf is not None:
+            deaf.close()
+        g.stop()
+
+
 def test_sigterm_answers_waiters_at_once_and_ends_long_streams_with_an_error_event(tmp_path):
     models = [{"name": "slow", "path": "standin:delay=0.2", "preload": True},
               {"name": "stuck", "path": "standin:hang-start", "startup_timeout": 60}]
