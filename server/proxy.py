@@ -4,8 +4,9 @@ The local engines on Unix sockets (the default) are reached by
 :class:`server.engineclient.EngineClient`, at a third of aiohttp's CPU a request. aiohttp's client
 carries the rest of the data path (engines on loopback ports, upstreams on other hosts; measured
 on loopback: +0.3 ms a request against +1.0 ms for httpx's default transport) and the control
-plane (health checks, model cards, metrics scrapes: :func:`probe`), over one pooled session. Engine connection errors are translated here and nowhere
-else: into the error tree on the data path, into ``None`` on the control plane.
+plane (health checks, model cards, metrics scrapes: :func:`probe`), over one pooled session.
+Engine connection errors are translated here and nowhere else: into the error tree on the data
+path, into ``None`` on the control plane.
 """
 
 from __future__ import annotations
