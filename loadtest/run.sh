@@ -2,7 +2,7 @@
 # One command per benchmark, from a fresh clone (installs what it needs first):
 #   ./loadtest/run.sh overhead [--concurrency 1,4,16,64 ...]   the same vLLM engine direct vs through the gateway
 #   ./loadtest/run.sh ceiling  [--requests 2000 ...]           gateway vs LiteLLM's proxy on an instant engine, per core
-#   ./loadtest/run.sh sidebyside --baseline COMMIT|floor        this gateway and a baseline loaded at once: A/B per core
+#   ./loadtest/run.sh sidebyside --baseline COMMIT|floor|floor-uds|dir:PATH   this gateway and a baseline loaded at once: A/B per core
 #   ./loadtest/run.sh lane     [--levels 1,8 --requests 24]     FIM TTFT beside chat streams, with and without the lane
 #   ./loadtest/run.sh cancel   [--runs 10]                      how fast a hung-up stream stops at the engine
 #   ./loadtest/run.sh batch    [--requests 48 --lines 2000]     interactive TTFT with and without a batch on the same engine

@@ -160,7 +160,7 @@ def prepare(data_dir: Path) -> list[Path]:
             os.replace(tmp, final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        _say(f"{name} ready", t0)
+        _say(f"{name} prepared", t0)  # its files; its engine is ready later (GET /health)
     return out
 
 
