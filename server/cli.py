@@ -119,15 +119,16 @@ def serve(config_path: Path | None, host: str | None, port: int | None, data_dir
     names = ", ".join(m.name for m in settings.models)
     shown = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(settings.host, settings.host)  # a bind-all address
     base = f"http://{'[' + shown + ']' if ':' in shown else shown}:{settings.port}"
-    click.echo(f"vramgate: serving {names} on {base}/v1 (engine logs in {settings.log_dir}); "
-               f"web console: {base}/ui", err=True)
-    run_gateway(create_app, settings, reload, log_level)
+    run_gateway(create_app, settings, reload, log_level,
+                banner=f"vramgate: serving {names} on {base}/v1 (engine logs in {settings.log_dir}); "
+                       f"web console: {base}/ui")
 
 
-def run_gateway(create_app: Any, settings: Any, reload: Any, log_level: str) -> None:
+def run_gateway(create_app: Any, settings: Any, reload: Any, log_level: str, banner: str = "") -> None:
     """The serving process: its open-file limit and garbage collector tuned, access lines
     straight to stderr beside the root handler's lines (``server.accesslog``), and uvicorn,
-    which tells the gateway the moment SIGTERM/SIGINT arrives (to stop admitting)."""
+    which tells the gateway the moment SIGTERM/SIGINT arrives (to stop admitting). ``banner``
+    goes to stderr once the port is bound, never before a bind that fails (uvicorn then exits 3)."""
     import uvicorn
 
     from server.accesslog import AccessLog
@@ -146,6 +147,11 @@ def run_gateway(create_app: Any, settings: Any, reload: Any, log_level: str) -> 
             if hook is not None and not self.should_exit:
                 hook()
             super().handle_exit(sig, frame)
+
+        async def startup(self, sockets: Any = None) -> None:
+            await super().startup(sockets=sockets)
+            if self.started and banner:
+                click.echo(banner, err=True)
 
     tune_gc(GC_GEN0)
     GatewayServer(config).run()  # the lifespan flushes the last access lines (server.app)

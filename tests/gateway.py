@@ -90,8 +90,8 @@ class Gateway:
 
     def __init__(self, tmp: Path, config: dict[str, Any] | None = None, *,
                  data_dir: Path | None = None, env: dict[str, str] | None = None,
-                 max_file_size: int | None = None) -> None:
-        self.port = free_port()
+                 max_file_size: int | None = None, port: int | None = None) -> None:
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.tmp = tmp
         self.log_path = tmp / "gateway.log"

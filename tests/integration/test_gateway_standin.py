@@ -83,7 +83,7 @@ def test_no_access_log_flag_and_variable_override_the_config(tmp_path, monkeypat
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump({"models": [standin("x")]}))
     seen = []
-    monkeypatch.setattr(cli, "run_gateway", lambda create, settings, reload, level: seen.append(
+    monkeypatch.setattr(cli, "run_gateway", lambda create, settings, reload, level, **_: seen.append(
         (settings.access_log, reload().access_log)))
     for args, env in (([], {}), (["--no-access-log"], {}), ([], {"VRAMGATE_ACCESS_LOG": "false"}),
                       (["--access-log"], {"VRAMGATE_ACCESS_LOG": "false"})):

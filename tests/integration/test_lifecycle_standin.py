@@ -294,3 +294,30 @@ def test_sigterm_answers_waiters_at_once_and_ends_long_streams_with_an_error_eve
         assert sum(b'"error"' in e for e in events) == 1
     finally:
         g.stop()
+
+
+def test_a_busy_port_exits_without_claiming_to_serve_and_leaves_no_engine(tmp_path):
+    """The "serving … on :PORT" line comes once the port is bound: on a busy port the gateway
+    exits with uvicorn's startup failure (3), says the address is in use, and never printed that
+    line (a new user read it as success). A preloaded engine it started is stopped."""
+    import socket
+
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    gw = standin_gateway(tmp_path, {"models": [{"name": "pre", "path": "standin:ok", "preload": True}]},
+                         port=busy.getsockname()[1])
+    try:
+        assert gw.proc.wait(60) == 3
+        log = gw.log_text()
+        assert "address already in use" in log.lower() and "vramgate: serving" not in log, log[-3000:]
+        record = tmp_path / "standin" / "pre.json"
+        if record.exists():
+            assert wait_for(lambda: not alive(json.loads(record.read_text())["pid"]), 10)
+    finally:
+        gw.stop()
+        busy.close()
+    (tmp_path / "free").mkdir()
+    with gateway(tmp_path / "free", [{"name": "pre", "path": "standin:ok"}]) as up:
+        assert wait_for(lambda: f"vramgate: serving pre on {up.url}/v1" in up.log_text(), 10), \
+            up.log_text()[-3000:]
