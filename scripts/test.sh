@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install (once) and run the whole test suite; arguments go to pytest:
-#   ./scripts/test.sh                 # everything, e2e on real vLLM engines and agent CLIs included (about 28 minutes)
+#   ./scripts/test.sh                 # everything, e2e on real vLLM engines and agent CLIs included (about 26 minutes)
 #   ./scripts/test.sh -m "not e2e"    # the fast loop: unit and integration tests (about 9 minutes)
 #   ./scripts/test.sh tests/unit      # unit tests alone (about 35 s)
 set -euo pipefail
