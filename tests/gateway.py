@@ -18,6 +18,12 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def embedded_data_dir() -> Path:
+    """Where the embedded models are prepared, as ``vramgate serve`` finds them:
+    ``$VRAMGATE_DATA_DIR``, else ``~/.cache/vramgate`` (shared across e2e modules and runs)."""
+    return Path(os.environ.get("VRAMGATE_DATA_DIR", Path.home() / ".cache" / "vramgate"))
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -11,15 +11,13 @@ Their output budget is set to 512 tokens in their own configuration where they a
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
-from pathlib import Path
 
 import pytest
 
 from tests import clients
-from tests.gateway import ROOT, Gateway
+from tests.gateway import ROOT, Gateway, embedded_data_dir
 
 pytestmark = pytest.mark.e2e
 ACCESS = re.compile(r"vramgate\.access: .*?route=(\S+) .*?status=(\d+)(?: .*?tools=(\d+))?")
@@ -32,7 +30,7 @@ def installed():
 
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory, installed):
-    data_dir = Path(os.environ.get("VRAMGATE_DATA_DIR", Path.home() / ".cache" / "vramgate"))
+    data_dir = embedded_data_dir()
     gateway = Gateway(tmp_path_factory.mktemp("agents"), None, data_dir=data_dir)
     try:
         gateway.wait_up(timeout=300)

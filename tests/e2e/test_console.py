@@ -10,7 +10,6 @@ return to 0); unload and load change the state shown. A screenshot is written to
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import pytest
 
 from server.models import CHAT_MODEL, EMBED_MODEL, ensure_prepared
 from tests.browser import browser_page
-from tests.gateway import Gateway, wait_for
+from tests.gateway import Gateway, embedded_data_dir, wait_for
 
 pytestmark = pytest.mark.e2e
 OUTPUT = Path(__file__).resolve().parents[1] / "output"
@@ -29,7 +28,7 @@ LONG_PROMPT = "Write a very long story about a dragon who learns to sing, at lea
 
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory):
-    data_dir = Path(os.environ.get("VRAMGATE_DATA_DIR", Path.home() / ".cache" / "vramgate"))
+    data_dir = embedded_data_dir()
     ensure_prepared(data_dir)
     models = data_dir / "models"
     config = {"api_keys": [API_KEY], "admin_key": ADMIN_KEY, "traffic_interval": 1,

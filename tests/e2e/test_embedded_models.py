@@ -8,20 +8,18 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import re
 import signal
 import socket
 import struct
 import subprocess
 import time
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
-from tests.gateway import Gateway, describe, engine_client, wait_gone
+from tests.gateway import Gateway, describe, embedded_data_dir, engine_client, wait_gone
 
 pytestmark = pytest.mark.e2e
 CHAT = "SmolLM2-135M-Instruct"
@@ -31,7 +29,7 @@ HELLO = [{"role": "user", "content": "Say hello"}]
 
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory):
-    data_dir = Path(os.environ.get("VRAMGATE_DATA_DIR", Path.home() / ".cache" / "vramgate"))
+    data_dir = embedded_data_dir()
     gateway = Gateway(tmp_path_factory.mktemp("e2e"), None, data_dir=data_dir)
     try:
         gateway.wait_up(timeout=300)  # includes preparing the embedded models on a fresh machine

@@ -10,7 +10,6 @@ same request runs to its length). Then streaming, cancellation and llama.cpp's `
 from __future__ import annotations
 
 import json
-import os
 import socket
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ from server import fim
 from server.models import CHAT_MODEL, ensure_prepared
 from server.modelfiles import read_model_files
 from tests.fim_models import FAMILY_STOP, ROLE_TOKENS, build
-from tests.gateway import Gateway, engine_client
+from tests.gateway import Gateway, embedded_data_dir, engine_client
 
 pytestmark = pytest.mark.e2e
 FAMILIES = sorted(FAMILY_STOP)
@@ -33,7 +32,7 @@ CUSTOM = "<repo_name>{suffix}<file_sep>{prefix}"
 
 @pytest.fixture(scope="module")
 def smollm2() -> Path:
-    data_dir = Path(os.environ.get("VRAMGATE_DATA_DIR", Path.home() / ".cache" / "vramgate"))
+    data_dir = embedded_data_dir()
     ensure_prepared(data_dir)
     return data_dir / "models" / CHAT_MODEL
 

@@ -26,7 +26,7 @@ import openai
 import pytest
 
 from server.models import embedded_models, is_prepared
-from tests.gateway import ROOT, Gateway, free_port, wait_for
+from tests.gateway import ROOT, Gateway, embedded_data_dir, free_port, wait_for
 
 pytestmark = pytest.mark.e2e
 CHAT = "SmolLM2-135M-Instruct"
@@ -107,7 +107,7 @@ class VllmRouter:
 def fleet(tmp_path_factory):
     if not ROUTER.exists():
         subprocess.run([str(ROOT / "scripts" / "install-router.sh")], check=True, timeout=600)
-    data_dir = Path(os.environ.get("VRAMGATE_DATA_DIR", Path.home() / ".cache" / "vramgate"))
+    data_dir = embedded_data_dir()
     if not all(is_prepared(data_dir / "models" / m) for m in (CHAT, EMBED)):
         subprocess.run([sys.executable, "-m", "server", "prepare", "--data-dir", str(data_dir)],
                        cwd=ROOT, check=True, timeout=600)

@@ -8,7 +8,6 @@ import os
 import signal
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import openai
@@ -16,7 +15,7 @@ import psutil
 import pytest
 
 from server.models import CHAT_MODEL, EMBED_MODEL, ensure_prepared
-from tests.gateway import Gateway, alive, describe, wait_for, wait_gone
+from tests.gateway import Gateway, alive, describe, embedded_data_dir, wait_for, wait_gone
 
 pytestmark = pytest.mark.e2e
 HELLO = [{"role": "user", "content": "Say hello"}]
@@ -49,7 +48,7 @@ def cpu_reserved(gw: Gateway) -> int:
 
 
 def test_on_demand_ttl_and_eviction(tmp_path):
-    data_dir = Path(os.environ.get("VRAMGATE_DATA_DIR", Path.home() / ".cache" / "vramgate"))
+    data_dir = embedded_data_dir()
     ensure_prepared(data_dir)
     models = data_dir / "models"
     config = {

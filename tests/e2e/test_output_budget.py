@@ -10,14 +10,12 @@ the module 100 s with the engine's start. C22 as Claude Code sends it, against t
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import httpx
 import pytest
 
 from server.models import CHAT_MODEL, CHAT_SAMPLING, CHAT_TEMPLATE, ensure_prepared
-from tests.gateway import Gateway
+from tests.gateway import Gateway, embedded_data_dir
 
 pytestmark = pytest.mark.e2e
 CONTEXT = 2048  # tokens
@@ -30,7 +28,7 @@ TEMPLATED = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, t
 
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory):
-    data_dir = Path(os.environ.get("VRAMGATE_DATA_DIR", Path.home() / ".cache" / "vramgate"))
+    data_dir = embedded_data_dir()
     ensure_prepared(data_dir)
     config = {"models": [{
         "name": CHAT_MODEL, "path": str(data_dir / "models" / CHAT_MODEL), "preload": True,

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import httpx
 import openai
@@ -15,7 +14,7 @@ import pytest
 
 from server.config import DEFAULT_ENGINE_MODULE
 from server.models import EMBED_MODEL, ensure_prepared
-from tests.gateway import Gateway, free_port, wait_for
+from tests.gateway import Gateway, embedded_data_dir, free_port, wait_for
 
 pytestmark = pytest.mark.e2e
 KEY = "upstream-secret"
@@ -24,7 +23,7 @@ KEY = "upstream-secret"
 @pytest.fixture(scope="module")
 def vllm_server(tmp_path_factory):
     """``python -m vllm.entrypoints.openai.api_server`` on the embedded embedding model."""
-    data_dir = Path(os.environ.get("VRAMGATE_DATA_DIR", Path.home() / ".cache" / "vramgate"))
+    data_dir = embedded_data_dir()
     ensure_prepared(data_dir)
     port, log_path = free_port(), tmp_path_factory.mktemp("upstream") / "vllm.log"
     argv = [sys.executable, "-m", DEFAULT_ENGINE_MODULE, "--model", str(data_dir / "models" / EMBED_MODEL),
